@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One GPU session: carried wheels -> the GPU tests -> the benchmark suite. Ends within 8 minutes.
+#
+#   bash benchmarks/gpu_all.sh [run_gpu.py options, e.g. --quick]
+#
+# Expects the peers' wheels in .whl/ (see benchmarks/README.md: liger-kernel, cut-cross-entropy,
+# trl and the trl dependencies the GPU image lacks). Logs and JSON go to $OUT (or
+# benchmarks/results): gpu_tests.log, gpu_bench.log, gpu-<date>.json.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/results}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+TOTAL=${UPO_GPU_TOTAL_S:-470}          # whole script, seconds
+start=$(date +%s)
+left() { echo $(( TOTAL - ($(date +%s) - start) )); }
+
+echo "== environment"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>/dev/null || true
+
+echo "== carried wheels"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  if timeout 40 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+       --target /tmp/site .whl/*.whl; then
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  else
+    echo "wheel install failed: peers that need them will be reported as not installed"
+  fi
+else
+  echo "no .whl/ folder: Liger, CCE and TRL will be reported as not installed"
+fi
+timeout 60 python3 - <<'EOF' || true
+import importlib, torch, triton
+print("torch", torch.__version__, "triton", triton.__version__,
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA")
+for mod in ("transformers", "trl", "liger_kernel", "cut_cross_entropy", "datasets"):
+    try:
+        m = importlib.import_module(mod)
+        print(f"  {mod} {getattr(m, '__version__', '?')}")
+    except Exception as exc:
+        print(f"  {mod}: not importable ({type(exc).__name__}: {exc})")
+EOF
+
+echo "== GPU tests (budget $(( $(left) > 300 ? 90 : 60 )) s)"
+UPO_TEST_GPU=1 timeout $(( $(left) > 300 ? 90 : 60 )) python3 -m pytest -q -m gpu tests/ -p no:cacheprovider \
+  2>&1 | tee "$OUT/gpu_tests.log"
+rc=${PIPESTATUS[0]}
+case $rc in
+  0) ;;
+  5) echo "(no GPU tests collected)" | tee -a "$OUT/gpu_tests.log" ;;
+  124) echo "(GPU tests stopped by their time limit)" | tee -a "$OUT/gpu_tests.log" ;;
+  *) echo "(GPU tests exited with $rc)" | tee -a "$OUT/gpu_tests.log" ;;
+esac
+
+remaining=$(left)
+bench_timeout=$(( remaining < 340 ? remaining : 340 ))
+budget=$(( bench_timeout - 75 ))
+[ $budget -lt 30 ] && budget=30
+echo "== benchmarks (stop starting cases after ${budget} s, hard limit ${bench_timeout} s)"
+timeout "$bench_timeout" python3 benchmarks/run_gpu.py --budget "$budget" --grace 45 --out "$OUT" "$@" \
+  2>&1 | tee "$OUT/gpu_bench.log"
+echo "== done in $(( $(date +%s) - start )) s; files in $OUT:"
+ls -la "$OUT"

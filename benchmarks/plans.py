@@ -1,0 +1,116 @@
+"""What each suite measures: shapes (tagged by sweep) and the (peer, loss) cases per shape.
+
+Order matters: per shape and loss kind the reference candidates come first (naive, then the
+chunked torch backend, which stands in where naive does not fit), then the other peers.
+"""
+from __future__ import annotations
+
+import fnmatch
+
+from benchmarks.inputs import Shape, merge_shapes
+
+REFERENCE_ORDER = ("naive", "ours_torch")
+
+
+def _cases(peer_list, kinds):
+    return [(p, k) for k in kinds for p in peer_list]
+
+
+def _ordered(cases):
+    """Reference candidates first within each loss kind; otherwise keep the given order."""
+    out = []
+    for kind in dict.fromkeys(k for _, k in cases):
+        mine = [c for c in cases if c[1] == kind]
+        refs = [c for r in REFERENCE_ORDER for c in mine if c[0] == r]
+        out += refs + [c for c in mine if c not in refs]
+    return out
+
+
+# ----------------------------------------------------------------------------- CPU
+CPU_ACCEPTANCE = Shape(4, 2048, 256, 32000, "float32", ("acceptance", "length"))
+
+
+def cpu_plan(preset="default", full=False):
+    """CPU suite (fp32). ``default``: the acceptance case with every peer plus short sweeps;
+    ``quick``: the acceptance case only; ``smoke``: tiny shapes for the tests."""
+    if preset == "smoke":
+        s1 = Shape(1, 64, 32, 512, "float32", ("acceptance", "length"))
+        s2 = Shape(1, 128, 32, 512, "float32", ("length",))
+        every = ["naive", "ours_torch", "trl_chunked", "trl_selective", "liger_eager"]
+        return [
+            {"shape": s1, "cases": _ordered(_cases(every, ["dpo"]) + _cases(["naive", "ours_torch"], ["upo"]))},
+            {"shape": s2, "cases": _ordered(_cases(["naive", "ours_torch"], ["dpo"]))},
+        ]
+    accept_peers = ["naive", "ours_torch", "trl_chunked", "trl_selective", "liger", "liger_eager"]
+    upo_peers = ["naive", "ours_torch"] + (["trl_chunked", "trl_selective"] if full else [])
+    if preset == "quick":
+        accept_peers = ["naive", "ours_torch", "trl_chunked", "liger_eager"]
+    plan = [{"shape": CPU_ACCEPTANCE,
+             "cases": _ordered(_cases(accept_peers, ["dpo"]) + _cases(upo_peers, ["upo"]))}]
+    if preset == "quick":
+        return plan
+    sweep_peers = ["naive", "ours_torch", "trl_chunked"]
+    shapes = [Shape(4, t, 256, 32000, "float32", ("length",)) for t in (256, 512, 1024)]
+    shapes += [Shape(1, 512, 256, v, "float32", ("vocab",)) for v in (32000, 128256, 256000)]
+    shapes += [Shape(1, 512, d, 32000, "float32", ("hidden",)) for d in (128, 256, 512, 1024)]
+    for s in merge_shapes(shapes):
+        plan.append({"shape": s, "cases": _ordered(_cases(sweep_peers, ["dpo"]))})
+    return plan
+
+
+# ----------------------------------------------------------------------------- GPU
+GPU_HEADLINE = Shape(4, 2048, 4096, 128256, "bfloat16", ("headline", "length"))
+GPU_ALL_PEERS = ["naive", "ours_triton", "ours_torch", "cce", "trl_chunked", "trl_selective"]
+GPU_SWEEP_PEERS = ["naive", "ours_triton", "ours_torch", "cce", "trl_chunked"]
+
+
+def gpu_plan(quick=False, dry_run=False):
+    """GPU suite (bf16). Headline N = 16k tokens (4 pairs x 2 x 2048), D 4096, V 128256, all
+    peers, DPO and UPO; then a length sweep (N = 4k, 32k), a vocab sweep at N = 8k
+    (32000, 128256, 256000) and a hidden sweep at N = 8k (2048, 8192) for the lean peers;
+    Liger last (its torch.compile can take a while). ``dry_run``: the same plan structure
+    at tiny sizes (fp32, CPU)."""
+    if dry_run:
+        mk = lambda B, T, D, V, tags: Shape(B, T, D, V, "float32", tags)  # noqa: E731
+        head = mk(2, 64, 32, 512, ("headline", "length"))
+        length = [mk(2, t, 32, 512, ("length",)) for t in (16, 128)]
+        vocab = [mk(2, 32, 32, v, ("vocab",)) for v in (256, 512, 1024)]
+        hidden = [mk(2, 32, d, 512, ("hidden",)) for d in (16, 64)]
+    else:
+        head = GPU_HEADLINE
+        length = [Shape(4, t, 4096, 128256, "bfloat16", ("length",)) for t in (512, 4096)]
+        vocab = [Shape(4, 1024, 4096, v, "bfloat16", ("vocab",)) for v in (32000, 128256, 256000)]
+        hidden = [Shape(4, 1024, d, 128256, "bfloat16", ("hidden",)) for d in (2048, 8192)]
+    if quick:
+        length, vocab, hidden = length[-1:], vocab[-1:], []
+    plan = [{"shape": head, "cases": _ordered(_cases(GPU_ALL_PEERS, ["dpo", "upo"]))}]
+    for s in merge_shapes(length + vocab + hidden):
+        if s == head:
+            continue
+        plan.append({"shape": s, "cases": _ordered(_cases(GPU_SWEEP_PEERS, ["dpo"]))})
+    plan.append({"shape": head, "cases": [("liger", "dpo")]})
+    return plan
+
+
+def case_key(shape, peer, kind):
+    return f"{shape.key}/{peer}/{kind}"
+
+
+def filter_plan(plan, patterns):
+    """Keep the cases whose key ``shape/peer/loss`` matches one of the glob patterns (a bare
+    word matches anywhere, e.g. ``naive`` or ``V256000``). Reference candidates stay when any
+    other case of their shape and loss survives, so agreement can still be checked."""
+    if not patterns:
+        return plan
+
+    def match(key):
+        return any(fnmatch.fnmatch(key, p if any(c in p for c in "*?[") else f"*{p}*") for p in patterns)
+
+    out = []
+    for item in plan:
+        kept = [c for c in item["cases"] if match(case_key(item["shape"], *c))]
+        kinds = {k for _, k in kept}
+        refs = [c for c in item["cases"] if c[0] in REFERENCE_ORDER and c[1] in kinds and c not in kept]
+        if kept:
+            out.append({"shape": item["shape"], "cases": _ordered(refs + kept)})
+    return out

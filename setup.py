@@ -1,0 +1,37 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="upo",
+    version="0.1.0",
+    description="Fused Triton kernels and losses for preference alignment (DPO family + UPO) "
+    "that never materialise the [tokens, vocab] logits.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["upo", "upo.*", "upo_kernels", "upo_kernels.*"]),
+    package_data={"upo": ["resources/*.jsonl", "resources/*.txt", "resources/*.md", "resources/*.py"]},
+    install_requires=[
+        # The README pins torch==2.13.0 on the install line so that the CPU wheel is used;
+        # here we only state the API floor.
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "transformers>=4.45",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            "pytest-benchmark",
+            "pytest-xdist",
+            "hypothesis",
+            "peft",
+            "datasets",
+        ],
+        "bench": ["liger-kernel", "trl"],
+        "gpu": ["flash-attn"],
+    },
+    entry_points={"console_scripts": ["upo-train=upo.cli:main"]},
+)

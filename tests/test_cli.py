@@ -1,0 +1,156 @@
+"""upo-train's command line: configuration precedence, outputs, and one-line errors for user mistakes."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import upo
+from upo.cli import main, parse_config
+from upo.data import UserError
+
+MICRO = json.dumps({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                    "num_key_value_heads": 2})
+REPO_ROOT = Path(upo.__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def micro_args(tmp_path, *extra):
+    return ["--model-config", MICRO, "--output-dir", str(tmp_path / "out"), "--max-steps", "1", "--batch-size", "2",
+            "--max-examples", "8", "--backend", "torch", "--device", "cpu", "--no-progress", *extra]
+
+
+def run_main(argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("upo-train: error: ")
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+# ------------------------------------------------------------------ bad input
+def test_missing_columns_are_named(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"}])
+    code, _, err = run_main(micro_args(tmp_path, "--dataset", data), capsys)
+    assert_one_line_error(code, err, "missing column(s) chosen, rejected")
+
+
+def test_empty_response(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "chosen": "ok", "rejected": ""}] * 4)
+    code, _, err = run_main(micro_args(tmp_path, "--dataset", data), capsys)
+    assert_one_line_error(code, err, "row 0", "'rejected' response is empty")
+
+
+def test_missing_dataset(tmp_path, capsys):
+    code, _, err = run_main(micro_args(tmp_path, "--dataset", str(tmp_path / "missing.jsonl")), capsys)
+    assert_one_line_error(code, err, "dataset not found", "missing.jsonl")
+
+
+def test_unknown_loss(tmp_path, capsys):
+    code, _, err = run_main(micro_args(tmp_path, "--loss-type", "sigmoid", "dpoo"), capsys)
+    assert_one_line_error(code, err, "unknown loss type 'dpoo'", "available:")
+
+
+def test_unknown_reward(tmp_path, capsys):
+    code, _, err = run_main(micro_args(tmp_path, "--aux-reward", "clarity:1.0"), capsys)
+    assert_one_line_error(code, err, "unknown reward 'clarity'")
+
+
+def test_missing_reward_column(tmp_path, capsys):
+    code, _, err = run_main(micro_args(tmp_path, "--aux-reward", "column:safety:1.0"), capsys)
+    assert_one_line_error(code, err, "safety")
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--batch-size", "two"], "--batch-size"),
+    (["--baseline", "median"], "--baseline"),
+    (["--loss-type", "sigmoid", "upo", "--loss-weights", "1.0"], "--loss-weights"),
+    (["--beta", "0"], "--beta"),
+    (["--model-config", "{not json"], "--model-config"),
+    (["--resume", "/nonexistent/checkpoint-000001.pt"], "checkpoint not found"),
+])
+def test_bad_flags(tmp_path, capsys, flags, fragment):
+    code, _, err = run_main(micro_args(tmp_path, *flags), capsys)
+    assert_one_line_error(code, err, fragment)
+
+
+def test_missing_model_is_a_user_error(tmp_path, capsys):
+    code, _, err = run_main(micro_args(tmp_path, "--model", str(tmp_path / "no-such-model")), capsys)
+    assert_one_line_error(code, err, "model not found")
+
+
+# ------------------------------------------------------------------ configuration
+def test_config_file_then_flags(tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("beta: 0.3\nlr: 0.01\nloss-type: [ipo]\naux_reward: ['length:-0.1']\n")
+    config = parse_config(["--config", str(config_file), "--lr", "0.02"])
+    assert (config.beta, config.lr, config.loss_type, config.aux_reward) == (0.3, 0.02, ["ipo"], ["length:-0.1"])
+    json_file = tmp_path / "run.json"
+    json_file.write_text(json.dumps({"batch_size": 4, "packing": True}))
+    config = parse_config(["--config", str(json_file), "--aux-reward", "readability:1", "--aux-reward", "length:-0.1"])
+    assert (config.batch_size, config.packing, config.aux_reward) == (4, True, ["readability:1", "length:-0.1"])
+    assert parse_config(["--loss-type", "sigmoid,upo"]).loss_type == ["sigmoid", "upo"]
+
+
+def test_unknown_config_key(tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("betta: 0.3\n")
+    with pytest.raises(UserError, match="unknown setting.*betta"):
+        parse_config(["--config", str(config_file)])
+
+
+def test_help_lists_the_flags():
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    result = subprocess.run([sys.executable, "-m", "upo.train", "--help"], capture_output=True, text=True, env=env,
+                            timeout=60)
+    assert result.returncode == 0
+    for flag in ("--loss-type", "--aux-reward", "--packing", "--precompute-ref", "--resume", "--fsdp", "--lora"):
+        assert flag in result.stdout
+
+
+# ------------------------------------------------------------------ a tiny run through main()
+def test_main_truncates_long_prompts_and_writes_outputs(tmp_path, capsys):
+    rows = [{"prompt": "Why? " * (40 if i % 2 else 1), "chosen": "Because it is.", "rejected": "Insofar as."}
+            for i in range(8)]
+    data = write_jsonl(tmp_path / "long.jsonl", rows)
+    code, out, err = run_main(micro_args(tmp_path, "--dataset", data, "--max-length", "64", "--eval-fraction",
+                                         "0.25", "--truncation", "keep_start"), capsys)
+    assert code == 0, err
+    assert "truncated prompts: 4" in out
+    output = tmp_path / "out"
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["truncated_prompts"] == 4 and summary["steps"] == 1
+    assert json.loads((output / "config.json").read_text())["truncation"] == "keep_start"
+    record = json.loads((output / "metrics.jsonl").read_text().splitlines()[0])
+    assert "eval/rewards/accuracies" in record
+    for name in ("plot.png", "checkpoints/checkpoint-000001.pt", "model/config.json"):
+        assert (output / name).is_file(), name
+
+
+def test_conversational_dataset(tmp_path, capsys):
+    chat = Path(upo.__file__).parent / "resources" / "preferences_chat_sample.jsonl"
+    code, _, err = run_main(micro_args(tmp_path, "--dataset", str(chat), "--packing"), capsys)
+    assert code == 0, err

@@ -1,0 +1,517 @@
+"""upo.losses against independent float64 formulas (tests/loss_oracle.py), input checks, TRL parity.
+
+Inputs are fresh each run: two fixed seeds plus one drawn at import (shown in the test id;
+set UPO_TEST_SEED to replay it).
+"""
+import collections
+import math
+import os
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import loss_oracle as oracle
+
+L = oracle.import_upo_losses()
+
+RUN_SEED = int(os.environ.get("UPO_TEST_SEED", random.randrange(2**31)))
+SEEDS = [0, 1, RUN_SEED]
+ALL_LOSSES = sorted(oracle.ORACLES)
+F64_TOL = dict(rtol=1e-10, atol=1e-12)
+F32_LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
+F32_GRAD_TOL = dict(rtol=1e-4, atol=1e-6)
+
+
+def make_batch(seed, dtype=torch.float32, **kwargs):
+    print(f"inputs from seed {seed} (UPO_TEST_SEED={RUN_SEED} replays this run)")  # shown on failure
+    return oracle.random_batch(torch.Generator().manual_seed(seed), dtype=dtype, **kwargs)
+
+
+def call_loss(batch, loss_type, *, values=False, reference=True, lengths=True, **kwargs):
+    """upo.loss on a batch dict; S_c, S_r (and v_c) become fresh leaves so grads can be read."""
+    leaves = {key: batch[key].detach().clone().requires_grad_(key in ("S_c", "S_r", "v_c")) for key in batch}
+    out = L.loss(
+        leaves["S_c"],
+        leaves["S_r"],
+        leaves["R_c"] if reference else None,
+        leaves["R_r"] if reference else None,
+        loss_type=loss_type,
+        chosen_lengths=leaves["n_c"] if lengths else None,
+        rejected_lengths=leaves["n_r"] if lengths else None,
+        aux_rewards_chosen=leaves["a_c"],
+        aux_rewards_rejected=leaves["a_r"],
+        values_chosen=leaves["v_c"] if values else None,
+        **kwargs,
+    )
+    return out, leaves
+
+
+def oracle_loss(batch, name, *, beta=0.1, label_smoothing=0.0, values=False, **options):
+    b64 = oracle.as_float64(batch)
+    if name == "upo":
+        options["use_values"] = values
+    per_pair = oracle.ORACLES[name](b64, beta, label_smoothing, **options)
+    return per_pair, b64
+
+
+def assert_matches_oracle(batch, name, dtype, *, beta=0.1, label_smoothing=0.0, values=False, **options):
+    out, leaves = call_loss(batch, name, beta=beta, label_smoothing=label_smoothing, values=values, **options)
+    expected, b64 = oracle_loss(batch, name, beta=beta, label_smoothing=label_smoothing, values=values, **options)
+    loss_tol = F64_TOL if dtype == torch.float64 else F32_LOSS_TOL
+    grad_tol = F64_TOL if dtype == torch.float64 else F32_GRAD_TOL
+
+    assert out.loss.dtype == torch.promote_types(dtype, torch.float32)
+    torch.testing.assert_close(out.losses.double(), expected.detach(), **loss_tol)
+    torch.testing.assert_close(out.loss.double(), expected.mean().detach(), **loss_tol)
+    torch.testing.assert_close(out.terms[name].double(), expected.mean().detach(), **loss_tol)
+
+    out.loss.backward()
+    expected.mean().backward()
+    for key in ("S_c", "S_r") + (("v_c",) if values else ()):
+        got, want = leaves[key].grad, b64[key].grad  # None: the loss does not depend on it
+        got = torch.zeros(len(leaves[key]), dtype=torch.float64) if got is None else got.double()
+        want = torch.zeros_like(got) if want is None else want
+        torch.testing.assert_close(got, want, **grad_tol, msg=lambda m: f"d loss / d {key} ({name}): {m}")
+    return out
+
+
+# ------------------------------------------------------------------ every loss vs the oracle
+@pytest.mark.parametrize("seed", SEEDS, ids=lambda s: f"seed{s}" if s in (0, 1) else "seed-fresh")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("name", ALL_LOSSES)
+def test_loss_matches_float64_oracle(name, dtype, seed):
+    assert_matches_oracle(make_batch(seed, dtype), name, dtype)
+
+
+OPTION_CASES = [
+    ("sigmoid", dict(label_smoothing=0.2, beta=0.5)),
+    ("robust", dict(label_smoothing=0.3, beta=0.3)),
+    ("exo_pair", dict(label_smoothing=0.1)),
+    ("hinge", dict(beta=1.0)),
+    ("ipo", dict(beta=0.05)),
+    ("bco_pair", dict(bco_delta=0.3)),
+    ("discopop", dict(discopop_tau=0.5, beta=0.3)),
+    ("simpo", dict(gamma=1.3, beta=2.0)),
+    ("simpo", dict(gamma_beta_ratio=0.5, beta=2.0, label_smoothing=0.1)),
+    ("orpo", dict(orpo_lambda=0.7)),
+    ("nll", dict(alpha=0.25)),
+    ("rpo", dict(alpha=2.0)),
+    ("kto", dict(desirable_weight=1.33, undesirable_weight=0.5)),
+    ("kto", dict(kl=0.4, beta=0.5)),
+    ("upo", dict(upo_lambda=0.3, beta_aux=0.5, omega_max=2.0)),
+    ("upo", dict(baseline="batch_mean", aux_normalize="sum", aux_weights=[0.5, -2.0])),
+    ("upo", dict(values=True, expectile=0.9)),
+    ("upo", dict(values=True, baseline="pair_mean")),
+    ("upo", dict(values=True, baseline="value", beta_aux=3.0, omega_max=5.0)),
+]
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=lambda s: f"seed{s}" if s in (0, 1) else "seed-fresh")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("name, options", OPTION_CASES, ids=[f"{n}-{'-'.join(o)}" for n, o in OPTION_CASES])
+def test_loss_options_match_oracle(name, options, dtype, seed):
+    assert_matches_oracle(make_batch(seed, dtype), name, dtype, **options)
+
+
+def test_upo_omega_max_actually_clamps():
+    batch = make_batch(3, columns=1)
+    batch["a_c"] = torch.full_like(batch["a_c"], 10.0)  # advantages of +-10 / beta_aux: far past omega_max
+    batch["a_r"] = torch.full_like(batch["a_r"], -10.0)
+    out = assert_matches_oracle(batch, "upo", torch.float32, omega_max=4.0, beta_aux=0.5)
+    expected_mean = (4.0 + math.exp(-20.0)) / 2
+    assert out.metrics["aux/weight_mean"] == pytest.approx(expected_mean, rel=1e-6)
+
+
+def test_aux_rewards_as_vectors_equal_one_column():
+    batch = make_batch(4, columns=1)
+    out_matrix, _ = call_loss(batch, "upo")
+    vector_batch = dict(batch, a_c=batch["a_c"][:, 0], a_r=batch["a_r"][:, 0])
+    out_vector, _ = call_loss(vector_batch, "upo")
+    torch.testing.assert_close(out_matrix.losses, out_vector.losses)
+
+
+def test_values_rejected_alone_and_both_values():
+    batch = make_batch(5)
+    shared = batch["v_c"]
+    args = (batch["S_c"], batch["S_r"])
+    common = dict(loss_type="upo", chosen_lengths=batch["n_c"], rejected_lengths=batch["n_r"],
+                  aux_rewards_chosen=batch["a_c"], aux_rewards_rejected=batch["a_r"])
+    only_chosen = L.loss(*args, values_chosen=shared, **common)
+    only_rejected = L.loss(*args, values_rejected=shared, **common)
+    both = L.loss(*args, values_chosen=shared, values_rejected=shared, **common)
+    torch.testing.assert_close(only_chosen.losses, only_rejected.losses)
+    torch.testing.assert_close(only_chosen.losses, both.losses)
+    different = L.loss(*args, values_chosen=shared, values_rejected=shared + 1.0, **common)
+    assert not torch.allclose(different.losses, both.losses)
+
+
+# ------------------------------------------------------------------ combinations, terms, metrics
+@pytest.mark.parametrize(
+    "names, weights",
+    [(["sigmoid", "nll"], [1.0, 0.2]), (["sigmoid", "upo"], None), (["kto", "upo", "rpo"], [0.5, 2.0, 0.1]),
+     (["simpo", "orpo"], [1.0, -0.5])],
+)
+def test_combination_is_weighted_sum_of_terms(names, weights):
+    batch = make_batch(RUN_SEED, torch.float64)
+    out, _ = call_loss(batch, names, loss_weights=weights, beta=0.2)
+    expected = torch.zeros(len(batch["S_c"]), dtype=torch.float64)
+    for name, weight in zip(names, weights or [1.0] * len(names)):
+        per_pair, _ = oracle_loss(batch, name, beta=0.2)
+        expected = expected + weight * per_pair.detach()
+        torch.testing.assert_close(out.terms[name], per_pair.mean().detach(), **F64_TOL)
+    assert list(out.terms) == names
+    torch.testing.assert_close(out.losses, expected, **F64_TOL)
+    torch.testing.assert_close(out.loss, expected.mean(), **F64_TOL)
+
+
+BASE_METRICS = {
+    "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
+}
+UPO_METRICS = {"aux/advantage_mean", "aux/weight_mean", "aux/reward_chosen", "aux/reward_rejected", "value/loss"}
+
+
+@pytest.mark.parametrize(
+    "names, extra",
+    [("sigmoid", set()), (["sigmoid", "upo"], UPO_METRICS), ("kto", {"kto/kl"}), ("bco_pair", {"bco/delta"}),
+     ("orpo", {"orpo/nll_loss", "orpo/log_odds_ratio", "orpo/log_odds_chosen"})],
+)
+def test_metric_keys_and_types(names, extra):
+    out, _ = call_loss(make_batch(0), names)
+    assert set(out.metrics) == BASE_METRICS | extra
+    assert all(type(value) is float for value in out.metrics.values())
+    assert out.loss.ndim == 0 and out.loss.requires_grad
+    assert all(term.ndim == 0 for term in out.terms.values())
+
+
+def test_reward_metrics_with_reference():
+    batch = make_batch(RUN_SEED, torch.float64)
+    beta = 0.3
+    out, _ = call_loss(batch, "sigmoid", beta=beta)
+    chosen = beta * (batch["S_c"] - batch["R_c"])
+    rejected = beta * (batch["S_r"] - batch["R_r"])
+    assert out.metrics["rewards/chosen"] == pytest.approx(chosen.mean().item())
+    assert out.metrics["rewards/rejected"] == pytest.approx(rejected.mean().item())
+    assert out.metrics["rewards/margins"] == pytest.approx((chosen - rejected).mean().item())
+    assert out.metrics["rewards/accuracies"] == pytest.approx((chosen > rejected).double().mean().item())
+    assert out.metrics["logps/chosen"] == pytest.approx(batch["S_c"].mean().item())
+    assert out.metrics["logps/rejected"] == pytest.approx(batch["S_r"].mean().item())
+
+
+def test_reward_metrics_without_reference():
+    batch = make_batch(RUN_SEED, torch.float64)
+    with_lengths, _ = call_loss(batch, "simpo", reference=False, beta=2.0)
+    assert with_lengths.metrics["rewards/chosen"] == pytest.approx((2.0 * batch["S_c"] / batch["n_c"]).mean().item())
+    sums = L.loss(batch["S_c"], batch["S_r"], loss_type="nll", chosen_lengths=batch["n_c"], beta=2.0)
+    assert sums.metrics["rewards/rejected"] == pytest.approx((2.0 * batch["S_r"]).mean().item())
+
+
+def test_upo_metrics_values():
+    batch = make_batch(RUN_SEED, torch.float64)
+    out, _ = call_loss(batch, ["sigmoid", "upo"], values=True)
+    parts = oracle.upo_parts(oracle.as_float64(batch), 0.1, 0.0)
+    batch_size = len(batch["S_c"])
+    assert out.metrics["aux/advantage_mean"] == pytest.approx(parts["advantage"].mean().item())
+    assert out.metrics["aux/weight_mean"] == pytest.approx(parts["omega"].mean().item())
+    assert out.metrics["aux/reward_chosen"] == pytest.approx(parts["reward"][:batch_size].mean().item())
+    assert out.metrics["aux/reward_rejected"] == pytest.approx(parts["reward"][batch_size:].mean().item())
+    assert out.metrics["value/loss"] == pytest.approx(parts["value"].mean().item())
+    no_values, _ = call_loss(batch, "upo")
+    assert no_values.metrics["value/loss"] == 0.0
+
+
+def test_low_precision_inputs_compute_in_float32():
+    batch = make_batch(0)
+    logps = ("S_c", "S_r", "R_c", "R_r")
+    bf16 = {key: value.to(torch.bfloat16) if key in logps else value for key, value in batch.items()}
+    out, leaves = call_loss(bf16, "sigmoid")
+    assert out.loss.dtype == torch.float32
+    out.loss.backward()
+    assert leaves["S_c"].grad.dtype == torch.bfloat16
+    expected, _ = oracle_loss({k: v.float() for k, v in bf16.items()}, "sigmoid")
+    torch.testing.assert_close(out.losses.double(), expected.detach(), **F32_LOSS_TOL)
+
+
+def test_value_loss_trains_values_only_and_aux_term_trains_policy_only():
+    batch = make_batch(RUN_SEED)
+    with_values, leaves_v = call_loss(batch, "upo", values=True, baseline="pair_mean")
+    without, leaves = call_loss(batch, "upo", baseline="pair_mean")
+    with_values.loss.backward()
+    without.loss.backward()
+    # The advantage baseline is detached and the value loss ignores S: policy grads are equal.
+    torch.testing.assert_close(leaves_v["S_c"].grad, leaves["S_c"].grad)
+    torch.testing.assert_close(leaves_v["S_r"].grad, leaves["S_r"].grad)
+    assert leaves_v["v_c"].grad is not None and leaves_v["v_c"].grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------ value head
+def test_value_head_shapes_dtype_and_detached_input():
+    head = L.ValueHead(16)
+    hidden = torch.randn(5, 16, dtype=torch.bfloat16, requires_grad=True)
+    values = head(hidden)
+    assert values.shape == (5,) and values.dtype == torch.float32
+    assert torch.all(values == 0)  # zero-initialised projection: neutral first baseline
+    batch = make_batch(0, batch=5)
+    out = L.loss(batch["S_c"], batch["S_r"], loss_type="upo", chosen_lengths=batch["n_c"],
+                 rejected_lengths=batch["n_r"], aux_rewards_chosen=batch["a_c"],
+                 aux_rewards_rejected=batch["a_r"], values_chosen=values)
+    out.loss.backward()
+    assert hidden.grad is None
+    assert head.proj.weight.grad.abs().sum() > 0 and head.proj.bias.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="prompt_hidden"):
+        head(torch.randn(5, 8))
+
+
+# ------------------------------------------------------------------ registry
+def test_available_losses_lists_every_loss():
+    assert L.available_losses() == sorted(oracle.ORACLES)
+
+
+def test_register_loss_adds_a_loss_with_declared_options():
+    name = f"test_margin_{random.randrange(10**9)}"
+
+    @L.register_loss(name, needs_reference=True, options={"scale": 2.0})
+    def _margin(ctx):
+        return -ctx.options["scale"] * ctx.beta * ctx.margin, {"test/scale": ctx.options["scale"]}
+
+    batch = make_batch(0, torch.float64)
+    out, _ = call_loss(batch, name, scale=3.0)
+    expected = -3.0 * 0.1 * ((batch["S_c"] - batch["R_c"]) - (batch["S_r"] - batch["R_r"]))
+    torch.testing.assert_close(out.losses, expected)
+    assert out.metrics["test/scale"] == 3.0
+    assert name in L.available_losses()
+    with pytest.raises(ValueError, match=name):
+        L.register_loss(name, needs_reference=False)(_margin)
+    with pytest.raises(ValueError, match="scale"):
+        call_loss(batch, "sigmoid", scale=1.0)
+
+
+# ------------------------------------------------------------------ bad input
+def bad(argument, loss_type="sigmoid", **changes):
+    return pytest.param(loss_type, changes, argument, id=f"{loss_type}-{argument}-{'-'.join(changes)}")
+
+
+NAN = float("nan")
+INF = float("inf")
+
+
+def _with(key, index, value):
+    def change(batch):
+        tensor = batch[key].clone()
+        tensor.view(-1)[index] = value
+        return tensor
+    return change
+
+
+BAD_INPUTS = [
+    bad("policy_rejected_logps", S_r=lambda b: torch.zeros(7)),
+    bad("policy_chosen_logps", S_c=lambda b: torch.zeros(6, 1)),
+    bad("policy_chosen_logps", S_c=lambda b: torch.zeros(6, dtype=torch.long)),
+    bad("ref_chosen_logps", R_c=lambda b: torch.zeros(5)),
+    bad("ref_rejected_logps", R_r=lambda b: torch.zeros(2, 6)),
+    bad("chosen_lengths", "ipo", n_c=lambda b: torch.ones(3)),
+    bad("values_chosen", "upo", v_c=lambda b: torch.zeros(6, 1)),
+    bad("aux_rewards", "upo", a_c=lambda b: torch.zeros(6, 3)),
+    bad("aux_rewards_chosen", "upo", a_c=lambda b: torch.zeros(5, 2)),
+    bad("aux_rewards_rejected", "upo", a_r=lambda b: torch.zeros(6, 2, 1)),
+    bad("ref_chosen_logps", R_c=None, R_r=None),
+    bad("ref_chosen_logps", "kto", R_c=None, R_r=None),
+    bad("ref_rejected_logps", "simpo", R_r=None),
+    bad("chosen_lengths", "ipo", n_c=None),
+    bad("rejected_lengths", "simpo", n_r=None),
+    bad("chosen_lengths", "orpo", n_c=None, n_r=None),
+    bad("chosen_lengths", "nll", n_c=None),
+    bad("chosen_lengths", "upo", n_c=None),
+    bad("chosen_lengths", "ipo", n_c=_with("n_c", 2, 0.0)),
+    bad("rejected_lengths", "simpo", n_r=_with("n_r", 0, -3.0)),
+    bad("policy_chosen_logps", S_c=_with("S_c", 1, NAN)),
+    bad("policy_rejected_logps", S_r=_with("S_r", 0, -INF)),
+    bad("ref_chosen_logps", R_c=_with("R_c", 3, INF)),
+    bad("ref_rejected_logps", R_r=_with("R_r", 5, NAN)),
+    bad("chosen_lengths", "ipo", n_c=_with("n_c", 0, INF)),
+    bad("aux_rewards_chosen", "upo", a_c=_with("a_c", 4, NAN)),
+    bad("aux_rewards_rejected", "upo", a_r=_with("a_r", 0, INF)),
+    bad("values_chosen", "upo", v_c=_with("v_c", 2, NAN)),
+    bad("aux_rewards_chosen", "upo", a_c=None, a_r=None),
+    bad("aux_rewards_rejected", "upo", a_r=None),
+    bad("policy_chosen_logps", "orpo", S_c=lambda b: b["S_c"].abs()),
+]
+
+
+@pytest.mark.parametrize("loss_type, changes, argument", BAD_INPUTS)
+def test_bad_tensor_input_names_the_argument(loss_type, changes, argument):
+    batch = make_batch(0)
+    batch.update({key: change(batch) if callable(change) else change for key, change in changes.items()})
+    args = dict(
+        chosen_lengths=batch["n_c"], rejected_lengths=batch["n_r"],
+        aux_rewards_chosen=batch["a_c"], aux_rewards_rejected=batch["a_r"], values_chosen=batch["v_c"],
+    )
+    with pytest.raises(ValueError, match=argument):
+        L.loss(batch["S_c"], batch["S_r"], batch["R_c"], batch["R_r"], loss_type=loss_type, **args)
+
+
+BAD_SETTINGS = [
+    ("label_smoothing", dict(label_smoothing=0.5)),
+    ("label_smoothing", dict(label_smoothing=-0.1)),
+    ("beta", dict(beta=0.0)),
+    ("beta", dict(beta=-1.0)),
+    ("beta", dict(beta=NAN)),
+    ("loss_weights", dict(loss_weights=[1.0, 2.0])),
+    ("loss_weights", dict(loss_type=["sigmoid", "nll"], loss_weights=[1.0])),
+    ("loss_weights", dict(loss_weights=[NAN])),
+    ("loss_type", dict(loss_type="dpo")),
+    ("loss_type", dict(loss_type=["sigmoid", "sigmoid"])),
+    ("loss_type", dict(loss_type=[])),
+    ("gama", dict(loss_type="simpo", gama=1.0)),
+    ("gamma", dict(loss_type="sigmoid", gamma=1.0)),
+    ("upo_lamda", dict(loss_type=["sigmoid", "upo"], upo_lamda=1.0)),
+    ("gamma_beta_ratio", dict(loss_type="simpo", gamma=1.0, gamma_beta_ratio=0.5)),
+    ("gamma", dict(loss_type="simpo", gamma="big")),
+    ("discopop_tau", dict(loss_type="discopop", discopop_tau=0.0)),
+    ("orpo_lambda", dict(loss_type="orpo", orpo_lambda=-1.0)),
+    ("desirable_weight", dict(loss_type="kto", desirable_weight=-1.0)),
+    ("kl", dict(loss_type="kto", kl=[0.1, 0.2])),
+    ("bco_delta", dict(loss_type="bco_pair", bco_delta=NAN)),
+    ("alpha", dict(loss_type="nll", alpha=INF)),
+    ("values_chosen", dict(loss_type="upo", baseline="value")),
+    ("baseline", dict(loss_type="upo", baseline="median")),
+    ("aux_normalize", dict(loss_type="upo", aux_normalize="max")),
+    ("aux_weights", dict(loss_type="upo", aux_weights=[1.0, 2.0, 3.0])),
+    ("aux_weights", dict(loss_type="upo", aux_weights=[1.0, NAN])),
+    ("expectile", dict(loss_type="upo", expectile=1.5)),
+    ("beta_aux", dict(loss_type="upo", beta_aux=0.0)),
+    ("omega_max", dict(loss_type="upo", omega_max=-2.0)),
+    ("upo_lambda", dict(loss_type="upo", upo_lambda=INF)),
+]
+
+
+@pytest.mark.parametrize("argument, kwargs", BAD_SETTINGS, ids=[f"{a}-{i}" for i, (a, _) in enumerate(BAD_SETTINGS)])
+def test_bad_setting_names_the_argument(argument, kwargs):
+    batch = make_batch(0)
+    kwargs = {"loss_type": "sigmoid", **kwargs}
+    with pytest.raises(ValueError, match=argument):
+        L.loss(batch["S_c"], batch["S_r"], batch["R_c"], batch["R_r"], chosen_lengths=batch["n_c"],
+               rejected_lengths=batch["n_r"], aux_rewards_chosen=batch["a_c"], aux_rewards_rejected=batch["a_r"],
+               **kwargs)
+
+
+def test_unknown_loss_message_lists_known_losses():
+    batch = make_batch(0)
+    with pytest.raises(ValueError) as error:
+        L.loss(batch["S_c"], batch["S_r"], batch["R_c"], batch["R_r"], loss_type="dpo")
+    for name in ("sigmoid", "ipo", "kto", "upo"):
+        assert name in str(error.value)
+
+
+def test_typo_option_message_points_to_reader():
+    batch = make_batch(0)
+    with pytest.raises(ValueError, match="read by simpo"):
+        L.loss(batch["S_c"], batch["S_r"], batch["R_c"], batch["R_r"], loss_type="sigmoid", gamma=0.5)
+
+
+# ------------------------------------------------------------------ TRL parity (optional)
+@pytest.fixture(scope="module")
+def trl_trainers():
+    pytest.importorskip("trl")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    try:
+        from trl.experimental.cpo import CPOTrainer
+        from trl.experimental.orpo import ORPOTrainer
+    except ImportError as error:  # older TRL keeps them at the top level
+        try:
+            from trl import CPOTrainer, ORPOTrainer
+        except ImportError:
+            pytest.skip(f"TRL CPO/ORPO trainers not importable: {error}")
+    from trl import DPOTrainer
+
+    return SimpleNamespace(cpo=CPOTrainer, orpo=ORPOTrainer, dpo=DPOTrainer)
+
+
+def test_simpo_matches_trl_cpo(trl_trainers):
+    batch = make_batch(RUN_SEED, torch.float64)
+    mean_c, mean_r = batch["S_c"] / batch["n_c"], batch["S_r"] / batch["n_r"]
+    for beta, gamma, eps in [(0.1, 0.5, 0.0), (2.0, 1.4, 0.1)]:
+        trainer = SimpleNamespace(alpha=0.0, beta=beta, simpo_gamma=gamma, label_smoothing=eps, loss_type="simpo",
+                                  accelerator=SimpleNamespace(device=torch.device("cpu")))
+        trl_losses, trl_chosen, trl_rejected = trl_trainers.cpo.cpo_loss(trainer, mean_c, mean_r)
+        options = {} if gamma == 0.5 else {"gamma": gamma}  # 0.5: our default must equal TRL's
+        out, _ = call_loss(batch, "simpo", reference=False, beta=beta, label_smoothing=eps, **options)
+        torch.testing.assert_close(out.losses, trl_losses, **F64_TOL)
+        assert out.metrics["rewards/chosen"] == pytest.approx(trl_chosen.mean().item())
+        assert out.metrics["rewards/rejected"] == pytest.approx(trl_rejected.mean().item())
+
+
+def test_orpo_matches_trl(trl_trainers):
+    batch = make_batch(RUN_SEED, torch.float64)
+    mean_c, mean_r = batch["S_c"] / batch["n_c"], batch["S_r"] / batch["n_r"]
+    trainer = SimpleNamespace(beta=0.25, accelerator=SimpleNamespace(device=torch.device("cpu")))
+    trl_losses, trl_chosen, _, trl_ratio, trl_log_odds = trl_trainers.orpo.odds_ratio_loss(trainer, mean_c, mean_r)
+    out, _ = call_loss(batch, "orpo", reference=False, beta=0.25)
+    # TRL: loss = nll - mean(beta * logsigmoid(log_odds)); our nll is the per-response token mean.
+    expected = (-mean_c).mean() - trl_losses.double().mean()
+    float32 = dict(rel=1e-5, abs=1e-6)  # TRL casts the log-probs to float32
+    assert out.loss.item() == pytest.approx(expected.item(), **float32)
+    assert out.metrics["orpo/log_odds_ratio"] == pytest.approx(trl_ratio.item(), **float32)
+    assert out.metrics["orpo/log_odds_chosen"] == pytest.approx(trl_log_odds.item(), **float32)
+    assert out.metrics["rewards/chosen"] == pytest.approx(trl_chosen.mean().item(), **float32)
+
+
+DPO_PARITY = [
+    ("sigmoid", {}, 0.0), ("robust", {}, 0.1), ("hinge", {}, 0.0), ("ipo", {}, 0.0), ("exo_pair", {}, 0.1),
+    ("nca_pair", {}, 0.0), ("bco_pair", {"bco_delta": 0.0}, 0.0), ("sppo_hard", {}, 0.0), ("apo_zero", {}, 0.0),
+    ("apo_down", {}, 0.0), ("discopop", {}, 0.0),
+]
+
+
+def _trl_dpo_loss(dpo_trainer, batch, name, beta, eps):
+    """Run TRL's own ``DPOTrainer._compute_loss`` on a stub model whose per-token log-probs sum to S.
+
+    TRL >= 1.0 inlines the loss formulas there, so this checks them, not a copy. Every
+    response gets its n tokens at the end of the row; the whole log-prob sits on the last one.
+    """
+    lengths = torch.cat([batch["n_c"], batch["n_r"]]).long()
+    rows, width = len(lengths), int(lengths.max()) + 2
+    positions = torch.arange(width)
+    completion_mask = (positions >= width - lengths[:, None]).long()
+    log_probs = torch.zeros(rows, width - 1, dtype=torch.float64)
+    log_probs[:, -1] = torch.cat([batch["S_c"], batch["S_r"]])
+    zeros = torch.zeros(rows, width - 1)
+
+    def model(**kwargs):
+        return SimpleNamespace(log_probs=log_probs, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
+
+    identity = lambda tensor: tensor  # noqa: E731 - single-process gather
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True), aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
+        f_divergence_type="reverse_kl", loss_types=[name], loss_weights=[1.0], beta=beta, label_smoothing=eps,
+        args=SimpleNamespace(discopop_tau=0.05), use_weighting=False, _total_train_tokens=0, _tp_size=1,
+        accelerator=SimpleNamespace(device=torch.device("cpu"), gather=identity, gather_for_metrics=identity),
+        _metrics={"train": collections.defaultdict(list), "eval": collections.defaultdict(list)},
+    )
+    inputs = {
+        "input_ids": torch.zeros(rows, width, dtype=torch.long),
+        "attention_mask": torch.ones(rows, width, dtype=torch.long),
+        "completion_mask": completion_mask, "ref_chosen_logps": batch["R_c"], "ref_rejected_logps": batch["R_r"],
+    }
+    loss = dpo_trainer._compute_loss(trainer, model, inputs, return_outputs=False)
+    return loss, {key: values[-1] for key, values in trainer._metrics["train"].items()}
+
+
+@pytest.mark.parametrize("name, options, eps", DPO_PARITY, ids=[case[0] for case in DPO_PARITY])
+def test_dpo_family_matches_trl(trl_trainers, name, options, eps):
+    if not hasattr(trl_trainers.dpo, "_compute_loss"):
+        pytest.skip("this TRL has no DPOTrainer._compute_loss")
+    batch = make_batch(RUN_SEED, torch.float64)
+    try:
+        trl_loss, trl_metrics = _trl_dpo_loss(trl_trainers.dpo, batch, name, 0.1, eps)
+    except (AttributeError, TypeError, KeyError) as error:
+        pytest.skip(f"DPOTrainer._compute_loss of this TRL needs more trainer state: {error!r}")
+    out, _ = call_loss(batch, name, beta=0.1, label_smoothing=eps, **options)
+    # TRL builds exo_pair's epsilon as a float32 tensor, so its log(eps) carries float32 rounding.
+    tolerance = dict(rtol=1e-6, atol=1e-9) if name == "exo_pair" else F64_TOL
+    torch.testing.assert_close(out.loss, trl_loss.double(), **tolerance)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen"):
+        assert out.metrics[key] == pytest.approx(trl_metrics[key], rel=1e-9, abs=1e-12), key
+    # TRL takes the accuracy through float32; ours stays in the compute dtype.
+    assert out.metrics["rewards/accuracies"] == pytest.approx(trl_metrics["rewards/accuracies"], rel=1e-6)

@@ -1,0 +1,21 @@
+"""upo: preference alignment losses (DPO family + UPO) over fused, logit-free kernels.
+
+User API::
+
+    upo.loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, ...)
+    upo.fused_loss(hidden, weight, labels, ...)      # straight from hidden states + LM head
+    upo.available_losses()
+    upo.ValueHead(hidden_size)
+"""
+from upo.losses import LossOutput, ValueHead, available_losses, loss, register_loss
+from upo.fused import fused_loss
+
+__all__ = [
+    "LossOutput",
+    "ValueHead",
+    "available_losses",
+    "fused_loss",
+    "loss",
+    "register_loss",
+]
+__version__ = "0.1.0"

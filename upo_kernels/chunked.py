@@ -1,0 +1,179 @@
+"""Pure-PyTorch fused linear log-probs, chunked over tokens *and* vocabulary.
+
+The CPU backend and the large-size oracle. Never builds a ``[tokens, vocab]`` tensor: the
+largest temporary is one ``[chunk_tokens, chunk_vocab]`` logit tile (a few MB by default,
+whatever the vocabulary size).
+
+Forward, per token chunk: walk the vocabulary in tiles, merging ``logsumexp`` online, and
+read the target logit with one row-wise dot product ``h_t . W[y_t]``. Backward recomputes
+each tile and turns it into ``dz = g_t (onehot(y_t) - softmax(z_t))`` (chained through the
+soft cap and the scale); the one-hot part is applied once per token as a sparse update.
+"""
+from __future__ import annotations
+
+import torch
+
+from upo_kernels import buffers
+
+# 256 x 2048 fp32 tiles: 2 MB each; a handful of temporaries per tile stays a few MB.
+DEFAULT_CHUNK_TOKENS = 256
+DEFAULT_CHUNK_VOCAB = 2048
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulate in fp32 at least (fp64 inputs stay fp64, which tests use)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _cap_logits(z, logit_scale, softcap):
+    """``z <- softcap * tanh(logit_scale * z / softcap)`` in place (or just the scale)."""
+    if logit_scale != 1.0:
+        z.mul_(logit_scale)
+    if softcap is not None:
+        z.div_(softcap).tanh_().mul_(softcap)
+    return z
+
+
+def _logit_tile(h, w, b, logit_scale, softcap):
+    z = h @ w.t() if b is None else torch.addmm(b, h, w.t())
+    return _cap_logits(z, logit_scale, softcap)
+
+
+def _target_logits(h, weight, bias, labels, keep, logit_scale, softcap, dtype):
+    """Final (scaled, capped) logit of each token's label, without any vocab-wide tensor."""
+    safe = torch.where(keep, labels, torch.zeros_like(labels))
+    z = (h * weight[safe].to(dtype)).sum(-1)
+    if bias is not None:
+        z = z + bias[safe].to(dtype)
+    return _cap_logits(z, logit_scale, softcap)
+
+
+def linear_logprobs_forward(hidden, weight, labels, bias=None, logit_scale=1.0, softcap=None,
+                            ignore_index=-100, chunk_tokens=DEFAULT_CHUNK_TOKENS,
+                            chunk_vocab=DEFAULT_CHUNK_VOCAB):
+    """hidden [N, D], weight [V, D], labels [N] -> (logp [N], lse [N]) in the compute dtype.
+
+    ``logp`` is 0 where ``labels == ignore_index``; ``lse`` is the log-normaliser of every row
+    (kept for the backward pass).
+    """
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    dtype = compute_dtype(hidden.dtype)
+    logp = buffers.empty((n_tokens,), dtype, hidden.device)
+    lse = buffers.empty((n_tokens,), dtype, hidden.device)
+    for t0 in range(0, n_tokens, chunk_tokens):
+        t1 = min(t0 + chunk_tokens, n_tokens)
+        h = hidden[t0:t1].to(dtype)
+        running = torch.full((t1 - t0,), float("-inf"), dtype=dtype, device=hidden.device)
+        for v0 in range(0, vocab, chunk_vocab):
+            v1 = min(v0 + chunk_vocab, vocab)
+            b = None if bias is None else bias[v0:v1].to(dtype)
+            z = _logit_tile(h, weight[v0:v1].to(dtype), b, logit_scale, softcap)
+            running = torch.logaddexp(running, torch.logsumexp(z, dim=1))
+        y = labels[t0:t1]
+        keep = y != ignore_index
+        target = _target_logits(h, weight, bias, y, keep, logit_scale, softcap, dtype)
+        lse[t0:t1] = running
+        logp[t0:t1] = torch.where(keep, target - running, torch.zeros_like(running))
+    return logp, lse
+
+
+def _cap_derivative(z_capped, softcap):
+    """d(capped)/d(uncapped) expressed through the capped value: 1 - tanh^2."""
+    return 1.0 - (z_capped / softcap) ** 2
+
+
+def _add_onehot_part(grad_h, grad_w, grad_b, t0, h, g, labels, keep, weight, bias, logit_scale,
+                     softcap, dtype):
+    """+ g_t * d(target logit)/d(raw target logit) for the kept tokens of one chunk."""
+    rows = keep.nonzero().squeeze(1)
+    y = labels[rows]
+    h_kept = h[rows]
+    coef = g[rows] * logit_scale
+    if softcap is not None:
+        z_target = _target_logits(h_kept, weight, bias, y, torch.ones_like(keep[rows]), logit_scale,
+                                  softcap, dtype)
+        coef = coef * _cap_derivative(z_target, softcap)
+    grad_h.index_add_(0, rows + t0, coef.unsqueeze(1) * weight[y].to(dtype))
+    if grad_w is not None:
+        grad_w.index_add_(0, y, coef.unsqueeze(1) * h_kept)
+    if grad_b is not None:
+        grad_b.index_add_(0, y, coef)
+
+
+def linear_logprobs_backward(grad_logp, hidden, weight, labels, lse, bias=None, logit_scale=1.0,
+                             softcap=None, ignore_index=-100, chunk_tokens=DEFAULT_CHUNK_TOKENS,
+                             chunk_vocab=DEFAULT_CHUNK_VOCAB, needs_weight_grad=True,
+                             needs_bias_grad=True):
+    """Gradients of ``sum_t grad_logp[t] * logp[t]`` -> (grad_hidden, grad_weight, grad_bias).
+
+    Returned in the compute dtype (fp32/fp64); the caller casts to the parameters' dtypes.
+    """
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    dtype = compute_dtype(hidden.dtype)
+    keep = labels != ignore_index
+    g = torch.where(keep, grad_logp.to(dtype), torch.zeros((), dtype=dtype, device=hidden.device))
+    grad_h = torch.zeros((n_tokens, hidden.shape[1]), dtype=dtype, device=hidden.device)
+    grad_w = torch.zeros(weight.shape, dtype=dtype, device=hidden.device) if needs_weight_grad else None
+    want_b = bias is not None and needs_bias_grad
+    grad_b = torch.zeros((vocab,), dtype=dtype, device=hidden.device) if want_b else None
+
+    for t0 in range(0, n_tokens, chunk_tokens):
+        t1 = min(t0 + chunk_tokens, n_tokens)
+        g_c = g[t0:t1]
+        if not bool(g_c.any()):
+            continue  # prompt/padding chunk: contributes nothing
+        h = hidden[t0:t1].to(dtype)
+        lse_c = lse[t0:t1].unsqueeze(1)
+        for v0 in range(0, vocab, chunk_vocab):
+            v1 = min(v0 + chunk_vocab, vocab)
+            w = weight[v0:v1].to(dtype)
+            b = None if bias is None else bias[v0:v1].to(dtype)
+            z = _logit_tile(h, w, b, logit_scale, softcap)
+            # softmax part of dlogp/dz, scaled by -g; the one-hot part is added below
+            dz = torch.sub(z, lse_c).exp_().mul_(-g_c.unsqueeze(1))
+            if softcap is not None:
+                dz.mul_(_cap_derivative(z, softcap))
+            if logit_scale != 1.0:
+                dz.mul_(logit_scale)
+            grad_h[t0:t1].addmm_(dz, w)
+            if grad_w is not None:
+                grad_w[v0:v1].addmm_(dz.t(), h)
+            if grad_b is not None:
+                grad_b[v0:v1] += dz.sum(0)
+        _add_onehot_part(grad_h, grad_w, grad_b, t0, h, g_c, labels[t0:t1], keep[t0:t1], weight,
+                         bias, logit_scale, softcap, dtype)
+
+    return grad_h, grad_w, grad_b
+
+
+def logprobs_from_logits_forward(logits, labels, ignore_index=-100, chunk_tokens=DEFAULT_CHUNK_TOKENS):
+    """logits [N, V], labels [N] -> (logp [N], lse [N]); chunked over tokens, fp32 math."""
+    n_tokens = logits.shape[0]
+    dtype = compute_dtype(logits.dtype)
+    logp = buffers.empty((n_tokens,), dtype, logits.device)
+    lse = buffers.empty((n_tokens,), dtype, logits.device)
+    keep = labels != ignore_index
+    safe = torch.where(keep, labels, torch.zeros_like(labels))
+    for t0 in range(0, n_tokens, chunk_tokens):
+        t1 = min(t0 + chunk_tokens, n_tokens)
+        z = logits[t0:t1].to(dtype)
+        lse[t0:t1] = torch.logsumexp(z, dim=1)
+        target = z.gather(1, safe[t0:t1].unsqueeze(1)).squeeze(1)
+        logp[t0:t1] = torch.where(keep[t0:t1], target - lse[t0:t1], torch.zeros_like(target))
+    return logp, lse
+
+
+def logprobs_from_logits_backward(grad_logp, logits, labels, lse, ignore_index=-100,
+                                  chunk_tokens=DEFAULT_CHUNK_TOKENS):
+    """Gradient w.r.t. logits, in the logits' dtype: ``g_t (onehot(y_t) - softmax(z_t))``."""
+    dtype = compute_dtype(logits.dtype)
+    keep = labels != ignore_index
+    g = torch.where(keep, grad_logp.to(dtype), torch.zeros((), dtype=dtype, device=logits.device))
+    safe = torch.where(keep, labels, torch.zeros_like(labels))
+    grad = torch.empty_like(logits)
+    for t0 in range(0, logits.shape[0], chunk_tokens):
+        t1 = min(t0 + chunk_tokens, logits.shape[0])
+        dz = (logits[t0:t1].to(dtype) - lse[t0:t1].unsqueeze(1)).exp_().mul_(-g[t0:t1].unsqueeze(1))
+        dz.scatter_add_(1, safe[t0:t1].unsqueeze(1), g[t0:t1].unsqueeze(1))
+        grad[t0:t1] = dz
+    return grad

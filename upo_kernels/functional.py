@@ -1,0 +1,197 @@
+"""Autograd wrappers and backend dispatch for the fused log-prob kernels.
+
+``linear_logprobs`` is the entry point the rest of the library uses: per-token log-probs of
+``labels`` straight from hidden states and the LM-head weight. Its backward receives one
+coefficient per token (``dL/dlogp_t``, e.g. the per-sequence DPO coefficient) and turns it
+into ``grad_hidden``, ``grad_weight`` and ``grad_bias`` by recomputing logit tiles.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from upo_kernels import chunked
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def triton_usable_on(device: torch.device) -> bool:
+    """Triton runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and not triton_usable_on(device):
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got device {device}); on CPU set "
+            "TRITON_INTERPRET=1 before importing upo_kernels (slow, for tests) or use backend='torch'"
+        )
+    return backend
+
+
+def _check_finite_scalar(name, value, allow_none=False):
+    if value is None and allow_none:
+        return
+    if not isinstance(value, (int, float)) or not (value == value) or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def validate_linear_inputs(hidden, weight, labels, bias, logit_scale, softcap, ignore_index):
+    """Clear errors, naming the argument, before anything reaches a kernel."""
+    for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not hidden.is_floating_point():
+        raise TypeError(f"hidden must be a floating-point tensor, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} does not match hidden dtype {hidden.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [vocab, hidden_size], got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden's last dimension ({hidden.shape[-1] if hidden.dim() else None}) must equal "
+            f"weight.shape[1] ({weight.shape[1]})"
+        )
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} must equal hidden's leading shape {tuple(hidden.shape[:-1])}"
+        )
+    for name, t in (("weight", weight), ("labels", labels)):
+        if t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must be a tensor of shape [{weight.shape[0]}]")
+        if bias.dtype != hidden.dtype or bias.device != hidden.device:
+            raise TypeError(f"bias must have hidden's dtype and device ({hidden.dtype}, {hidden.device})")
+    _check_finite_scalar("logit_scale", logit_scale)
+    if logit_scale <= 0:
+        raise ValueError(f"logit_scale must be > 0, got {logit_scale}")
+    _check_finite_scalar("softcap", softcap, allow_none=True)
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be > 0 or None, got {softcap}")
+    if labels.numel():
+        kept = labels[labels != ignore_index]
+        if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= weight.shape[0]):
+            bad = kept[(kept < 0) | (kept >= weight.shape[0])][0].item()
+            raise ValueError(
+                f"labels must be in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}; found {bad}"
+            )
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, logit_scale, softcap, ignore_index, backend, chunks):
+        ops = _ops(backend)
+        logp, lse = ops.forward(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, **chunks)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.options = (logit_scale, softcap, ignore_index, backend, chunks)
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        logit_scale, softcap, ignore_index, backend, chunks = ctx.options
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h, grad_w, grad_b = _ops(backend).backward(
+            grad_logp.contiguous(), hidden, weight, labels, lse, bias, logit_scale, softcap, ignore_index,
+            needs_weight_grad=need_w, needs_bias_grad=need_b, **chunks)
+        grad_h = grad_h.to(hidden.dtype) if need_h else None
+        grad_w = grad_w.to(weight.dtype) if (need_w and grad_w is not None) else None
+        grad_b = grad_b.to(bias.dtype) if (need_b and grad_b is not None) else None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
+
+class _TorchOps:
+    forward = staticmethod(chunked.linear_logprobs_forward)
+    backward = staticmethod(chunked.linear_logprobs_backward)
+
+
+def _ops(backend):
+    if backend == "torch":
+        return _TorchOps
+    from upo_kernels import triton_ops  # imported lazily: triton may be absent on CPU-only installs
+
+    return triton_ops
+
+
+def linear_logprobs(hidden, weight, labels, *, bias=None, logit_scale=1.0, softcap=None,
+                    ignore_index=-100, backend="auto", chunk_tokens=None, chunk_vocab=None):
+    """Per-token log-probs of ``labels`` under ``softmax(cap(logit_scale * (hidden @ weight.T + bias)))``.
+
+    hidden [..., D], weight [V, D], labels [...] (``ignore_index`` skipped) -> fp32 tensor of
+    ``labels.shape`` (fp64 for fp64 inputs), 0 where ignored. Differentiable with respect to
+    hidden, weight and bias; the ``[tokens, vocab]`` logits never exist. ``chunk_tokens`` and
+    ``chunk_vocab`` override the tile sizes of the chunked (torch) backward/forward.
+    """
+    validate_linear_inputs(hidden, weight, labels, bias, logit_scale, softcap, ignore_index)
+    backend = resolve_backend(backend, hidden.device)
+    if backend == "triton" and hidden.dtype == torch.float64:
+        raise TypeError("backend='triton' supports float32/bfloat16/float16 inputs, got float64 hidden")
+    chunks = {}
+    if chunk_tokens is not None:
+        chunks["chunk_tokens"] = int(chunk_tokens)
+    if chunk_vocab is not None:
+        chunks["chunk_vocab"] = int(chunk_vocab)
+    lead_shape = labels.shape
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    if h2.stride(-1) != 1:
+        h2 = h2.contiguous()
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    y = labels.reshape(-1).to(torch.int64)
+    logp = _LinearLogprobs.apply(h2, w, bias, y, float(logit_scale),
+                                 None if softcap is None else float(softcap), int(ignore_index), backend, chunks)
+    return logp.reshape(lead_shape)
+
+
+class _LogprobsFromLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index, backend):
+        if backend == "torch":
+            logp, lse = chunked.logprobs_from_logits_forward(logits, labels, ignore_index)
+        else:
+            from upo_kernels import logprobs as triton_logprobs
+
+            logp, lse = triton_logprobs.forward(logits, labels, ignore_index)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.options = (ignore_index, backend)
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        logits, labels, lse = ctx.saved_tensors
+        ignore_index, backend = ctx.options
+        if backend == "torch":
+            grad = chunked.logprobs_from_logits_backward(grad_logp, logits, labels, lse, ignore_index)
+        else:
+            from upo_kernels import logprobs as triton_logprobs
+
+            grad = triton_logprobs.backward(grad_logp.contiguous(), logits, labels, lse, ignore_index)
+        return grad, None, None, None
+
+
+def logprobs_from_logits(logits, labels, *, ignore_index=-100, backend="auto"):
+    """Per-token log-probs from logits the caller already has: logits [..., V], labels [...]."""
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise TypeError("logits must be a floating-point torch.Tensor")
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"labels shape {tuple(labels.shape)} must equal logits' leading shape "
+                         f"{tuple(logits.shape[:-1])}")
+    vocab = logits.shape[-1]
+    kept = labels[labels != ignore_index]
+    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= vocab):
+        raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}")
+    backend = resolve_backend(backend, logits.device)
+    z = logits.reshape(-1, vocab)
+    z = z if z.stride(-1) == 1 else z.contiguous()
+    logp = _LogprobsFromLogits.apply(z, labels.reshape(-1).to(torch.int64), int(ignore_index), backend)
+    return logp.reshape(labels.shape)
