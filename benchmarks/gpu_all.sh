@@ -41,8 +41,10 @@ for mod in ("transformers", "trl", "liger_kernel", "cut_cross_entropy", "dataset
         print(f"  {mod}: not importable ({type(exc).__name__}: {exc})")
 EOF
 
-echo "== GPU tests (budget $(( $(left) > 300 ? 90 : 60 )) s)"
-UPO_TEST_GPU=1 timeout $(( $(left) > 300 ? 90 : 60 )) python3 -m pytest -q -m gpu tests/ -p no:cacheprovider \
+TESTS_S=${UPO_GPU_TESTS_S:-90}         # GPU tests, seconds
+[ "$(left)" -lt $(( TESTS_S + 200 )) ] && TESTS_S=$(( $(left) - 200 > 20 ? $(left) - 200 : 20 ))
+echo "== GPU tests (limit ${TESTS_S} s)"
+UPO_TEST_GPU=1 timeout "$TESTS_S" python3 -m pytest -q -m gpu tests/ -p no:cacheprovider \
   2>&1 | tee "$OUT/gpu_tests.log"
 rc=${PIPESTATUS[0]}
 case $rc in

@@ -24,12 +24,15 @@ import torch
 from benchmarks import measure, peers
 
 # Agreement with the reference, by input dtype: relative error of the loss (|d| / max(|ref|, 1))
-# and the relative Frobenius error of grad_hidden and grad_weight. bf16 tolerances are set by
-# the naive bf16 path's own error (it rounds logits and their gradients to bf16).
+# and the relative Frobenius error of grad_hidden and grad_weight. These catch real mistakes
+# (a wrong reduction, reference or token set gives errors of order 1), not rounding: the DPO
+# margin is a difference of sums over thousands of tokens (|S| ~ 3e4 at T = 2048), so fp32
+# summation order alone moves the loss by ~1e-3; in bf16 the naive path's own rounding of
+# logits and their gradients sets the scale.
 TOLERANCES = {
-    "float32": {"loss": 1e-4, "grad": 1e-3},
-    "float16": {"loss": 2e-2, "grad": 3e-2},
-    "bfloat16": {"loss": 2e-2, "grad": 3e-2},
+    "float32": {"loss": 2e-3, "grad": 2e-3},
+    "float16": {"loss": 3e-2, "grad": 5e-2},
+    "bfloat16": {"loss": 3e-2, "grad": 5e-2},
 }
 
 GPU_TIMING = {"target_s": 0.6, "min_reps": 3, "max_reps": 20, "warmup": 1, "count_memory_call": False}
@@ -170,8 +173,9 @@ def run_case(inputs, peer, loss_kind, device, timing, ref=None, want_outputs=Fal
             estimate = first_s
 
         phase = "timing"
-        for _ in range(timing.get("warmup", 0)):
-            run()
+        if estimate < timing.get("warmup_below_s", 1.0):  # slow calls are warm after two calls
+            for _ in range(timing.get("warmup", 0)):
+                run()
         reps = measure.repeat_count(estimate, timing["target_s"], timing["min_reps"], timing["max_reps"])
         for _ in range(max(0, reps - len(samples))):
             samples.append(timer(run)[0])
@@ -232,6 +236,7 @@ def environment(device) -> dict:
         "platform": platform.platform(),
         "versions": peers.versions(),
         "git_commit": _git_commit(),
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     try:
         with open("/proc/meminfo") as f:
@@ -250,16 +255,20 @@ def environment(device) -> dict:
 def acceptance(results, shape_key, naive="naive", ours="ours_torch", mem_limit=0.05, time_limit=1.2):
     """The issue's CPU acceptance: ours' extra memory <= 5 % of naive's, time <= 1.2x naive."""
     out = {}
+    measured = ("ok", "mismatch")
     for kind in ("dpo", "upo"):
         a = next((r for r in results if r["shape"] == shape_key and r["peer"] == ours
-                  and r["loss_kind"] == kind and r["status"] == "ok"), None)
+                  and r["loss_kind"] == kind and r["status"] in measured), None)
         b = next((r for r in results if r["shape"] == shape_key and r["peer"] == naive
-                  and r["loss_kind"] == kind and r["status"] == "ok"), None)
+                  and r["loss_kind"] == kind and r["status"] in measured), None)
         if not a or not b:
             continue
         mem_ratio = a["peak_extra_bytes"] / max(1, b["peak_extra_bytes"])
         time_ratio = a["median_ms"] / b["median_ms"]
         out[kind] = {"shape": shape_key, "memory_ratio": mem_ratio, "time_ratio": time_ratio,
                      "memory_ok": mem_ratio <= mem_limit, "time_ok": time_ratio <= time_limit,
+                     "agrees": a.get("agree"), "disagreement": a.get("disagreement", ""),
+                     "ours_extra_bytes": a["peak_extra_bytes"], "naive_extra_bytes": b["peak_extra_bytes"],
+                     "ours_ms": a["median_ms"], "naive_ms": b["median_ms"],
                      "limits": {"memory_ratio": mem_limit, "time_ratio": time_limit}}
     return out

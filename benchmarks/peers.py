@@ -34,7 +34,11 @@ PEERS = {
     "cce": ("Cut Cross-Entropy linear_cross_entropy(reduction='none')", ("dpo", "upo"), True),
     "ours_torch": ("upo.fused_loss backend='torch' (chunked PyTorch)", ("dpo", "upo"), False),
     "ours_triton": ("upo.fused_loss backend='triton'", ("dpo", "upo"), True),
+    "ours_torch_bigtiles": ("upo_kernels.linear_logprobs backend='torch', 4096 x 4096 tiles (tuning probe)",
+                            ("dpo", "upo"), False),
 }
+
+BIG_TILES = (4096, 4096)
 
 # Notes that go with a peer's numbers in every report.
 PEER_NOTES = {
@@ -44,6 +48,8 @@ PEER_NOTES = {
              "per call): LigerFusedLinearDPOLoss cannot take precomputed reference log-probs",
     "liger_eager": "as liger, compiled=False",
     "cce": "default filter_eps='high' (gradient filtering: approximate gradients by design)",
+    "ours_torch_bigtiles": f"not the library default: chunk_tokens={BIG_TILES[0]}, chunk_vocab={BIG_TILES[1]} "
+                           "passed to upo_kernels.linear_logprobs, sums and loss head as for naive",
 }
 
 UPO_OPTIONS = {"loss_type": ["sigmoid", "upo"]}
@@ -141,6 +147,8 @@ def availability(peer: str, device) -> tuple[bool, str]:
             from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss  # noqa: F401
         elif peer == "cce":
             from cut_cross_entropy import linear_cross_entropy  # noqa: F401
+        elif peer == "ours_torch_bigtiles":
+            from upo_kernels import linear_logprobs  # noqa: F401
         elif peer in ("ours_torch", "ours_triton"):
             import upo  # noqa: F401
             from upo import fused_loss  # noqa: F401
@@ -246,6 +254,19 @@ def _ours(inputs, loss_kind, backend):
     return step, ""
 
 
+def _ours_tiles(inputs, loss_kind, tiles=BIG_TILES):
+    from upo_kernels import linear_logprobs
+
+    h, W, y = _flat(inputs)
+
+    def step():
+        logp = linear_logprobs(h, W, y, backend="torch", chunk_tokens=tiles[0], chunk_vocab=tiles[1])
+        S = _sums(logp, inputs)
+        return head(S, inputs, loss_kind), S
+
+    return step, ""
+
+
 def build(peer: str, inputs, loss_kind: str):
     """-> (step, note). Raises NotImplementedError for an unsupported loss kind."""
     if loss_kind not in PEERS[peer][1]:
@@ -266,6 +287,8 @@ def build(peer: str, inputs, loss_kind: str):
         return _ours(inputs, loss_kind, "torch")
     if peer == "ours_triton":
         return _ours(inputs, loss_kind, "triton")
+    if peer == "ours_torch_bigtiles":
+        return _ours_tiles(inputs, loss_kind)
     raise KeyError(peer)
 
 

@@ -16,12 +16,12 @@ def _cases(peer_list, kinds):
     return [(p, k) for k in kinds for p in peer_list]
 
 
-def _ordered(cases):
-    """Reference candidates first within each loss kind; otherwise keep the given order."""
+def _ordered(cases, first=REFERENCE_ORDER):
+    """Reference candidates (``first``) lead within each loss kind; otherwise the given order."""
     out = []
     for kind in dict.fromkeys(k for _, k in cases):
         mine = [c for c in cases if c[1] == kind]
-        refs = [c for r in REFERENCE_ORDER for c in mine if c[0] == r]
+        refs = [c for r in first for c in mine if c[0] == r]
         out += refs + [c for c in mine if c not in refs]
     return out
 
@@ -41,7 +41,8 @@ def cpu_plan(preset="default", full=False):
             {"shape": s1, "cases": _ordered(_cases(every, ["dpo"]) + _cases(["naive", "ours_torch"], ["upo"]))},
             {"shape": s2, "cases": _ordered(_cases(["naive", "ours_torch"], ["dpo"]))},
         ]
-    accept_peers = ["naive", "ours_torch", "trl_chunked", "trl_selective", "liger", "liger_eager"]
+    accept_peers = ["naive", "ours_torch", "trl_chunked", "trl_selective", "liger", "liger_eager",
+                    "ours_torch_bigtiles"]
     upo_peers = ["naive", "ours_torch"] + (["trl_chunked", "trl_selective"] if full else [])
     if preset == "quick":
         accept_peers = ["naive", "ours_torch", "trl_chunked", "liger_eager"]
@@ -49,46 +50,61 @@ def cpu_plan(preset="default", full=False):
              "cases": _ordered(_cases(accept_peers, ["dpo"]) + _cases(upo_peers, ["upo"]))}]
     if preset == "quick":
         return plan
-    sweep_peers = ["naive", "ours_torch", "trl_chunked"]
-    shapes = [Shape(4, t, 256, 32000, "float32", ("length",)) for t in (256, 512, 1024)]
-    shapes += [Shape(1, 512, 256, v, "float32", ("vocab",)) for v in (32000, 128256, 256000)]
-    shapes += [Shape(1, 512, d, 32000, "float32", ("hidden",)) for d in (128, 256, 512, 1024)]
-    for s in merge_shapes(shapes):
-        plan.append({"shape": s, "cases": _ordered(_cases(sweep_peers, ["dpo"]))})
+    # Sweeps: naive vs ours (TRL's chunked function too along the length); the acceptance case
+    # is the N = 16k point of the length sweep.
+    length = [Shape(4, t, 256, 32000, "float32", ("length",)) for t in (256, 512, 1024)]
+    vocab = [Shape(1, 256, 256, v, "float32", ("vocab",)) for v in (32000, 128256, 256000)]
+    hidden = [Shape(1, 256, d, 32000, "float32", ("hidden",)) for d in (128, 256, 512, 1024)]
+    for s in merge_shapes(length + vocab + hidden):
+        peer_list = ["naive", "ours_torch"] + (["trl_chunked"] if "length" in s.sweeps else [])
+        plan.append({"shape": s, "cases": _ordered(_cases(peer_list, ["dpo"]))})
     return plan
 
 
 # ----------------------------------------------------------------------------- GPU
 GPU_HEADLINE = Shape(4, 2048, 4096, 128256, "bfloat16", ("headline", "length"))
-GPU_ALL_PEERS = ["naive", "ours_triton", "ours_torch", "cce", "trl_chunked", "trl_selective"]
-GPU_SWEEP_PEERS = ["naive", "ours_triton", "ours_torch", "cce", "trl_chunked"]
+# The chunked torch backend is slow on a GPU (many small tiles): it runs last in its shapes and
+# only at the headline and in the length sweep.
+GPU_ALL_PEERS = ["naive", "ours_triton", "cce", "trl_chunked", "trl_selective", "ours_torch"]
+GPU_LENGTH_PEERS = ["naive", "ours_triton", "cce", "trl_chunked", "ours_torch"]
+GPU_SWEEP_PEERS = ["naive", "ours_triton", "cce", "trl_chunked"]
 
 
 def gpu_plan(quick=False, dry_run=False):
     """GPU suite (bf16). Headline N = 16k tokens (4 pairs x 2 x 2048), D 4096, V 128256, all
     peers, DPO and UPO; then a length sweep (N = 4k, 32k), a vocab sweep at N = 8k
-    (32000, 128256, 256000) and a hidden sweep at N = 8k (2048, 8192) for the lean peers;
-    Liger last (its torch.compile can take a while). ``dry_run``: the same plan structure
-    at tiny sizes (fp32, CPU)."""
+    (32000, 128256, 256000), Liger at the headline (its torch.compile can take a while), and
+    a hidden sweep at N = 8k (2048, 8192) for the lean peers. ``dry_run``: the same plan
+    structure at tiny sizes (fp32, CPU)."""
     if dry_run:
         mk = lambda B, T, D, V, tags: Shape(B, T, D, V, "float32", tags)  # noqa: E731
         head = mk(2, 64, 32, 512, ("headline", "length"))
         length = [mk(2, t, 32, 512, ("length",)) for t in (16, 128)]
         vocab = [mk(2, 32, 32, v, ("vocab",)) for v in (256, 512, 1024)]
-        hidden = [mk(2, 32, d, 512, ("hidden",)) for d in (16, 64)]
+        hidden = [mk(2, 32, d, 512, ("hidden",)) for d in (16, 32, 64)]
     else:
         head = GPU_HEADLINE
         length = [Shape(4, t, 4096, 128256, "bfloat16", ("length",)) for t in (512, 4096)]
         vocab = [Shape(4, 1024, 4096, v, "bfloat16", ("vocab",)) for v in (32000, 128256, 256000)]
-        hidden = [Shape(4, 1024, d, 128256, "bfloat16", ("hidden",)) for d in (2048, 8192)]
+        hidden = [Shape(4, 1024, d, 128256, "bfloat16", ("hidden",)) for d in (2048, 4096, 8192)]
     if quick:
         length, vocab, hidden = length[-1:], vocab[-1:], []
-    plan = [{"shape": head, "cases": _ordered(_cases(GPU_ALL_PEERS, ["dpo", "upo"]))}]
-    for s in merge_shapes(length + vocab + hidden):
-        if s == head:
-            continue
-        plan.append({"shape": s, "cases": _ordered(_cases(GPU_SWEEP_PEERS, ["dpo"]))})
+    naive_first = ("naive",)  # ours_torch stands in as reference only where naive fails
+    tagged = {s.key: s for s in merge_shapes([head] + length + vocab + hidden)}  # union of sweep tags
+    head = tagged[head.key]
+    plan = [{"shape": head, "cases": _ordered(_cases(GPU_ALL_PEERS, ["dpo", "upo"]), naive_first)}]
+    seen = {head.key}
+
+    def add(shapes, peer_list):
+        for s in shapes:
+            if s.key not in seen:
+                seen.add(s.key)
+                plan.append({"shape": tagged[s.key], "cases": _ordered(_cases(peer_list, ["dpo"]), naive_first)})
+
+    add(length, GPU_LENGTH_PEERS)
+    add(vocab, GPU_SWEEP_PEERS)
     plan.append({"shape": head, "cases": [("liger", "dpo")]})
+    add(hidden, GPU_SWEEP_PEERS)
     return plan
 
 

@@ -89,7 +89,8 @@ def console_table(doc):
         out.append(f"acceptance ({kind}, {a['shape']}): ours/naive extra memory {a['memory_ratio']:.4f} "
                    f"(<= {a['limits']['memory_ratio']}: {'PASS' if a['memory_ok'] else 'FAIL'}), "
                    f"time {a['time_ratio']:.2f}x (<= {a['limits']['time_ratio']}: "
-                   f"{'PASS' if a['time_ok'] else 'FAIL'})")
+                   f"{'PASS' if a['time_ok'] else 'FAIL'})"
+                   + ("" if a.get("agrees") else f"; DISAGREES with naive: {a.get('disagreement')}"))
     return "\n".join(out)
 
 
@@ -102,6 +103,15 @@ def _md_table(rows, header):
 
 def _shape_label(info):
     return f"N={info['N']} (B={info['B']}, T={info['T']}), D={info['D']}, V={info['V']}, {info['dtype']}"
+
+
+SWEEP_ORDER = ("acceptance", "headline", "length", "vocab", "hidden")
+
+
+def _shape_order(info):
+    sweeps = info.get("sweeps", [])
+    first = min((SWEEP_ORDER.index(s) for s in sweeps if s in SWEEP_ORDER), default=len(SWEEP_ORDER))
+    return (first, info.get("N", 0), info.get("V", 0), info.get("D", 0))
 
 
 def markdown(doc, plots=()):
@@ -117,14 +127,15 @@ def markdown(doc, plots=()):
         lines.append(f"**Acceptance ({kind.upper()}, {a['shape']})**: ours (chunked torch) extra memory = "
                      f"{a['memory_ratio'] * 100:.2f} % of naive (limit {a['limits']['memory_ratio'] * 100:.0f} %: "
                      f"{'pass' if a['memory_ok'] else 'FAIL'}); time = {a['time_ratio']:.2f}x naive "
-                     f"(limit {a['limits']['time_ratio']}x: {'pass' if a['time_ok'] else 'FAIL'}).")
+                     f"(limit {a['limits']['time_ratio']}x: {'pass' if a['time_ok'] else 'FAIL'}); "
+                     + ("loss and gradients agree with naive." if a.get("agrees") else
+                        f"**does not agree with naive**: {a.get('disagreement')}."))
         lines.append("")
     if doc.get("budget_note"):
         lines += [doc["budget_note"], ""]
     header = ["implementation", "loss", "fwd+bwd ms (median)", "x matmul limit", "first call ms",
               "extra memory", "agrees with reference", "status"]
-    shapes = doc["shapes"]
-    for key, info in shapes.items():
+    for key, info in sorted(doc["shapes"].items(), key=lambda kv: _shape_order(kv[1])):
         rs = [r for r in doc["results"] if r.get("shape") == key]
         if not rs:
             continue
@@ -175,12 +186,12 @@ def plot_sweep(doc, sweep, path):
     for peer, pts in sorted(series.items()):
         xs = [p[0] for p in pts]
         ax_t.plot(xs, [p[1] for p in pts], marker="o", label=peer)
-        ax_m.plot(xs, [max(p[2] or 0, 1) / 2**20 for p in pts], marker="o", label=peer)
+        ax_m.plot(xs, [max(p[2] or 0, 1024) / 2**20 for p in pts], marker="o", label=peer)
     lim = sorted((info[SWEEP_AXIS[sweep][0]], info["matmul_limit"]["limit_ms"]) for info in doc["shapes"].values()
                  if sweep in info.get("sweeps", []) and info.get("matmul_limit"))
     if len(lim) >= 2:
         ax_t.plot([x for x, _ in lim], [y for _, y in lim], "k--", label="4 x torch.mm")
-    for ax, title in ((ax_t, "fwd+bwd time (ms)"), (ax_m, "extra memory (MiB)")):
+    for ax, title in ((ax_t, "fwd+bwd time (ms)"), (ax_m, "extra memory (MiB, floor 1 KiB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel(SWEEP_AXIS[sweep][1])

@@ -108,7 +108,9 @@ def main(argv=None):
                 save = os.path.join(tmp, f"{shape.key}-{kind}-{peer}.pt") if candidate else None
                 spec = {"shape": shape.as_dict(), "peer": peer, "loss_kind": kind, "ref_logps": ref_logps,
                         "timing": timing, "ref_file": ref_files.get(kind), "save_outputs": save}
+                load_before = os.getloadavg()[0]
                 record = run_child(spec, tmp, args.timeout)
+                record["load_avg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
                 record.setdefault("shape", shape.key)
                 record.setdefault("peer", peer)
                 record.setdefault("loss_kind", kind)

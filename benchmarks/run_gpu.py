@@ -123,7 +123,7 @@ def worker(args):
             _emit(f, {"event": "shape", "key": shape.key, "info": info})
             shapes_done.add(shape.key)
 
-        refs = {}
+        refs, failed = {}, {}
         for peer, kind in item["cases"]:
             key = plans.case_key(shape, peer, kind)
             if key in done:
@@ -133,7 +133,7 @@ def worker(args):
             kind_started = any(plans.case_key(shape, p, k) in done for p, k in item["cases"] if k == kind)
             candidate = peer in plans.REFERENCE_ORDER and kind not in refs and not kind_started
             if kind not in refs and not candidate:
-                refs[kind] = compute_reference(inputs, kind, device)
+                refs[kind] = compute_reference(inputs, kind, device, skip=failed.get(kind, ()))
             _emit(f, {"event": "start", "case": key, "t": time.time()})
             if os.environ.get("UPO_BENCH_CRASH_CASE") and os.environ["UPO_BENCH_CRASH_CASE"] in key:
                 os._exit(9)  # test hook: a worker dying in the middle of a case
@@ -142,6 +142,8 @@ def worker(args):
             if candidate and outs is not None:
                 refs[kind] = outs
                 record["is_reference"] = True
+            if record.get("status") not in ("ok", "mismatch"):
+                failed.setdefault(kind, set()).add(peer)
             if record.get("status") == "ok":
                 record.pop("traceback", None)
             _emit(f, {"event": "end", "case": key, "record": record})
@@ -156,11 +158,13 @@ def worker(args):
     return 0
 
 
-def compute_reference(inputs, kind, device):
+def compute_reference(inputs, kind, device, skip=()):
     """Reference outputs (loss, S, grads) by the first reference peer that runs, unmeasured."""
     from benchmarks import harness, peers
 
     for peer in plans.REFERENCE_ORDER:
+        if peer in skip:
+            continue
         try:
             step, _ = peers.build(peer, inputs, kind)
             out = harness._finalize(harness._full_step(step, inputs)())

@@ -154,3 +154,31 @@ def test_conversational_dataset(tmp_path, capsys):
     chat = Path(upo.__file__).parent / "resources" / "preferences_chat_sample.jsonl"
     code, _, err = run_main(micro_args(tmp_path, "--dataset", str(chat), "--packing"), capsys)
     assert code == 0, err
+
+
+def _save_tiny_pretrained(folder: Path) -> None:
+    """A local 'pretrained' model: a byte-level BPE tokenizer with a chat template and a micro Llama."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["plain short sentences"], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tokenizer.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}[assistant] {% endif %}")
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                         **json.loads(MICRO))
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def test_local_pretrained_model_with_chat_template(tmp_path, capsys):
+    _save_tiny_pretrained(tmp_path / "pretrained")
+    chat = Path(upo.__file__).parent / "resources" / "preferences_chat_sample.jsonl"
+    args = micro_args(tmp_path, "--model", str(tmp_path / "pretrained"), "--dataset", str(chat), "--lr", "1e-3")
+    code, _, err = run_main([a for a in args if a != MICRO and a != "--model-config"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "out" / "model" / "tokenizer_config.json").is_file()

@@ -152,7 +152,8 @@ def test_padded_labels_are_shifted_response_tokens():
     examples = _examples()
     batch = collate_padded(examples, TOK.pad_token_id)
     assert batch.input_ids.shape[0] == 2 * len(examples)
-    for row, (e, response) in enumerate([(e, e.chosen_ids) for e in examples] + [(e, e.rejected_ids) for e in examples]):
+    rows = [(e, e.chosen_ids) for e in examples] + [(e, e.rejected_ids) for e in examples]
+    for row, (e, response) in enumerate(rows):
         keep = batch.labels[row] != IGNORE_INDEX
         assert batch.labels[row][keep].tolist() == response
         positions = keep.nonzero().squeeze(1)
@@ -212,3 +213,15 @@ def test_split_is_seeded_and_disjoint():
     train, evaluation = split_train_eval(50, 0.2, seed=1)
     assert len(evaluation) == 10 and not set(train) & set(evaluation)
     assert split_train_eval(50, 0.2, seed=1) == (train, evaluation)
+
+
+def test_hugging_face_dataset_folders(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"prompt": "p", "chosen": "c", "rejected": "r"}] * 3
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "saved"))
+    assert load_records(str(tmp_path / "saved")) == rows
+    with pytest.raises(UserError, match="no split 'test'"):
+        load_records(str(tmp_path / "saved"), split="test")
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert load_records(str(tmp_path / "files")) == rows

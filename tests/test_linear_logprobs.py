@@ -223,10 +223,11 @@ def test_chunked_property(n, d, v, ct, cv, ignore, bias, scale, cap, seed):
     up = torch.randn(n, generator=gen(seed + 1))
     ref_out, ref_gh, ref_gw, ref_gb = reference_token_outputs(inp, up, logit_scale=scale, softcap=cap)
     fl = reference_floors(inp, up, logit_scale=scale, softcap=cap)
-    logp, lse = chunked.linear_logprobs_forward(inp.hidden, inp.weight, inp.labels, inp.bias, scale, cap, -100,
-                                                chunk_tokens=ct, chunk_vocab=cv)
-    gh, gw, gb = chunked.linear_logprobs_backward(up, inp.hidden, inp.weight, inp.labels, lse, inp.bias, scale, cap,
-                                                  -100, chunk_tokens=ct, chunk_vocab=cv)
+    with poison_outputs():
+        logp, lse = chunked.linear_logprobs_forward(inp.hidden, inp.weight, inp.labels, inp.bias, scale, cap, -100,
+                                                    chunk_tokens=ct, chunk_vocab=cv)
+        gh, gw, gb = chunked.linear_logprobs_backward(up, inp.hidden, inp.weight, inp.labels, lse, inp.bias, scale,
+                                                      cap, -100, chunk_tokens=ct, chunk_vocab=cv)
     assert_close_rel(logp, ref_out, TOL_OUT, "log-probs", seed, fl["out"])
     assert_close_rel(gh, ref_gh, TOL_GRAD, "grad_hidden", seed, fl["gh"])
     assert_close_rel(gw, ref_gw, TOL_GRAD, "grad_weight", seed, fl["gw"])
@@ -240,6 +241,41 @@ def test_bf16_no_worse_than_naive_cpu():
     """bf16 inputs (torch backend): |ours - ref| <= |naive bf16 - ref| + tol for log-probs and grads."""
     inp = make_inputs(256, 64, 3001, dtype=torch.bfloat16, ignore_frac=0.2)
     check_no_worse_than_naive(linear_logprobs, inp, "torch")
+
+
+@pytest.mark.skipif(ON_CUDA, reason="the GPU file covers bf16 on CUDA")
+@pytest.mark.parametrize("cap", [None, 4.0])
+def test_triton_backward_bf16_interpreter(cap):
+    """The triton backward (host code + epilogue; no tl.dot, so bf16 is valid in the interpreter) with bf16
+    inputs: grads no worse than the naive bf16 path (DESIGN section 5).
+
+    On CPU ``torch.mm(..., out_dtype=float32)`` does not exist, so this runs the fallback that rounds the
+    recomputed logits to bf16 -- the path torch builds without that overload take on CUDA too.
+    lse comes from the chunked forward (the triton forward's bf16 tl.dot is not interpretable)."""
+    from upo_kernels import chunked, triton_ops
+    seed = new_seed()
+    inp = make_inputs(160, 24, 301, dtype=torch.bfloat16, ignore_frac=0.25, seed=seed, bias=True)
+    up = torch.randn(160, generator=gen(seed + 1))
+    _, ref_gh, ref_gw, ref_gb = reference_token_outputs(inp, up, logit_scale=0.8, softcap=cap)
+    _, lse = chunked.linear_logprobs_forward(inp.hidden, inp.weight, inp.labels, inp.bias, 0.8, cap, -100)
+    with poison_outputs():
+        gh, gw, gb = triton_ops.backward(up, inp.hidden, inp.weight, inp.labels, lse.float(), inp.bias, 0.8, cap,
+                                         -100, chunk_vocab=97)
+    # naive bf16: bf16 logits (then the same scale/cap in fp32), autograd
+    h, w, b = leaf(inp.hidden), leaf(inp.weight), leaf(inp.bias)
+    z = (torch.addmm(b, h, w.t())).float() * 0.8
+    if cap is not None:
+        z = cap * torch.tanh(z / cap)
+    keep = inp.labels != -100
+    lp = z.log_softmax(-1).gather(-1, torch.where(keep, inp.labels, 0)[:, None])[:, 0] * keep
+    lp.backward(up)
+    for name, ours, nv, ref in [("grad_hidden", gh, h.grad, ref_gh), ("grad_weight", gw, w.grad, ref_gw),
+                                ("grad_bias", gb, b.grad, ref_gb)]:
+        assert ours is not None and torch.isfinite(ours).all(), f"{name} (seed={seed})"
+        e_ours = (ours.double() - ref).norm().item()
+        e_naive = (nv.double() - ref).norm().item()
+        tol = 2e-4 * ref.norm().item()
+        assert e_ours <= e_naive + tol, f"{name}: ours {e_ours:.3e} > naive {e_naive:.3e} + {tol:.1e} (seed={seed})"
 
 
 # ----------------------------------------------------------------------------- backend availability

@@ -4,11 +4,12 @@ User API::
 
     upo.loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, ...)
     upo.fused_loss(hidden, weight, labels, ...)      # straight from hidden states + LM head
+    upo.sequence_logprobs(hidden, weight, labels)    # per-sequence sums (use under no_grad for a reference)
     upo.available_losses()
     upo.ValueHead(hidden_size)
 """
 from upo.losses import LossOutput, ValueHead, available_losses, loss, register_loss
-from upo.fused import fused_loss
+from upo.fused import fused_loss, sequence_logprobs
 
 __all__ = [
     "LossOutput",
@@ -17,5 +18,6 @@ __all__ = [
     "fused_loss",
     "loss",
     "register_loss",
+    "sequence_logprobs",
 ]
 __version__ = "0.1.0"

@@ -11,6 +11,8 @@ from upo.data import UserError
 
 # The default run: the tiny byte-level Llama on the shipped data, DPO + UPO (readability).
 DEFAULT_AUX_REWARDS = ("readability:1.0",)
+TINY_MODEL_LR = 1e-3  # a randomly initialised model with a few hundred thousand parameters
+PRETRAINED_LR = 1e-6  # TRL's DPOConfig default, for --model
 
 
 @dataclass
@@ -40,14 +42,14 @@ class TrainConfig:
     # optimisation
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 2e-3
+    lr: float | None = None  # None: TINY_MODEL_LR for the built-in model, PRETRAINED_LR for --model
     optimizer: str = "adamw"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     lr_scheduler: str = "linear"
     warmup_steps: int = 10
     max_steps: int | None = None
-    epochs: float = 4.0
+    epochs: float = 3.0
     precision: str = "fp32"
     gradient_checkpointing: bool = False
     packing: bool = False
@@ -70,6 +72,13 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def learning_rate(self) -> float:
+        """``lr``, or its default for the kind of model."""
+        if self.lr is not None:
+            return self.lr
+        return TINY_MODEL_LR if self.model is None else PRETRAINED_LR
 
 
 CHOICES = {
@@ -153,7 +162,7 @@ def validate(config: TrainConfig) -> None:
         raise UserError("--beta-aux and --omega-max must be > 0")
     if config.max_grad_norm < 0:
         raise UserError("--max-grad-norm must be >= 0 (0 disables clipping)")
-    if not config.lr > 0:
+    if config.lr is not None and not config.lr > 0:
         raise UserError(f"--lr must be > 0, got {config.lr}")
     if not config.loss_type:
         raise UserError("--loss-type needs at least one loss name")

@@ -155,12 +155,23 @@ def _load_local_file(path: Path) -> list[dict]:
 
 
 def _load_hf_dataset(name: str, split: str) -> list[dict]:
+    """A hub dataset, a local folder of data files, or a folder written by ``save_to_disk``."""
     try:
         import datasets  # lazily: heavy import, optional dependency
     except ImportError:
         raise UserError(f"loading '{name}' needs the 'datasets' package (pip install datasets)") from None
     try:
-        data = datasets.load_dataset(name, split=split)
+        folder = Path(name)
+        if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+            data = datasets.load_from_disk(name)
+            if isinstance(data, datasets.DatasetDict):
+                if split not in data:
+                    raise UserError(f"dataset '{name}' has no split '{split}' (splits: {', '.join(data)})")
+                data = data[split]
+        else:
+            data = datasets.load_dataset(name, split=split)
+    except UserError:
+        raise
     except Exception as err:  # network, missing split, bad name: all user-facing
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"could not load dataset '{name}' (split {split}): {first_line}") from None

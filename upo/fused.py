@@ -81,7 +81,9 @@ def sequence_logprobs(hidden, weight, labels, *, cu_seqlens=None, bias=None, log
     logp = linear_logprobs(flat_h.index_select(0, picked), weight, flat_y[picked], bias=bias,
                            logit_scale=logit_scale, softcap=softcap, ignore_index=ignore_index,
                            backend=backend)
-    sums = torch.zeros(rows, dtype=logp.dtype, device=logp.device).index_add(0, seq_ids[picked], logp)
+    # float64 accumulation: summing thousands of fp32 log-probs one by one loses ~1e-2 absolute
+    sums = torch.zeros(rows, dtype=torch.float64, device=logp.device).index_add(0, seq_ids[picked], logp.double())
+    sums = sums.to(logp.dtype)
     if not bool(torch.isfinite(sums).all()):
         culprits = [name for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias))
                     if t is not None and not bool(torch.isfinite(t).all())]

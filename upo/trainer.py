@@ -132,6 +132,18 @@ def attention_implementation(device: torch.device, packing: bool) -> str:
     return "sdpa"
 
 
+def check_packing_support(attn: str) -> None:
+    """Packed rows need attention that respects the restarting positions: flash-attn varlen, or a
+    transformers recent enough to turn such ``position_ids`` into a block-diagonal mask."""
+    if attn == "flash_attention_2":
+        return
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError:
+        raise UserError("--packing needs flash-attn or a newer transformers (one with "
+                        "masking_utils.find_packed_sequence_indices); upgrade or drop --packing") from None
+
+
 def tiny_llama_config(overrides: Any = None):
     """``LlamaConfig`` of :data:`TINY_LLAMA`, updated with a dict, a JSON string or a JSON file."""
     from transformers import LlamaConfig
@@ -166,6 +178,8 @@ def load_policy_and_tokenizer(config: TrainConfig, device: torch.device):
     from transformers import AutoModelForCausalLM
 
     attn = attention_implementation(device, config.packing)
+    if config.packing:
+        check_packing_support(attn)
     torch.manual_seed(config.seed)
     if config.model is None:
         model_config = tiny_llama_config(config.model_config)
@@ -543,8 +557,8 @@ def trainable_state(model: PreferenceModel, lora: bool) -> dict:
 # --------------------------------------------------------------------------------------
 def build_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.RMSprop(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    return torch.optim.RMSprop(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
 def build_scheduler(optimizer, config: TrainConfig, total_steps: int):
@@ -762,6 +776,10 @@ class Trainer:
         if self.config.fsdp:
             from torch.distributed.fsdp import fully_shard
 
+            if isinstance(module.reference, nn.Module):
+                self.log("note: with --fsdp every process holds a full reference copy; "
+                         "--precompute-ref or --lora avoid it")
+
             for layer in getattr(backbone_of(module.policy), "layers", []):
                 fully_shard(layer)
             fully_shard(module)
@@ -918,7 +936,31 @@ class Trainer:
             values = {**scalar_metrics(self.model(batch)), **reward_metrics(batch, self.data.reward_names)}
             means.add(values, batch.num_pairs)
         self.model.train()
-        return means.means()
+        results = means.means()
+        if self.reward is not None and not (self.config.fsdp and self.runtime.distributed):
+            correlation = self.implicit_reward_correlation(indices)
+            if correlation is not None:
+                results["aux/implicit_reward_corr"] = correlation
+        return results
+
+    def implicit_reward_correlation(self, indices: list[int]) -> float | None:
+        """Pearson correlation, over the responses of ``indices``, between the policy's per-token
+        implicit reward ``(S - R) / n`` and the combined auxiliary reward: does the policy's own
+        notion of reward track the designer's objective? (Not under FSDP: runs the bare module.)"""
+        logps = self.sequence_logps(indices)
+        policy, reference = logps["policy"], logps["reference"]
+        weights = torch.tensor(self.reward.weights)
+        implicit, aux = [], []
+        for i in indices:
+            example = self.data.examples[i]
+            for side in ("chosen", "rejected"):
+                tokens = max(float(policy[f"{side}_tokens"][i]), 1.0)
+                implicit.append(float(policy[side][i] - reference[side][i]) / tokens)
+                aux.append(float(torch.tensor(getattr(example, f"aux_{side}")) @ weights))
+        values = torch.tensor([implicit, aux], dtype=torch.float64)
+        if len(implicit) < 4 or bool((values.std(dim=1) == 0).any()):
+            return None  # undefined or meaningless (e.g. while policy == reference)
+        return float(torch.corrcoef(values)[0, 1])
 
     @torch.no_grad()
     def sequence_logps(self, indices: list[int]) -> dict[str, dict]:
@@ -968,10 +1010,12 @@ class Trainer:
                     self.save_checkpoint()
                 if progress is not None:
                     progress.update(1)
-                    progress.set_postfix(_postfix(record), refresh=False)
+                    last_eval = {f"eval/{k}": v for k, v in self.last_eval.items()}
+                    progress.set_postfix(_postfix({**last_eval, **record}), refresh=False)
         except KeyboardInterrupt:
-            self.log(f"interrupted at step {self.state.step}; saving a checkpoint")
-            self.save_checkpoint()
+            if not (self.config.fsdp and self.runtime.distributed):  # gathering shards needs every rank
+                self.log(f"interrupted at step {self.state.step}; saving a checkpoint")
+                self.save_checkpoint()
             raise
         finally:
             if progress is not None:
@@ -997,7 +1041,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         return tqdm(total=self.total_steps, initial=self.state.step, desc="upo-train", unit="step",
-                    dynamic_ncols=True, file=sys.stderr)
+                    dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
 
     def _open_metrics(self):
         if not self.runtime.is_main:
@@ -1017,19 +1061,28 @@ class Trainer:
     def _save_final_model(self, model_state: dict) -> None:
         """The trained policy in Hugging Face format (``model/``), loadable with ``from_pretrained``
         (with ``--lora``: the adapters, loadable with ``peft``)."""
+        from transformers.utils import logging as hf_logging
+
         target = self.output_dir / "model"
-        if self.config.fsdp and self.runtime.distributed:  # the module holds shards: save the gathered copy
-            prefix = "policy."
-            policy_state = {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
-            self.module.policy.save_pretrained(target, state_dict=policy_state)
-        else:
-            self.module.policy.save_pretrained(target)
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # ours is the only progress bar
+        try:
+            if self.config.fsdp and self.runtime.distributed:  # the module holds shards: save the gathered copy
+                prefix = "policy."
+                policy_state = {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
+                self.module.policy.save_pretrained(target, state_dict=policy_state)
+            else:
+                self.module.policy.save_pretrained(target)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         if hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(target)
 
     def summary(self) -> dict:
         last = self.history[-1] if self.history else {}
-        train_keys = [k for k in last if not k.startswith("eval/")]
+        bookkeeping = {"step", "epoch", "tokens", "lr", "peak_memory_bytes"}
+        train_keys = [k for k in last if not k.startswith("eval/") and k not in bookkeeping]
         recent = self.history[-10:]
         smoothed = {k: float(np.mean([r[k] for r in recent if k in r])) for k in train_keys
                     if isinstance(last.get(k), (int, float))}
@@ -1063,12 +1116,13 @@ def _fsdp_no_sync(model):
         model.set_requires_gradient_sync(True)
 
 
+POSTFIX_KEYS = (("loss", "loss"), ("rewards/accuracies", "acc"), ("rewards/margins", "margin"),
+                ("eval/rewards/accuracies", "eval_acc"))
+
+
 def _postfix(record: dict) -> dict:
-    shown = {"loss": record.get("loss")}
-    for key in ("rewards/accuracies", "accuracy", "rewards/margins"):
-        if key in record:
-            shown[key.split("/")[-1][:6]] = record[key]
-    return {k: f"{v:.3f}" for k, v in shown.items() if isinstance(v, (int, float))}
+    """The progress bar's live numbers."""
+    return {label: f"{record[key]:.3f}" for key, label in POSTFIX_KEYS if key in record}
 
 
 # --------------------------------------------------------------------------------------
@@ -1078,7 +1132,8 @@ PLOT_PANELS = (
     ("loss", ("loss", "eval/loss")),
     ("preference accuracy", ("rewards/accuracies", "eval/rewards/accuracies")),
     ("reward margin", ("rewards/margins", "eval/rewards/margins")),
-    ("auxiliary", ("aux/chosen", "aux/rejected", "aux/advantage")),
+    ("UPO auxiliary term", ("aux/advantage_mean", "aux/weight_mean", "value/loss",
+                            "eval/aux/implicit_reward_corr")),
 )
 
 

@@ -94,20 +94,26 @@ def _vocab_chunk(n_tokens, vocab, tile_elem_size, chunk_vocab):
 PATHS = {"logits_fp32": None, "grad_hidden_fp32_out": None}
 
 
-def _logit_chunk(hidden, w_c):
-    """``hidden @ w_c.T`` with fp32 output for 16-bit inputs when cuBLAS offers it.
+def _logit_chunk(hidden, w_c, fp32_cache):
+    """fp32 ``hidden @ w_c.T``: the recomputed softmax must match the forward's fp32 logsumexp.
 
-    Exact-ish logits make the recomputed softmax match the forward's fp32 logsumexp; the
-    16-bit path (older torch) rounds them first, as a naive bf16 implementation would.
+    For 16-bit inputs cuBLAS writes fp32 directly where torch offers ``out_dtype``; elsewhere
+    (CPU, older torch) the product runs on fp32 copies (``fp32_cache`` keeps the hidden copy
+    across chunks). Rounding the logits to 16 bits first would make ``exp(z - lse)`` an
+    inconsistent softmax, worse than a naive bf16 implementation.
     """
-    if hidden.dtype in (torch.float16, torch.bfloat16) and PATHS["logits_fp32"] is not False:
+    if hidden.dtype not in (torch.float16, torch.bfloat16):
+        return torch.mm(hidden, w_c.t())
+    if PATHS["logits_fp32"] is not False:
         try:
             z = torch.mm(hidden, w_c.t(), out_dtype=torch.float32)
             PATHS["logits_fp32"] = True
             return z
         except (TypeError, RuntimeError):
             PATHS["logits_fp32"] = False
-    return torch.mm(hidden, w_c.t())
+    if "hidden" not in fp32_cache:
+        fp32_cache["hidden"] = hidden.float()
+    return torch.mm(fp32_cache["hidden"], w_c.float().t())
 
 
 def _grad_view(z, dtype):
@@ -152,11 +158,14 @@ def backward(grad_logp, hidden, weight, labels, lse, bias=None, logit_scale=1.0,
     grad_b = buffers.empty((vocab,), torch.float32, hidden.device) if want_b else None
     chunk = _vocab_chunk(n_tokens, vocab, 4, chunk_vocab)
     block_n, block_v = (16, 32) if interpreting() else (16, 256)
+    fp32_cache = {}
     for v0 in range(0, vocab, chunk):
         v1 = min(v0 + chunk, vocab)
         w_c = weight[v0:v1]
-        z = _logit_chunk(hidden, w_c)
-        dz = _grad_view(z, hidden.dtype)
+        z = _logit_chunk(hidden, w_c, fp32_cache)
+        # The interpreter truncates fp32 -> bf16 where the GPU rounds to nearest: there the
+        # kernel writes fp32 and torch rounds, so CPU tests see the GPU's arithmetic.
+        dz = z if interpreting() else _grad_view(z, hidden.dtype)
         if n_tokens:
             softmax_grad_epilogue_kernel[(triton.cdiv(n_tokens, block_n),)](
                 z, dz, bias if bias is not None else z, labels, g, lse,
@@ -164,6 +173,7 @@ def backward(grad_logp, hidden, weight, labels, lse, bias=None, logit_scale=1.0,
                 HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
                 BLOCK_N=block_n, BLOCK_V=block_v, num_warps=4,
             )
+        dz = dz.to(hidden.dtype)
         _accumulate_fp32(grad_h, dz, w_c)
         if grad_w is not None:
             torch.mm(dz.t(), hidden, out=grad_w[v0:v1])
