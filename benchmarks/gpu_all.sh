@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# One GPU session: carried wheels -> the GPU tests -> the benchmark suite. Ends within 8 minutes.
+# One GPU session: carried wheels -> the GPU tests -> kernel probe -> upo-train on CUDA -> the
+# benchmark suite. Ends within ~9.5 minutes (UPO_GPU_TOTAL_S).
 #
 #   bash benchmarks/gpu_all.sh [run_gpu.py options, e.g. --quick]
 #
 # Expects the peers' wheels in .whl/ (see benchmarks/README.md: liger-kernel, cut-cross-entropy,
 # trl and the trl dependencies the GPU image lacks). Logs and JSON go to $OUT (or
-# benchmarks/results): gpu_tests.log, gpu_bench.log, gpu-<date>.json.
+# benchmarks/results): gpu_tests.log, probe.log + probe_kernels.json, gpu_train.log,
+# gpu_bench.log, gpu-<date>.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-TOTAL=${UPO_GPU_TOTAL_S:-470}          # whole script, seconds
+TOTAL=${UPO_GPU_TOTAL_S:-560}          # whole script, seconds
 start=$(date +%s)
 left() { echo $(( TOTAL - ($(date +%s) - start) )); }
 
@@ -53,6 +55,19 @@ case $rc in
   124) echo "(GPU tests stopped by their time limit)" | tee -a "$OUT/gpu_tests.log" ;;
   *) echo "(GPU tests exited with $rc)" | tee -a "$OUT/gpu_tests.log" ;;
 esac
+
+PROBE_S=${UPO_GPU_PROBE_S:-90}        # kernel variants (forward impl x token-group budget)
+[ "$(left)" -lt $(( PROBE_S + 200 )) ] && PROBE_S=$(( $(left) - 200 > 20 ? $(left) - 200 : 20 ))
+echo "== kernel probe (limit ${PROBE_S} s)"
+timeout "$PROBE_S" python3 benchmarks/probe_kernels.py --quick 2>&1 | tee "$OUT/probe.log"
+
+TRAIN_S=${UPO_GPU_TRAIN_S:-45}         # upo-train on CUDA: padded, then packed rows
+echo "== upo-train on CUDA (limit ${TRAIN_S} s each)"
+for extra in "" "--packing"; do
+  timeout "$TRAIN_S" python3 -m upo.cli --device cuda --precision bf16 --max-steps 10 --no-progress \
+    --output-dir /tmp/upo-gpu-run $extra 2>&1 | tail -n 15 | tee -a "$OUT/gpu_train.log"
+  echo "(upo-train $extra exited with ${PIPESTATUS[0]})" | tee -a "$OUT/gpu_train.log"
+done
 
 remaining=$(left)
 bench_timeout=$(( remaining < 340 ? remaining : 340 ))

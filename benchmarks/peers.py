@@ -36,6 +36,8 @@ PEERS = {
     "ours_triton": ("upo.fused_loss backend='triton'", ("dpo", "upo"), True),
     "ours_torch_bigtiles": ("upo_kernels.linear_logprobs backend='torch', 4096 x 4096 tiles (tuning probe)",
                             ("dpo", "upo"), False),
+    "ours_triton_cublas_fwd": ("upo.fused_loss backend='triton', UPO_FWD_IMPL=cublas (forward probe)",
+                               ("dpo", "upo"), True),
 }
 
 BIG_TILES = (4096, 4096)
@@ -48,6 +50,8 @@ PEER_NOTES = {
              "per call): LigerFusedLinearDPOLoss cannot take precomputed reference log-probs",
     "liger_eager": "as liger, compiled=False",
     "cce": "default filter_eps='high' (gradient filtering: approximate gradients by design)",
+    "ours_triton_cublas_fwd": "not the library default: the forward as cuBLAS fp32 logit tiles + a Triton "
+                              "logsumexp epilogue instead of the fused Triton kernel",
     "ours_torch_bigtiles": f"not the library default: chunk_tokens={BIG_TILES[0]}, chunk_vocab={BIG_TILES[1]} "
                            "passed to upo_kernels.linear_logprobs, sums and loss head as for naive",
 }
@@ -149,10 +153,10 @@ def availability(peer: str, device) -> tuple[bool, str]:
             from cut_cross_entropy import linear_cross_entropy  # noqa: F401
         elif peer == "ours_torch_bigtiles":
             from upo_kernels import linear_logprobs  # noqa: F401
-        elif peer in ("ours_torch", "ours_triton"):
+        elif peer in ("ours_torch", "ours_triton", "ours_triton_cublas_fwd"):
             import upo  # noqa: F401
             from upo import fused_loss  # noqa: F401
-            if peer == "ours_triton":
+            if peer != "ours_torch":
                 importlib.import_module("upo_kernels.triton_ops")
     except Exception as exc:  # noqa: BLE001
         return False, f"not installed or not importable: {type(exc).__name__}: {exc}"
@@ -235,7 +239,9 @@ def _cce(inputs, loss_kind):
     return step, ""
 
 
-def _ours(inputs, loss_kind, backend):
+def _ours(inputs, loss_kind, backend, fwd_impl=None):
+    import os
+
     import upo
 
     h, W, y = inputs["hidden"], inputs["weight"], inputs["labels"]
@@ -249,7 +255,17 @@ def _ours(inputs, loss_kind, backend):
         kwargs.update(UPO_OPTIONS, aux_rewards_chosen=a[:B], aux_rewards_rejected=a[B:])
 
     def step():
-        return upo.fused_loss(h, W, y, **kwargs).loss, None
+        if fwd_impl is None:
+            return upo.fused_loss(h, W, y, **kwargs).loss, None
+        previous = os.environ.get("UPO_FWD_IMPL")
+        os.environ["UPO_FWD_IMPL"] = fwd_impl  # read by the forward at each call
+        try:
+            return upo.fused_loss(h, W, y, **kwargs).loss, None
+        finally:
+            if previous is None:
+                del os.environ["UPO_FWD_IMPL"]
+            else:
+                os.environ["UPO_FWD_IMPL"] = previous
 
     return step, ""
 
@@ -287,6 +303,8 @@ def build(peer: str, inputs, loss_kind: str):
         return _ours(inputs, loss_kind, "torch")
     if peer == "ours_triton":
         return _ours(inputs, loss_kind, "triton")
+    if peer == "ours_triton_cublas_fwd":
+        return _ours(inputs, loss_kind, "triton", fwd_impl="cublas")
     if peer == "ours_torch_bigtiles":
         return _ours_tiles(inputs, loss_kind)
     raise KeyError(peer)

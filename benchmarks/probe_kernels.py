@@ -1,12 +1,14 @@
 """GPU probe of the fused kernels: correctness vs float64, then speed/memory at the headline size.
 
 Run on a CUDA machine: ``python benchmarks/probe_kernels.py [--quick]``. Prints one line per
-measurement and writes JSON to $OUT (or benchmarks/results/). Used to pick the forward tile
-configuration; ``benchmarks/run_gpu.py`` is the full side-by-side suite.
+measurement and writes JSON to $OUT (or benchmarks/results/). Used to pick the forward (fused
+kernel tile configuration, or ``UPO_FWD_IMPL=cublas``) and the backward's token-group budget
+(``UPO_GROUP_MB``); ``benchmarks/run_gpu.py`` is the full side-by-side suite.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -46,10 +48,12 @@ def check(n, d, v, dtype, scale=1.0, cap=None, bias=False, seed=0):
     ref_out, ref_g = grads_of(lambda h_, w_, *b_: reference.reference_token_logprobs(
         h_, w_, y, b_[0] if b_ else None, scale, cap), h.double(), w.double(), None if b is None else b.double(), up.double())
     row = {"n": n, "d": d, "v": v, "dtype": str(dtype), "scale": scale, "softcap": cap, "bias": bias}
-    for backend in ("triton", "torch"):
-        out, gs = grads_of(lambda h_, w_, *b_: linear_logprobs(h_, w_, y, bias=b_[0] if b_ else None,
-                           logit_scale=scale, softcap=cap, backend=backend), h, w, b, up)
-        row[backend] = [rel(out, ref_out)] + [rel(g, r) for g, r in zip(gs, ref_g)]
+    for name, backend, impl in (("triton", "triton", "fused"), ("triton_cublas_fwd", "triton", "cublas"),
+                                ("torch", "torch", "fused")):
+        with env(UPO_FWD_IMPL=impl):
+            out, gs = grads_of(lambda h_, w_, *b_: linear_logprobs(h_, w_, y, bias=b_[0] if b_ else None,
+                               logit_scale=scale, softcap=cap, backend=backend), h, w, b, up)
+        row[name] = [rel(out, ref_out)] + [rel(g, r) for g, r in zip(gs, ref_g)]
 
     def naive(h_, w_, *b_):
         z = h_ @ w_.t()
@@ -94,40 +98,76 @@ def peak_extra(fn):
     return peak, kept
 
 
+@contextlib.contextmanager
+def env(**values):
+    """Set environment variables (the kernels read UPO_* at each call) for the block."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: str(v) for k, v in values.items()})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# fwd+bwd variants timed at the headline: forward implementation x grad_hidden group budget (MB;
+# 256 MB is one group of 16k tokens at D = 4096, i.e. an exact single-product grad_weight).
+VARIANTS = [("fused", 64), ("cublas", 64), ("cublas", 32), ("cublas", 128), ("fused", 256), ("cublas", 256)]
+
+
 def speed(n, d, v, dtype, configs):
+    from upo_kernels import triton_ops
+
     h, w, y, _ = inputs(n, d, v, dtype, 1, ignore_frac=0.0)
     rows = []
+
+    def emit(row):
+        rows.append(row)
+        print("SPEED", json.dumps(row), flush=True)
+
     a = torch.randn(n, d, device="cuda", dtype=dtype)
     bt = torch.randn(d, v, device="cuda", dtype=dtype)
     mm = bench(lambda: torch.mm(a, bt))
+    emit({"case": "matmul N.D.V", "ms": mm, "limit_4mm_ms": 4 * mm})
+    try:
+        mm32 = bench(lambda: torch.mm(a, bt, out_dtype=torch.float32))
+        emit({"case": "matmul N.D.V fp32 out", "ms": mm32, "ratio_to_1mm": mm32 / mm})
+    except (TypeError, RuntimeError) as exc:
+        emit({"case": "matmul N.D.V fp32 out", "error": repr(exc)[:300]})
     del a, bt
-    rows.append({"case": "matmul N.D.V", "ms": mm, "limit_4mm_ms": 4 * mm})
-    print("SPEED", json.dumps(rows[-1]), flush=True)
     coef = torch.randn(n, device="cuda")
 
-    def fwd_bwd(backend):
+    def fwd_bwd():
         hh = h.detach().requires_grad_()
         ww = w.detach().requires_grad_()
-        lp = linear_logprobs(hh, ww, y, backend=backend)
-        gh, gw = torch.autograd.grad((lp * coef).sum(), (hh, ww))
-        return gh, gw
+        lp = linear_logprobs(hh, ww, y, backend="triton")
+        return torch.autograd.grad((lp * coef).sum(), (hh, ww))
 
     for cfg in configs:
-        os.environ["UPO_TRITON_FWD"] = ",".join(map(str, cfg))
-        try:
-            t_f = bench(lambda: linear_logprobs(h, w, y, backend="triton"))
-            rows.append({"case": "triton fwd", "cfg": cfg, "ms": t_f, "ratio_to_1mm": t_f / mm})
-        except Exception as exc:  # a config that does not compile on this GPU
-            rows.append({"case": "triton fwd", "cfg": cfg, "error": repr(exc)[:300]})
-        print("SPEED", json.dumps(rows[-1]), flush=True)
-    best = min((r for r in rows if r.get("case") == "triton fwd" and "ms" in r), key=lambda r: r["ms"], default=None)
-    if best:
-        os.environ["UPO_TRITON_FWD"] = ",".join(map(str, best["cfg"]))
-    t = bench(lambda: fwd_bwd("triton"), warmup=2, rep=5)
-    peak, kept = peak_extra(lambda: fwd_bwd("triton"))
-    rows.append({"case": "triton fwd+bwd", "cfg": best and best["cfg"], "ms": t, "ratio_to_4mm": t / (4 * mm),
-                 "peak_extra_MB": peak / 2**20, "kept_MB": kept / 2**20})
-    print("SPEED", json.dumps(rows[-1]), flush=True)
+        with env(UPO_TRITON_FWD=",".join(map(str, cfg))):
+            try:
+                t_f = bench(lambda: linear_logprobs(h, w, y, backend="triton"))
+                emit({"case": "triton fwd", "cfg": cfg, "ms": t_f, "ratio_to_1mm": t_f / mm})
+            except Exception as exc:  # a config that does not compile on this GPU
+                emit({"case": "triton fwd", "cfg": cfg, "error": repr(exc)[:300]})
+    with env(UPO_FWD_IMPL="cublas"):
+        t_f = bench(lambda: linear_logprobs(h, w, y, backend="triton"))
+        emit({"case": "cublas fwd", "ms": t_f, "ratio_to_1mm": t_f / mm})
+    for impl, group_mb in VARIANTS:
+        with env(UPO_FWD_IMPL=impl, UPO_GROUP_MB=group_mb):
+            try:
+                t = bench(fwd_bwd, warmup=2, rep=5)
+                peak, kept = peak_extra(fwd_bwd)
+                emit({"case": "triton fwd+bwd", "fwd": impl, "group_MB": group_mb,
+                      "tiles": triton_ops._tiles(n, d, v), "ms": t, "ratio_to_4mm": t / (4 * mm),
+                      "peak_extra_MB": peak / 2**20, "kept_MB": kept / 2**20,
+                      "extra_minus_grads_MB": (peak - kept) / 2**20})
+            except Exception as exc:  # noqa: BLE001
+                emit({"case": "triton fwd+bwd", "fwd": impl, "group_MB": group_mb, "error": repr(exc)[:300]})
+    emit({"case": "cuBLAS paths used", **triton_ops.PATHS})
 
     def naive():
         hh = h.detach().requires_grad_()
@@ -137,10 +177,10 @@ def speed(n, d, v, dtype, configs):
     try:
         t_n = bench(naive, warmup=1, rep=3)
         peak_n, kept_n = peak_extra(naive)
-        rows.append({"case": "naive fwd+bwd", "ms": t_n, "peak_extra_MB": peak_n / 2**20, "kept_MB": kept_n / 2**20})
+        emit({"case": "naive fwd+bwd", "ms": t_n, "peak_extra_MB": peak_n / 2**20, "kept_MB": kept_n / 2**20,
+              "extra_minus_grads_MB": (peak_n - kept_n) / 2**20})
     except torch.cuda.OutOfMemoryError:
-        rows.append({"case": "naive fwd+bwd", "error": "OOM"})
-    print("SPEED", json.dumps(rows[-1]), flush=True)
+        emit({"case": "naive fwd+bwd", "error": "OOM"})
     return rows
 
 
@@ -155,8 +195,8 @@ def main():
     print("META", json.dumps(meta), flush=True)
     checks = [check(1000, 256, 5003, torch.float32), check(777, 200, 3001, torch.float32, 0.8, 20.0, True),
               check(2048, 1024, 32003, torch.bfloat16), check(1000, 512, 32003, torch.bfloat16, 1.0, 30.0, True)]
-    configs = [(128, 128, 64, 8, 3)] if args.quick else [
-        (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 256, 64, 8, 3), (256, 128, 64, 8, 3)]
+    configs = [(256, 128, 64, 8, 3)] if args.quick else [
+        (256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 4), (128, 128, 64, 8, 3)]
     speeds = speed(16384, 4096, 128256, torch.bfloat16, configs)
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
     with open(os.path.join(out_dir, "probe_kernels.json"), "w") as f:

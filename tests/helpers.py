@@ -1,4 +1,4 @@
-"""Shared test utilities: random input builders, error metrics, reference gradients.
+"""Shared test utilities: random input builders, error metrics, reference gradients, micro-model set-up.
 
 Seeds: every builder takes a ``seed``. ``new_seed()`` draws a fresh one per call (so each
 run explores new inputs) unless ``UPO_TEST_SEED`` is set, in which case that value is used
@@ -10,6 +10,7 @@ import os
 import random
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 from upo_kernels import reference
@@ -239,3 +240,43 @@ def unpack_grad(grad_packed, lengths, t):
         out[r, :n] = grad_packed[off:off + n]
         off += n
     return out
+
+
+# --------------------------------------------------------------------------- micro-model training tests
+# A micro Llama (hidden 32, 2 layers) for the end-to-end trainer and CLI tests.
+MICRO_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+               "num_key_value_heads": 2}
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: one thread per test process is fastest, and fair to a parallel worker.
+
+    Use it in a module with ``pytestmark = pytest.mark.usefixtures("one_thread")`` after
+    importing it from here.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def check_split_passes(ops, inp: Inputs, seed, *, scale=1.0, cap=None, chunk_tokens=None, chunk_vocab=None):
+    """A backend's raw ``ops.forward``/``ops.backward`` (chunked or triton_ops) against float64:
+    lse, log-probs and every gradient, under poison_outputs, with the given tile sizes."""
+    from upo_kernels import reference
+
+    up = torch.randn(inp.labels.shape, generator=gen(seed + 1))
+    ref_out, ref_gh, ref_gw, ref_gb = reference_token_outputs(inp, up, logit_scale=scale, softcap=cap)
+    fl = reference_floors(inp, up, logit_scale=scale, softcap=cap)
+    chunks = dict(chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
+    with poison_outputs():
+        logp, lse = ops.forward(inp.hidden, inp.weight, inp.labels, inp.bias, scale, cap, -100, **chunks)
+        gh, gw, gb = ops.backward(up, inp.hidden, inp.weight, inp.labels, lse, inp.bias, scale, cap, -100, **chunks)
+    ref_lse = torch.logsumexp(reference.reference_logits(inp.hidden, inp.weight, inp.bias, scale, cap), -1)
+    assert_close_rel(lse, ref_lse, TOL_OUT, "lse", seed)
+    assert_close_rel(logp, ref_out, TOL_OUT, "log-probs", seed, fl["out"])
+    assert_close_rel(gh, ref_gh, TOL_GRAD, "grad_hidden", seed, fl["gh"])
+    assert_close_rel(gw, ref_gw, TOL_GRAD, "grad_weight", seed, fl["gw"])
+    if inp.bias is not None:
+        assert_close_rel(gb, ref_gb, TOL_GRAD, "grad_bias", seed, fl["gb"])

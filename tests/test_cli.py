@@ -6,23 +6,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import upo
+from helpers import MICRO_MODEL, one_thread  # noqa: F401  (fixture used by pytestmark)
 from upo.cli import main, parse_config
 from upo.data import UserError
 
-MICRO = json.dumps({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                    "num_key_value_heads": 2})
+pytestmark = pytest.mark.usefixtures("one_thread")
+MICRO = json.dumps(MICRO_MODEL)
 REPO_ROOT = Path(upo.__file__).resolve().parent.parent
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def micro_args(tmp_path, *extra):

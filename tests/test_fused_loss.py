@@ -12,7 +12,6 @@ import torch
 import upo
 from helpers import (TOL_GRAD, TOL_OUT, assert_close_rel, gen, leaf, make_pref_batch, new_seed, pack, rel_err)
 from upo.fused import sequence_logprobs
-from upo.losses import _REGISTRY
 from upo_kernels import reference
 from upo_kernels.buffers import poison_outputs
 
@@ -26,7 +25,7 @@ def loss_kwargs_for(loss_type, b, seed, *, with_values=True):
     """Per-loss arguments: aux rewards (and values) for ``upo``; a beta giving O(1) margins."""
     names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     kw = dict(loss_type=loss_type, beta=0.1)
-    if any(_REGISTRY[n].needs_aux_rewards for n in names):
+    if any(upo.loss_spec(n).needs_aux_rewards for n in names):
         g = gen(seed + 7)
         kw["aux_rewards_chosen"] = torch.randn(b, 2, generator=g).to(DEVICE)
         kw["aux_rewards_rejected"] = torch.randn(b, 2, generator=g).to(DEVICE)
@@ -37,7 +36,7 @@ def loss_kwargs_for(loss_type, b, seed, *, with_values=True):
 
 def needs_reference(loss_type):
     names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    return any(_REGISTRY[n].needs_reference for n in names)
+    return any(upo.loss_spec(n).needs_reference for n in names)
 
 
 def reference_refs(batch, **logit_kw):
@@ -131,7 +130,7 @@ def test_every_loss_vs_reference_packed(loss_type):
     compare(out, grads, ref_out, ref_grads, seed, loss_type)
 
 
-@pytest.mark.parametrize("loss_type", [n for n in ALL_LOSSES if not _REGISTRY[n].needs_reference])
+@pytest.mark.parametrize("loss_type", [n for n in ALL_LOSSES if not upo.loss_spec(n).needs_reference])
 def test_reference_free_losses_without_refs_match_with_refs(loss_type):
     """Reference-free losses do not depend on ref log-probs at all."""
     seed = new_seed()
@@ -293,6 +292,31 @@ def test_sequence_logprobs_vs_reference(backend, packed):
     assert s.dtype == torch.float32 and s.shape == (4,)
     assert n.dtype == torch.int64 and torch.equal(n.cpu(), ref_n.cpu())
     assert_close_rel(s, ref_s, TOL_OUT, "sequence sums", seed)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("prompt", [0, 5], ids=["all_response", "with_prompts"])
+def test_sequence_logprobs_grads_with_and_without_prompts(backend, prompt):
+    """Every token a response token (hidden goes to the kernel uncopied) or prompts first (only
+    response rows are gathered; their gradient is scattered back, prompts get exactly 0)."""
+    seed = new_seed()
+    g = gen(seed)
+    hidden = torch.randn(4, 13, 24, generator=g)
+    weight = torch.randn(97, 24, generator=g) * 0.5
+    labels = torch.randint(0, 97, (4, 13), generator=g)
+    labels[:, :prompt] = -100
+    up = torch.randn(4, generator=g).double()
+    h64, w64 = leaf(hidden, torch.float64), leaf(weight, torch.float64)
+    ref_s, _ = reference.reference_sequence_logprobs(h64, w64, labels)
+    (ref_s * up).sum().backward()
+    h, w = leaf(hidden.to(DEVICE)), leaf(weight.to(DEVICE))
+    with poison_outputs():
+        s, _ = sequence_logprobs(h, w, labels.to(DEVICE), backend=backend)
+        (s * up.float().to(DEVICE)).sum().backward()
+    assert_close_rel(s, ref_s, TOL_OUT, "sequence sums", seed)
+    assert_close_rel(h.grad, h64.grad, TOL_GRAD, "grad_hidden", seed)
+    assert_close_rel(w.grad, w64.grad, TOL_GRAD, "grad_weight", seed)
+    assert (h.grad[:, :prompt] == 0).all(), "prompt positions must get exactly zero gradient"
 
 
 # ----------------------------------------------------------------------------- triton backend (interpreter)

@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from upo_kernels import linear_logprobs, logprobs_from_logits  # captured before any submodule import
-from helpers import (TOL_GRAD, TOL_OUT, assert_close_rel, check_no_worse_than_naive, gen, leaf, make_inputs,
+from helpers import (TOL_GRAD, TOL_OUT, assert_close_rel, check_no_worse_than_naive, check_split_passes, gen, leaf,
+                     make_inputs,
                      new_seed, reference_floors, reference_token_outputs, rel_err, run_token_fn)
-from upo_kernels import reference
 from upo_kernels.buffers import poison_outputs
 
 ON_CUDA = torch.cuda.is_available()
@@ -182,34 +182,27 @@ def test_auto_is_torch_on_cpu():
 
 
 # ----------------------------------------------------------------------------- chunked internals
-def _chunked():
-    from upo_kernels import chunked
-    return chunked
+class _ChunkedOps:
+    """The chunked backend's forward/backward with triton_ops' call signature."""
+
+    @staticmethod
+    def forward(*args, **kwargs):
+        from upo_kernels import chunked
+        return chunked.linear_logprobs_forward(*args, **kwargs)
+
+    @staticmethod
+    def backward(*args, **kwargs):
+        from upo_kernels import chunked
+        return chunked.linear_logprobs_backward(*args, **kwargs)
 
 
 @pytest.mark.parametrize("chunks", [(7, 13), (1, 1), (5, 1000), (64, 3)])
 @pytest.mark.parametrize("cap", [None, 3.0])
 def test_chunked_ragged_chunks(chunks, cap):
     """Chunk sizes that leave ragged last chunks in both dims (and the 1x1 extreme)."""
-    chunked = _chunked()
-    ct, cv = chunks
     seed = new_seed()
     inp = make_inputs(23, 11, 61, seed=seed, bias=True, ignore_frac=0.3)
-    scale = 1.3
-    up = torch.randn(23, generator=gen(seed + 1))
-    ref_out, ref_gh, ref_gw, ref_gb = reference_token_outputs(inp, up, logit_scale=scale, softcap=cap)
-    fl = reference_floors(inp, up, logit_scale=scale, softcap=cap)
-    with poison_outputs():
-        logp, lse = chunked.linear_logprobs_forward(inp.hidden, inp.weight, inp.labels, inp.bias, scale, cap, -100,
-                                                    chunk_tokens=ct, chunk_vocab=cv)
-        gh, gw, gb = chunked.linear_logprobs_backward(up, inp.hidden, inp.weight, inp.labels, lse, inp.bias, scale,
-                                                      cap, -100, chunk_tokens=ct, chunk_vocab=cv)
-    ref_lse = torch.logsumexp(reference.reference_logits(inp.hidden, inp.weight, inp.bias, scale, cap), -1)
-    assert_close_rel(lse, ref_lse, TOL_OUT, "lse", seed)
-    assert_close_rel(logp, ref_out, TOL_OUT, "log-probs", seed, fl["out"])
-    assert_close_rel(gh, ref_gh, TOL_GRAD, "grad_hidden", seed, fl["gh"])
-    assert_close_rel(gw, ref_gw, TOL_GRAD, "grad_weight", seed, fl["gw"])
-    assert_close_rel(gb, ref_gb, TOL_GRAD, "grad_bias", seed, fl["gb"])
+    check_split_passes(_ChunkedOps, inp, seed, scale=1.3, cap=cap, chunk_tokens=chunks[0], chunk_vocab=chunks[1])
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
@@ -218,21 +211,8 @@ def test_chunked_ragged_chunks(chunks, cap):
        scale=st.sampled_from([1.0, 0.3, 2.5]), cap=st.sampled_from([None, 2.0, 30.0]),
        seed=st.integers(0, 2**31 - 1))
 def test_chunked_property(n, d, v, ct, cv, ignore, bias, scale, cap, seed):
-    chunked = _chunked()
     inp = make_inputs(n, d, v, seed=seed, bias=bias, ignore_frac=ignore)
-    up = torch.randn(n, generator=gen(seed + 1))
-    ref_out, ref_gh, ref_gw, ref_gb = reference_token_outputs(inp, up, logit_scale=scale, softcap=cap)
-    fl = reference_floors(inp, up, logit_scale=scale, softcap=cap)
-    with poison_outputs():
-        logp, lse = chunked.linear_logprobs_forward(inp.hidden, inp.weight, inp.labels, inp.bias, scale, cap, -100,
-                                                    chunk_tokens=ct, chunk_vocab=cv)
-        gh, gw, gb = chunked.linear_logprobs_backward(up, inp.hidden, inp.weight, inp.labels, lse, inp.bias, scale,
-                                                      cap, -100, chunk_tokens=ct, chunk_vocab=cv)
-    assert_close_rel(logp, ref_out, TOL_OUT, "log-probs", seed, fl["out"])
-    assert_close_rel(gh, ref_gh, TOL_GRAD, "grad_hidden", seed, fl["gh"])
-    assert_close_rel(gw, ref_gw, TOL_GRAD, "grad_weight", seed, fl["gw"])
-    if bias:
-        assert_close_rel(gb, ref_gb, TOL_GRAD, "grad_bias", seed, fl["gb"])
+    check_split_passes(_ChunkedOps, inp, seed, scale=scale, cap=cap, chunk_tokens=ct, chunk_vocab=cv)
 
 
 # ----------------------------------------------------------------------------- bf16 (CPU, torch backend)

@@ -268,6 +268,17 @@ def test_available_losses_lists_every_loss():
     assert L.available_losses() == sorted(oracle.ORACLES)
 
 
+def test_loss_spec_gives_the_registered_spec():
+    spec = L.loss_spec("simpo")
+    assert isinstance(spec, L.LossSpec)
+    assert spec.name == "simpo"
+    assert not spec.needs_reference
+    assert L.loss_spec("sigmoid").needs_reference
+    assert L.loss_spec("rpo").name == "nll"  # an alias gives its loss's spec
+    with pytest.raises(ValueError, match="'no_such_loss'.*sigmoid"):
+        L.loss_spec("no_such_loss")
+
+
 def test_register_loss_adds_a_loss_with_declared_options():
     name = f"test_margin_{random.randrange(10**9)}"
 

@@ -5,26 +5,17 @@ import random
 import pytest
 import torch
 
+from helpers import MICRO_MODEL, one_thread  # noqa: F401  (fixture used by pytestmark)
 from upo.config import build_config
 from upo.data import default_dataset_path
 from upo.rewards import readability
 from upo.trainer import Trainer, setup_runtime
 
-MICRO = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-         "num_key_value_heads": 2}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread per test process is fastest, and fair to a parallel worker."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def micro_config(tmp_path, **overrides):
-    settings = dict(output_dir=str(tmp_path / "out"), model_config=MICRO, max_examples=16, batch_size=4,
+    settings = dict(output_dir=str(tmp_path / "out"), model_config=MICRO_MODEL, max_examples=16, batch_size=4,
                     max_steps=4, eval_fraction=0.0, backend="torch", device="cpu", progress=False,
                     warmup_steps=0, save_every=1000, eval_every=1000)
     settings.update(overrides)

@@ -6,9 +6,10 @@ User API::
     upo.fused_loss(hidden, weight, labels, ...)      # straight from hidden states + LM head
     upo.sequence_logprobs(hidden, weight, labels)    # per-sequence sums (use under no_grad for a reference)
     upo.available_losses()
+    upo.loss_spec(name)                              # a loss's LossSpec: needs_reference, options, ...
     upo.ValueHead(hidden_size)
 """
-from upo.losses import LossOutput, ValueHead, available_losses, loss, register_loss
+from upo.losses import LossOutput, ValueHead, available_losses, loss, loss_spec, register_loss
 from upo.fused import fused_loss, sequence_logprobs
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "available_losses",
     "fused_loss",
     "loss",
+    "loss_spec",
     "register_loss",
     "sequence_logprobs",
 ]

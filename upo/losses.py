@@ -59,6 +59,7 @@ lengths are given (TRL's CPO-simpo / ORPO log averaged log-probs) and ``beta * S
 
 Adding a loss is one small function of a :class:`LossContext`, registered with
 :func:`register_loss`, returning a ``[B]`` per-pair loss and a dict of extra metrics.
+:func:`loss_spec` gives a registered loss's :class:`LossSpec` (what it needs, option defaults).
 """
 from __future__ import annotations
 
@@ -78,6 +79,7 @@ __all__ = [
     "ValueHead",
     "available_losses",
     "loss",
+    "loss_spec",
     "register_loss",
 ]
 
@@ -192,6 +194,17 @@ def available_losses() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def loss_spec(name: str) -> LossSpec:
+    """The :class:`LossSpec` registered under ``name`` (an alias gives its loss's spec).
+
+    Raises ``ValueError`` naming the known losses for an unknown name.
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(available_losses())}") from None
+
+
 # --------------------------------------------------------------------------- entry point
 def loss(
     policy_chosen_logps: Tensor,
@@ -218,7 +231,7 @@ def loss(
     Raises ``ValueError`` naming the offending argument for any malformed input.
     """
     names, weights = _resolve_loss_types(loss_type, loss_weights)
-    specs = [_REGISTRY[name] for name in names]
+    specs = [loss_spec(name) for name in names]
     _check_options(options, names, specs)
     beta, label_smoothing = _check_hyperparameters(beta, label_smoothing)
 
@@ -262,12 +275,7 @@ def loss(
             name=name,
             chosen_logps=chosen_logps,
             rejected_logps=rejected_logps,
-            ref_chosen_logps=ref_chosen,
-            ref_rejected_logps=ref_rejected,
-            chosen_lengths=n_chosen,
-            rejected_lengths=n_rejected,
-            aux_rewards_chosen=aux_chosen,
-            aux_rewards_rejected=aux_rejected,
+            **supplied,  # the optional inputs, keyed by their LossContext field names
             values_chosen=v_chosen,
             values_rejected=v_rejected,
             beta=beta,
@@ -292,8 +300,10 @@ def _resolve_loss_types(loss_type: Any, loss_weights: Any) -> tuple[list[str], l
     if not names:
         raise ValueError("loss_type must name at least one loss")
     for name in names:
-        if name not in _REGISTRY:
-            raise ValueError(f"loss_type: unknown loss {name!r}; known losses: {', '.join(available_losses())}")
+        try:
+            loss_spec(name)
+        except ValueError as err:
+            raise ValueError(f"loss_type: {err}") from None
     if len(set(names)) != len(names):
         raise ValueError(f"loss_type lists a loss twice: {names}")
 

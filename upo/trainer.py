@@ -385,11 +385,18 @@ def uses_aux_objective(loss_types: list[str]) -> bool:
 
 
 def needs_reference(loss_types: list[str]) -> bool:
-    """Whether any selected loss reads reference log-probs (SimPO, ORPO, NLL, UPO alone do not)."""
-    from upo import losses
+    """Whether any selected loss reads reference log-probs (SimPO, ORPO, NLL, UPO alone do not).
 
-    registry = getattr(losses, "_REGISTRY", {})
-    return any(getattr(registry.get(name), "needs_reference", True) for name in loss_types)
+    An unknown name counts as needing one (:func:`check_loss_names` reports it first).
+    """
+
+    def reads_reference(name: str) -> bool:
+        try:
+            return upo.loss_spec(name).needs_reference
+        except ValueError:
+            return True
+
+    return any(reads_reference(name) for name in loss_types)
 
 
 # --------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from upo_kernels.linear_logprobs_fwd import _tanh
+from upo_kernels.tile_math import capped_logits
 
 
 @triton.jit
@@ -39,12 +39,7 @@ def softmax_grad_epilogue_kernel(
         col_ok = offs_v < VC
         mask = row_ok[:, None] & col_ok[None, :]
         z = tl.load(Z + rows * stride_zn + offs_v[None, :], mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            z += tl.load(BIAS + v_offset + offs_v, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        x = z * logit_scale
-        if HAS_SOFTCAP:
-            t = _tanh(x / softcap)
-            x = softcap * t
+        x, t = capped_logits(z, BIAS, v_offset + offs_v, col_ok, logit_scale, softcap, HAS_BIAS, HAS_SOFTCAP)
         prob = tl.exp(x - lse[:, None])
         onehot = (offs_v[None, :] + v_offset) == labels[:, None]
         dz = g[:, None] * (tl.where(onehot, 1.0, 0.0) - prob) * logit_scale

@@ -16,11 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _tanh(x):
-    # tanh through sigmoid: portable across Triton versions (no libdevice import needed)
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+from upo_kernels.tile_math import capped_logits, online_init, online_logsumexp, store_parts
 
 
 @triton.jit
@@ -44,9 +40,7 @@ def linear_logprobs_fwd_kernel(
 
     v_begin = split * vocab_per_split
     v_end = tl.minimum(v_begin + vocab_per_split, V)
-    run_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    run_sum = tl.zeros((BLOCK_N,), tl.float32)
-    target = tl.zeros((BLOCK_N,), tl.float32)
+    run_max, run_sum, target = online_init(BLOCK_N)
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         col_ok = offs_v < v_end
@@ -57,20 +51,7 @@ def linear_logprobs_fwd_kernel(
             h = tl.load(h_rows + (d0 + offs_d)[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             w = tl.load(w_rows + (d0 + offs_d)[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(BIAS + offs_v, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        acc = acc * logit_scale
-        if HAS_SOFTCAP:
-            acc = softcap * _tanh(acc / softcap)
-        acc = tl.where(col_ok[None, :], acc, float("-inf"))
-        # col_ok matters: the last tile of a split overhangs into the next split's columns
-        is_target = (offs_v[None, :] == labels[:, None]) & col_ok[None, :]
-        target += tl.sum(tl.where(is_target, acc, 0.0), axis=1)
-        new_max = tl.maximum(run_max, tl.max(acc, axis=1))
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(acc - new_max[:, None]), axis=1)
-        run_max = new_max
-
-    out = offs_n.to(tl.int64) * num_splits + split
-    tl.store(PART_MAX + out, run_max, mask=row_ok)
-    tl.store(PART_SUM + out, run_sum, mask=row_ok)
-    tl.store(PART_TGT + out, target, mask=row_ok)
+        x, _ = capped_logits(acc, BIAS, offs_v, col_ok, logit_scale, softcap, HAS_BIAS, HAS_SOFTCAP)
+        # col_ok (v_end): the last tile of a split overhangs into the next split's columns
+        run_max, run_sum, target = online_logsumexp(x, offs_v, col_ok, labels, run_max, run_sum, target)
+    store_parts(PART_MAX, PART_SUM, PART_TGT, offs_n, row_ok, num_splits, split, run_max, run_sum, target)

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from upo_kernels import buffers
+from upo_kernels.tile_math import online_init, online_logsumexp
 
 
 @triton.jit
@@ -20,19 +21,13 @@ def logprobs_fwd_kernel(Z, Y, LOGP, LSE, N, V, stride_zn, ignore_index,
     row_ok = offs_n < N
     labels = tl.load(Y + offs_n, mask=row_ok, other=-1)
     rows = Z + offs_n.to(tl.int64)[:, None] * stride_zn
-    run_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    run_sum = tl.zeros((BLOCK_N,), tl.float32)
-    target = tl.zeros((BLOCK_N,), tl.float32)
+    run_max, run_sum, target = online_init(BLOCK_N)
     for v0 in range(0, V, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         col_ok = offs_v < V
         z = tl.load(rows + offs_v[None, :], mask=row_ok[:, None] & col_ok[None, :], other=float("-inf"))
-        z = z.to(tl.float32)
-        target += tl.sum(tl.where(offs_v[None, :] == labels[:, None], z, 0.0), axis=1)
-        new_max = tl.maximum(run_max, tl.max(z, axis=1))
-        new_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # masked rows stay finite
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
-        run_max = new_max
+        run_max, run_sum, target = online_logsumexp(z.to(tl.float32), offs_v, col_ok, labels, run_max, run_sum,
+                                                    target)
     lse = run_max + tl.log(tl.maximum(run_sum, 1e-30))  # valid rows have run_sum >= 1
     logp = tl.where(labels == ignore_index, 0.0, target - lse)
     tl.store(LSE + offs_n, lse, mask=row_ok)

@@ -1,6 +1,9 @@
-"""Host side of the Triton backend: launch configuration, split merging, chunked backward.
+"""Host side of the Triton backend: launch configuration, split merging, tiled backward.
 
-Same contract as ``upo_kernels.chunked.linear_logprobs_forward/backward`` so that
+Forward: the fused kernel (``linear_logprobs_fwd.py``, default) or, with
+``UPO_FWD_IMPL=cublas``, cuBLAS logit tiles reduced by ``logsumexp_tile.py``. Backward: cuBLAS
+logit tiles turned into ``dz`` by ``linear_logprobs_bwd.py``, then two cuBLAS products per
+tile. Same contract as ``upo_kernels.chunked.linear_logprobs_forward/backward`` so that
 ``functional.py`` dispatches to either without knowing which.
 """
 from __future__ import annotations
@@ -13,9 +16,25 @@ import triton
 from upo_kernels import buffers
 from upo_kernels.linear_logprobs_fwd import linear_logprobs_fwd_kernel
 from upo_kernels.linear_logprobs_bwd import softmax_grad_epilogue_kernel
+from upo_kernels.logsumexp_tile import logsumexp_tile_kernel
 
-# Bytes allowed for the one [tokens, vocab-chunk] tile the backward keeps (env override, MB).
-BACKWARD_TILE_BYTES = int(os.environ.get("UPO_BWD_TILE_MB", "64")) * 2**20
+# fp32 working set of the tile passes, MB (env overrides, read at each call): the one
+# [group, vocab-chunk] logit tile alive at a time, and the backward's [group, D] grad_hidden
+# accumulator. At D = 4096 that is 4096-token groups and 4096-column tiles: large enough for
+# cuBLAS to run at full speed, ~130 MB of working memory in all.
+DEFAULT_TILE_MB = 64
+DEFAULT_GROUP_MB = 64
+
+
+def _budget_bytes(name, default_mb):
+    value = os.environ.get(name)
+    try:
+        mb = float(value) if value else default_mb
+    except ValueError:
+        mb = float("nan")
+    if not mb > 0:
+        raise ValueError(f"{name} must be a positive number of MB, got {value!r}")
+    return int(mb * 2**20)
 
 
 def interpreting() -> bool:
@@ -53,18 +72,40 @@ def _dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def forward_impl() -> str:
+    """``fused`` (one Triton kernel, no logit tile in memory) or ``cublas`` (cuBLAS tiles + epilogue)."""
+    impl = os.environ.get("UPO_FWD_IMPL", "fused")
+    if impl not in ("fused", "cublas"):
+        raise ValueError(f"UPO_FWD_IMPL must be 'fused' or 'cublas', got {impl!r}")
+    return impl
+
+
+def _merge_parts(part_max, part_sum, part_tgt, labels, ignore_index):
+    """Per-slice (max, sum-exp, target) [N, S] -> (logp [N], lse [N]), exact in fp32."""
+    top = part_max.max(dim=1).values
+    lse = top + torch.log((part_sum * torch.exp(part_max - top.unsqueeze(1))).sum(dim=1))
+    keep = labels != ignore_index
+    logp = torch.where(keep, part_tgt.sum(dim=1) - lse, torch.zeros_like(lse))
+    return logp, lse
+
+
+def _part_buffers(n_tokens, slices, device):
+    return tuple(buffers.empty((n_tokens, slices), torch.float32, device) for _ in range(3))
+
+
 def forward(hidden, weight, labels, bias=None, logit_scale=1.0, softcap=None, ignore_index=-100,
-            **_chunks):
+            chunk_tokens=None, chunk_vocab=None):
     """hidden [N, D], weight [V, D], labels [N] int64 -> (logp [N] fp32, lse [N] fp32)."""
+    if forward_impl() == "cublas":
+        return _forward_cublas(hidden, weight, labels, bias, logit_scale, softcap, ignore_index,
+                               chunk_tokens, chunk_vocab)
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
     block_n, block_v, block_d, warps, stages = forward_config(hidden.dtype)
     splits = _num_splits(n_tokens, vocab, block_n, block_v, hidden.device)
     vocab_per_split = triton.cdiv(triton.cdiv(vocab, splits), block_v) * block_v
     splits = triton.cdiv(vocab, vocab_per_split)
-    part_max = buffers.empty((n_tokens, splits), torch.float32, hidden.device)
-    part_sum = buffers.empty((n_tokens, splits), torch.float32, hidden.device)
-    part_tgt = buffers.empty((n_tokens, splits), torch.float32, hidden.device)
+    part_max, part_sum, part_tgt = _part_buffers(n_tokens, splits, hidden.device)
     if n_tokens:
         grid = (splits, triton.cdiv(n_tokens, block_n))
         linear_logprobs_fwd_kernel[grid](
@@ -76,18 +117,54 @@ def forward(hidden, weight, labels, bias=None, logit_scale=1.0, softcap=None, ig
             DOT_PRECISION=_dot_precision(hidden.dtype),
             BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
         )
-    top = part_max.max(dim=1).values
-    lse = top + torch.log((part_sum * torch.exp(part_max - top.unsqueeze(1))).sum(dim=1))
-    keep = labels != ignore_index
-    logp = torch.where(keep, part_tgt.sum(dim=1) - lse, torch.zeros_like(lse))
-    return logp, lse
+    return _merge_parts(part_max, part_sum, part_tgt, labels, ignore_index)
 
 
-def _vocab_chunk(n_tokens, vocab, tile_elem_size, chunk_vocab):
+def _epilogue_blocks():
+    return (16, 32) if interpreting() else (16, 256)
+
+
+def _forward_cublas(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, chunk_tokens,
+                    chunk_vocab):
+    """cuBLAS ``z = H_g W_c^T`` tiles (fp32 out) reduced by ``logsumexp_tile_kernel``; the same
+    token groups and vocabulary chunks as the backward, so one tile is alive at a time."""
+    n_tokens = hidden.shape[0]
+    vocab = weight.shape[0]
+    group, chunk = _tiles(n_tokens, hidden.shape[1], vocab, chunk_tokens, chunk_vocab)
+    tiles = triton.cdiv(vocab, chunk)
+    part_max, part_sum, part_tgt = _part_buffers(n_tokens, tiles, hidden.device)
+    block_n, block_v = _epilogue_blocks()
+    for r0 in range(0, n_tokens, group):
+        r1 = min(r0 + group, n_tokens)
+        h_g, fp32_cache = hidden[r0:r1], {}
+        for tile, v0 in enumerate(range(0, vocab, chunk)):
+            v1 = min(v0 + chunk, vocab)
+            z = _logit_chunk(h_g, weight[v0:v1], fp32_cache)
+            logsumexp_tile_kernel[(triton.cdiv(r1 - r0, block_n),)](
+                z, bias if bias is not None else z, labels[r0:r1],
+                part_max[r0:r1], part_sum[r0:r1], part_tgt[r0:r1],
+                r1 - r0, v1 - v0, v0, z.stride(0), tiles, tile, float(logit_scale), float(softcap or 1.0),
+                HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+                BLOCK_N=block_n, BLOCK_V=block_v, num_warps=4,
+            )
+    return _merge_parts(part_max, part_sum, part_tgt, labels, ignore_index)
+
+
+def _tiles(n_tokens, dim, vocab, chunk_tokens=None, chunk_vocab=None):
+    """(token group, vocabulary chunk) of the tile passes: the fp32 ``[group, D]`` grad_hidden
+    accumulator fits ``UPO_GROUP_MB`` and the fp32 ``[group, chunk]`` logit tile ``UPO_TILE_MB``."""
+    n = max(1, n_tokens)
+    if chunk_tokens is not None:
+        group = max(1, min(n, chunk_tokens))
+    else:
+        group = min(n, max(128, _budget_bytes("UPO_GROUP_MB", DEFAULT_GROUP_MB) // (4 * dim) // 128 * 128))
+        groups = triton.cdiv(n, group)
+        group = min(n, triton.cdiv(triton.cdiv(n, groups), 128) * 128)  # equal groups, no small tail
     if chunk_vocab is not None:
-        return max(1, min(vocab, chunk_vocab))
-    cols = BACKWARD_TILE_BYTES // max(1, n_tokens * tile_elem_size)
-    return max(128, min(vocab, cols // 128 * 128))
+        chunk = max(1, min(vocab, chunk_vocab))
+    else:
+        chunk = max(128, min(vocab, _budget_bytes("UPO_TILE_MB", DEFAULT_TILE_MB) // (4 * group) // 128 * 128))
+    return group, chunk
 
 
 # Which cuBLAS paths this process could use (reported by the benchmarks).
@@ -135,48 +212,67 @@ def _accumulate_fp32(acc, a, b):
             return
         except (TypeError, RuntimeError):  # older torch, or a device without the dtype variant
             PATHS["grad_hidden_fp32_out"] = False
-    acc += torch.mm(a, b).float()
+    acc.addmm_(a.float(), b.float())  # tile-sized fp32 copies: rounding each product to 16 bits would not be exact
 
 
 def backward(grad_logp, hidden, weight, labels, lse, bias=None, logit_scale=1.0, softcap=None,
-             ignore_index=-100, needs_weight_grad=True, needs_bias_grad=True, chunk_vocab=None,
-             **_chunks):
-    """Chunked recompute over the vocabulary (one [N, chunk] tile alive at a time).
+             ignore_index=-100, needs_weight_grad=True, needs_bias_grad=True, chunk_tokens=None,
+             chunk_vocab=None):
+    """Recompute the logits in ``[group, chunk]`` tiles: token groups outside, vocabulary inside.
 
-    Per chunk: ``z = H W_c^T`` (cuBLAS) -> Triton epilogue writes ``dz`` over ``z`` ->
-    ``dW_c = dz^T H`` written once (exact: one product sums over all tokens) and
-    ``dH += dz W_c`` into an fp32 accumulator. Returns (grad_h fp32, grad_w in weight's dtype,
-    grad_b fp32).
+    Per tile: ``z = H_g W_c^T`` (cuBLAS, fp32 out) -> Triton epilogue writes ``dz`` over ``z``
+    -> ``dH_g += dz W_c`` into an fp32 ``[group, D]`` accumulator (rounded once into grad_h
+    when the group is done) and ``dW_c (+)= dz^T H_g``. With one group each ``dW_c`` is one
+    product over all tokens, rounded once; with G groups it is summed in weight's dtype over G
+    products (each summed in fp32 by cuBLAS), G roundings. That is the price of never holding a
+    full-size fp32 accumulator: grad_weight in fp32 is 2 GB at V = 128k, D = 4096, and
+    grad_hidden in fp32 grows with the tokens (256 MB at 16k tokens).
+    Returns (grad_h in hidden's dtype, grad_w in weight's dtype, grad_b fp32).
     """
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
     keep = labels != ignore_index
     g = torch.where(keep, grad_logp.float(), torch.zeros((), device=hidden.device))
-    grad_h = torch.zeros((n_tokens, dim), dtype=torch.float32, device=hidden.device)
-    grad_w = buffers.empty(weight.shape, weight.dtype, weight.device) if needs_weight_grad else None
+    grad_h = buffers.empty((n_tokens, dim), hidden.dtype, hidden.device)
+    grad_w = None
+    if needs_weight_grad:  # an empty batch writes no tile: its weight gradient is zero
+        grad_w = buffers.empty(weight.shape, weight.dtype, weight.device)
+        if not n_tokens:
+            grad_w.zero_()
     want_b = bias is not None and needs_bias_grad
-    grad_b = buffers.empty((vocab,), torch.float32, hidden.device) if want_b else None
-    chunk = _vocab_chunk(n_tokens, vocab, 4, chunk_vocab)
-    block_n, block_v = (16, 32) if interpreting() else (16, 256)
-    fp32_cache = {}
-    for v0 in range(0, vocab, chunk):
-        v1 = min(v0 + chunk, vocab)
-        w_c = weight[v0:v1]
-        z = _logit_chunk(hidden, w_c, fp32_cache)
-        # The interpreter truncates fp32 -> bf16 where the GPU rounds to nearest: there the
-        # kernel writes fp32 and torch rounds, so CPU tests see the GPU's arithmetic.
-        dz = z if interpreting() else _grad_view(z, hidden.dtype)
-        if n_tokens:
-            softmax_grad_epilogue_kernel[(triton.cdiv(n_tokens, block_n),)](
-                z, dz, bias if bias is not None else z, labels, g, lse,
-                n_tokens, v1 - v0, v0, z.stride(0), dz.stride(0), float(logit_scale), float(softcap or 1.0),
+    grad_b = torch.zeros((vocab,), dtype=torch.float32, device=hidden.device) if want_b else None
+    group, chunk = _tiles(n_tokens, dim, vocab, chunk_tokens, chunk_vocab)
+    # fp32 inputs accumulate straight into grad_h; 16-bit ones into one reused fp32 group buffer
+    acc = None if hidden.dtype == torch.float32 else torch.empty(
+        (min(group, n_tokens), dim), dtype=torch.float32, device=hidden.device)
+    block_n, block_v = _epilogue_blocks()
+    for r0 in range(0, n_tokens, group):
+        r1 = min(r0 + group, n_tokens)
+        h_g, fp32_cache = hidden[r0:r1], {}
+        acc_g = grad_h[r0:r1] if acc is None else acc[: r1 - r0]
+        acc_g.zero_()
+        for v0 in range(0, vocab, chunk):
+            v1 = min(v0 + chunk, vocab)
+            w_c = weight[v0:v1]
+            z = _logit_chunk(h_g, w_c, fp32_cache)
+            # The interpreter truncates fp32 -> bf16 where the GPU rounds to nearest: there the
+            # kernel writes fp32 and torch rounds, so CPU tests see the GPU's arithmetic.
+            dz = z if interpreting() else _grad_view(z, hidden.dtype)
+            softmax_grad_epilogue_kernel[(triton.cdiv(r1 - r0, block_n),)](
+                z, dz, bias if bias is not None else z, labels[r0:r1], g[r0:r1], lse[r0:r1],
+                r1 - r0, v1 - v0, v0, z.stride(0), dz.stride(0), float(logit_scale), float(softcap or 1.0),
                 HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
                 BLOCK_N=block_n, BLOCK_V=block_v, num_warps=4,
             )
-        dz = dz.to(hidden.dtype)
-        _accumulate_fp32(grad_h, dz, w_c)
-        if grad_w is not None:
-            torch.mm(dz.t(), hidden, out=grad_w[v0:v1])
-        if grad_b is not None:
-            grad_b[v0:v1] = dz.sum(dim=0, dtype=torch.float32)
+            dz = dz.to(hidden.dtype)
+            _accumulate_fp32(acc_g, dz, w_c)
+            if grad_w is not None:
+                if r0 == 0:
+                    torch.mm(dz.t(), h_g, out=grad_w[v0:v1])
+                else:
+                    grad_w[v0:v1].addmm_(dz.t(), h_g)
+            if grad_b is not None:
+                grad_b[v0:v1] += dz.sum(dim=0, dtype=torch.float32)
+        if acc is not None:
+            grad_h[r0:r1].copy_(acc_g)
     return grad_h, grad_w, grad_b

@@ -1,0 +1,182 @@
+"""The Triton backend's tile passes: token groups x vocabulary chunks, and the cuBLAS forward.
+
+Under ``TRITON_INTERPRET=1`` on CPU (fp32 everywhere except the bf16 backward, whose epilogue
+has no ``tl.dot``). Every call runs under ``poison_outputs()``. The working-memory test tracks
+every tensor the backward allocates and proves that no full-size fp32 grad_hidden and no
+``[tokens, vocab]`` tensor exists when the token groups are smaller than the batch.
+"""
+from __future__ import annotations
+
+import functools
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from helpers import (TOL_GRAD, TOL_OUT, assert_close_rel, check_no_worse_than_naive, check_split_passes, gen,
+                     make_inputs, new_seed, reference_floors, reference_token_outputs, run_token_fn)
+from upo_kernels import linear_logprobs, reference
+from upo_kernels.buffers import poison_outputs
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="tests/test_gpu.py covers CUDA")
+
+
+def _ops():
+    from upo_kernels import triton_ops
+    return triton_ops
+
+
+@pytest.fixture(params=["fused", "cublas"])
+def fwd_impl(request, monkeypatch):
+    monkeypatch.setenv("UPO_FWD_IMPL", request.param)
+    return request.param
+
+
+# ----------------------------------------------------------------------------- tile sizes
+@pytest.mark.parametrize("n,d,v", [(16384, 4096, 128256), (32768, 4096, 128256), (8192, 4096, 256000),
+                                   (5000, 4096, 32000), (16384, 256, 32000), (1, 8, 5), (1000, 12288, 151936)])
+def test_tile_sizes_respect_budgets(n, d, v):
+    ops = _ops()
+    group, chunk = ops._tiles(n, d, v)
+    groups = -(-n // group)
+    assert 1 <= group <= n and 1 <= chunk <= max(v, 128)
+    assert group * d * 4 <= ops.DEFAULT_GROUP_MB * 2**20 or group <= 128, "grad_hidden accumulator over budget"
+    assert group * chunk * 4 <= ops.DEFAULT_TILE_MB * 2**20 or chunk == 128, "logit tile over budget"
+    assert groups * group - n < 128 * groups, "groups are balanced: no near-empty tail group"
+    if (n, d, v) == (16384, 4096, 128256):  # the headline: 4 groups of 4096 tokens, 4096-column tiles
+        assert (group, chunk) == (4096, 4096)
+
+
+def test_tile_env_is_read_and_checked(monkeypatch):
+    ops = _ops()
+    monkeypatch.setenv("UPO_GROUP_MB", "8")  # 512 tokens of D = 4096
+    monkeypatch.setenv("UPO_TILE_MB", "4")   # 2048 columns of 512 tokens
+    assert ops._tiles(2048, 4096, 128256) == (512, 2048)
+    for name, bad in (("UPO_GROUP_MB", "0"), ("UPO_TILE_MB", "-3"), ("UPO_TILE_MB", "lots")):
+        with monkeypatch.context() as mp:
+            mp.setenv(name, bad)
+            with pytest.raises(ValueError, match=name):
+                ops._tiles(2048, 4096, 128256)
+    monkeypatch.setenv("UPO_FWD_IMPL", "cutlass")
+    with pytest.raises(ValueError, match="UPO_FWD_IMPL"):
+        ops.forward_impl()
+
+
+# ----------------------------------------------------------------------------- fp32 vs float64
+@pytest.mark.parametrize("chunks", [(7, 13), (16, 1000), (23, 97), (None, None)])
+@pytest.mark.parametrize("cap", [None, 3.0])
+def test_groups_and_chunks_vs_reference(fwd_impl, chunks, cap):
+    """Ragged token groups and vocabulary chunks, forward (both impls) and backward, fp32."""
+    seed = new_seed()
+    inp = make_inputs(45, 24, 211, seed=seed, bias=True, ignore_frac=0.3)
+    check_split_passes(_ops(), inp, seed, scale=0.7, cap=cap, chunk_tokens=chunks[0], chunk_vocab=chunks[1])
+
+
+def test_cublas_forward_public_entry(fwd_impl):
+    """``linear_logprobs(backend='triton')`` end to end with either forward and small tiles."""
+    seed = new_seed()
+    inp = make_inputs(None, 40, 509, seed=seed, lead_shape=(3, 19), ignore_frac=0.25)
+    up = torch.randn(inp.labels.shape, generator=gen(seed + 1))
+    ref_out, ref_gh, ref_gw, _ = reference_token_outputs(inp, up, softcap=6.0)
+    fl = reference_floors(inp, up, softcap=6.0)
+    out, gh, gw, _ = run_token_fn(linear_logprobs, inp, up, backend="triton", softcap=6.0,
+                                  chunk_tokens=20, chunk_vocab=128)
+    assert (out[inp.labels == -100] == 0).all()
+    assert_close_rel(out, ref_out, TOL_OUT, "log-probs", seed, fl["out"])
+    assert_close_rel(gh, ref_gh, TOL_GRAD, "grad_hidden", seed, fl["gh"])
+    assert_close_rel(gw, ref_gw, TOL_GRAD, "grad_weight", seed, fl["gw"])
+
+
+def test_cublas_forward_bf16_is_fp32_exact(monkeypatch):
+    """bf16 inputs, cuBLAS forward: the logit tiles are fp32 (here from fp32 copies, on CUDA from
+    cuBLAS's fp32 output), so log-probs match float64 of the same bf16 values to fp32 accuracy."""
+    monkeypatch.setenv("UPO_FWD_IMPL", "cublas")
+    seed = new_seed()
+    inp = make_inputs(70, 48, 1003, dtype=torch.bfloat16, seed=seed, ignore_frac=0.2)
+    up = torch.zeros(70)
+    ref_out = reference_token_outputs(inp, up)[0]
+    with poison_outputs():
+        logp, _ = _ops().forward(inp.hidden, inp.weight, inp.labels, None, 1.0, None, -100,
+                                 chunk_tokens=32, chunk_vocab=300)
+    assert_close_rel(logp, ref_out, TOL_OUT, "log-probs", seed)
+
+
+@pytest.mark.parametrize("group", [48, 160])
+def test_bf16_backward_groups_no_worse_than_naive(group):
+    """bf16 with several token groups (grad_weight summed in bf16 over the groups) still meets the
+    naive-bf16 rule; ``group=160`` is the single-group path for comparison."""
+    inp = make_inputs(160, 24, 701, dtype=torch.bfloat16, ignore_frac=0.2)
+    fn = functools.partial(linear_logprobs, chunk_tokens=group, chunk_vocab=200)
+    # cuBLAS forward: the fused forward's bf16 tl.dot cannot run in the interpreter
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("UPO_FWD_IMPL", "cublas")
+        check_no_worse_than_naive(fn, inp, "triton")
+
+
+# ----------------------------------------------------------------------------- working memory
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of the storages created by torch ops while active, and their peak (views counted once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.largest = 0, 0, 0
+        self._refs = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                self._track(t, inputs)
+        return out
+
+    def _track(self, t, inputs):
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in self._refs:
+            if key in inputs:
+                return  # a view (or in-place result) of memory that existed before: not an allocation
+            self._refs[key] = [storage.nbytes(), 0]
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            self.largest = max(self.largest, storage.nbytes())
+        self._refs[key][1] += 1
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key):
+        entry = self._refs.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.live -= entry[0]
+            del self._refs[key]
+
+
+def _backward_working_memory(ops, n, d, v):
+    inp = make_inputs(n, d, v, dtype=torch.bfloat16, ignore_frac=0.1)
+    up = torch.randn(n)
+    lse = torch.logsumexp(reference.reference_logits(inp.hidden, inp.weight), -1).float()
+    with _LiveBytes() as mem:
+        gh, gw, _ = ops.backward(up, inp.hidden, inp.weight, inp.labels, lse)
+    assert gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
+    returned = gh.numel() * 2 + gw.numel() * 2
+    return mem.peak - returned, mem.largest
+
+
+def test_backward_working_memory_is_group_sized(monkeypatch):
+    """bf16, groups of 128 tokens: the backward's working memory does not grow with the tokens
+    (beyond O(tokens) vectors), and no tensor is as large as an fp32 [N, D] or an [N, V]."""
+    ops = _ops()
+    d, v = 256, 700
+    monkeypatch.setenv("UPO_GROUP_MB", str(128 * d * 4 / 2**20))   # groups of 128 tokens
+    monkeypatch.setenv("UPO_TILE_MB", str(128 * 256 * 4 / 2**20))  # 256-column tiles
+    assert ops._tiles(2048, d, v) == (128, 256)
+    small, _ = _backward_working_memory(ops, 256, d, v)
+    big, largest = _backward_working_memory(ops, 2048, d, v)
+    assert largest < 2048 * d * 4 and largest < 2048 * v * 2, f"a tensor of {largest} bytes"
+    per_token = 64  # labels mask, coefficients, lse slices: a few bytes a token
+    assert big - small <= (2048 - 256) * per_token, (
+        f"working memory grows with tokens: {small} bytes at 256 tokens, {big} at 2048")
