@@ -79,7 +79,6 @@ def _read_events(path):
 
 
 def worker(args):
-
     from benchmarks import harness, measure
     from benchmarks.inputs import make_inputs
 

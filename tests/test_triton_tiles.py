@@ -155,18 +155,26 @@ class _LiveBytes(TorchDispatchMode):
             del self._refs[key]
 
 
-def _backward_working_memory(ops, n, d, v):
-    inp = make_inputs(n, d, v, dtype=torch.bfloat16, ignore_frac=0.1)
+def _backward_working_memory(ops, n, d, v, with_rows):
+    """(peak bytes beyond the returned grads, largest allocation) of one bf16 backward over n tokens;
+    ``with_rows``: the tokens are every other row of a 2n-row hidden (prompt rows in between)."""
+    inp = make_inputs(2 * n if with_rows else n, d, v, dtype=torch.bfloat16, ignore_frac=0.1)
+    rows = torch.arange(0, 2 * n, 2) if with_rows else None
+    h_used = inp.hidden if rows is None else inp.hidden[rows]
+    labels = inp.labels if rows is None else inp.labels[rows]
     up = torch.randn(n)
-    lse = torch.logsumexp(reference.reference_logits(inp.hidden, inp.weight), -1).float()
+    lse = torch.logsumexp(reference.reference_logits(h_used, inp.weight), -1).float()
     with _LiveBytes() as mem:
-        gh, gw, _ = ops.backward(up, inp.hidden, inp.weight, inp.labels, lse)
-    assert gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
+        gh, gw, _ = ops.backward(up, inp.hidden, inp.weight, labels, lse, rows=rows)
+    assert gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16 and gh.shape == inp.hidden.shape
+    if rows is not None:
+        assert (gh[1::2] == 0).all(), "rows not listed must get exactly zero gradient"
     returned = gh.numel() * 2 + gw.numel() * 2
     return mem.peak - returned, mem.largest
 
 
-def test_backward_working_memory_is_group_sized(monkeypatch):
+@pytest.mark.parametrize("with_rows", [False, True], ids=["all_rows", "every_other_row"])
+def test_backward_working_memory_is_group_sized(monkeypatch, with_rows):
     """bf16, groups of 128 tokens: the backward's working memory does not grow with the tokens
     (beyond O(tokens) vectors), and no tensor is as large as an fp32 [N, D] or an [N, V]."""
     ops = _ops()
@@ -174,9 +182,10 @@ def test_backward_working_memory_is_group_sized(monkeypatch):
     monkeypatch.setenv("UPO_GROUP_MB", str(128 * d * 4 / 2**20))   # groups of 128 tokens
     monkeypatch.setenv("UPO_TILE_MB", str(128 * 256 * 4 / 2**20))  # 256-column tiles
     assert ops._tiles(2048, d, v) == (128, 256)
-    small, _ = _backward_working_memory(ops, 256, d, v)
-    big, largest = _backward_working_memory(ops, 2048, d, v)
-    assert largest < 2048 * d * 4 and largest < 2048 * v * 2, f"a tensor of {largest} bytes"
-    per_token = 64  # labels mask, coefficients, lse slices: a few bytes a token
+    small, _ = _backward_working_memory(ops, 256, d, v, with_rows)
+    big, largest = _backward_working_memory(ops, 2048, d, v, with_rows)
+    grad_hidden_bytes = (2 if with_rows else 1) * 2048 * d * 2
+    assert largest <= grad_hidden_bytes, f"a {largest}-byte tensor, larger than the returned grad_hidden"
+    per_token = 64  # labels mask, coefficients, lse slices, row indices: a few bytes a token
     assert big - small <= (2048 - 256) * per_token, (
         f"working memory grows with tokens: {small} bytes at 256 tokens, {big} at 2048")

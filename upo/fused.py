@@ -1,8 +1,8 @@
 """``upo.fused_loss``: hidden states + LM head -> per-sequence log-probs -> any ``upo.loss``.
 
-The logits never exist: only response tokens (labels != ignore_index) are gathered (no copy
-when every token is one) and passed to ``upo_kernels.linear_logprobs``, whose per-token
-log-probs are summed per sequence
+The logits never exist: the flattened hidden states and labels go to
+``upo_kernels.linear_logprobs``, which runs only the response tokens (labels != ignore_index)
+through the kernels; their per-token log-probs are summed per sequence
 with ``index_add`` (O(tokens)). Reference log-probs come precomputed or from reference hidden
 states through the same kernel without grad.
 """
@@ -56,33 +56,6 @@ def _flatten(hidden, labels, cu_seqlens, weight):
     return hidden, labels, seq_ids, rows
 
 
-class _GatherRows(torch.autograd.Function):
-    """``hidden[rows]`` whose backward scatters with ``index_copy_``.
-
-    The rows are unique, so no accumulation is needed: torch's own ``index_select`` backward
-    uses ``index_add_`` (atomic adds, slow for 16-bit dtypes on large ``[N, D]`` gradients).
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, rows):
-        ctx.save_for_backward(rows)
-        ctx.n_rows = hidden.shape[0]
-        return hidden.index_select(0, rows)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (rows,) = ctx.saved_tensors
-        full = grad.new_zeros((ctx.n_rows,) + tuple(grad.shape[1:]))
-        return full.index_copy_(0, rows, grad), None
-
-
-def _response_rows(flat_h, picked):
-    """The hidden states of the response tokens: ``flat_h`` itself when every token is one."""
-    if picked.numel() == flat_h.shape[0]:
-        return flat_h
-    return _GatherRows.apply(flat_h, picked)
-
-
 def _describe_row(row, rows):
     half = rows // 2
     side = "chosen" if row < half else "rejected"
@@ -106,11 +79,11 @@ def sequence_logprobs(hidden, weight, labels, *, cu_seqlens=None, bias=None, log
         row = int((counts == 0).nonzero()[0])
         raise ValueError(f"labels: {_describe_row(row, rows)} has no response tokens "
                          f"(every label is ignore_index={ignore_index})")
-    logp = linear_logprobs(_response_rows(flat_h, picked), weight, flat_y[picked], bias=bias,
-                           logit_scale=logit_scale, softcap=softcap, ignore_index=ignore_index,
-                           backend=backend)
+    # all rows go in: the kernels skip the ignored ones (no gathered copy outlives the forward)
+    logp = linear_logprobs(flat_h, weight, flat_y, bias=bias, logit_scale=logit_scale, softcap=softcap,
+                           ignore_index=ignore_index, backend=backend)
     # float64 accumulation: summing thousands of fp32 log-probs one by one loses ~1e-2 absolute
-    sums = torch.zeros(rows, dtype=torch.float64, device=logp.device).index_add(0, seq_ids[picked], logp.double())
+    sums = torch.zeros(rows, dtype=torch.float64, device=logp.device).index_add(0, seq_ids, logp.double())
     sums = sums.to(logp.dtype)
     if not bool(torch.isfinite(sums).all()):
         culprits = [name for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias))

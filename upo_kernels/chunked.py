@@ -82,9 +82,9 @@ def _cap_derivative(z_capped, softcap):
     return 1.0 - (z_capped / softcap) ** 2
 
 
-def _add_onehot_part(grad_h, grad_w, grad_b, t0, h, g, labels, keep, weight, bias, logit_scale,
-                     softcap, dtype):
-    """+ g_t * d(target logit)/d(raw target logit) for the kept tokens of one chunk."""
+def _add_onehot_part(grad_h, grad_w, grad_b, h, g, labels, keep, weight, bias, logit_scale, softcap, dtype):
+    """+ g_t * d(target logit)/d(raw target logit) for the kept tokens of one chunk (``grad_h``:
+    the chunk's rows)."""
     rows = keep.nonzero().squeeze(1)
     y = labels[rows]
     h_kept = h[rows]
@@ -93,7 +93,7 @@ def _add_onehot_part(grad_h, grad_w, grad_b, t0, h, g, labels, keep, weight, bia
         z_target = _target_logits(h_kept, weight, bias, y, torch.ones_like(keep[rows]), logit_scale,
                                   softcap, dtype)
         coef = coef * _cap_derivative(z_target, softcap)
-    grad_h.index_add_(0, rows + t0, coef.unsqueeze(1) * weight[y].to(dtype))
+    grad_h.index_add_(0, rows, coef.unsqueeze(1) * weight[y].to(dtype))
     if grad_w is not None:
         grad_w.index_add_(0, y, coef.unsqueeze(1) * h_kept)
     if grad_b is not None:
@@ -103,16 +103,18 @@ def _add_onehot_part(grad_h, grad_w, grad_b, t0, h, g, labels, keep, weight, bia
 def linear_logprobs_backward(grad_logp, hidden, weight, labels, lse, bias=None, logit_scale=1.0,
                              softcap=None, ignore_index=-100, chunk_tokens=DEFAULT_CHUNK_TOKENS,
                              chunk_vocab=DEFAULT_CHUNK_VOCAB, needs_weight_grad=True,
-                             needs_bias_grad=True):
+                             needs_bias_grad=True, rows=None):
     """Gradients of ``sum_t grad_logp[t] * logp[t]`` -> (grad_hidden, grad_weight, grad_bias).
 
-    Returned in the compute dtype (fp32/fp64); the caller casts to the parameters' dtypes.
+    ``rows`` (int64 [M], optional): token ``t`` of ``grad_logp``/``labels``/``lse`` is row
+    ``rows[t]`` of ``hidden`` (which may have more rows: those get zero gradient). Returned in
+    the compute dtype (fp32/fp64); the caller casts to the parameters' dtypes.
     """
-    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    n_tokens, vocab = labels.shape[0], weight.shape[0]
     dtype = compute_dtype(hidden.dtype)
     keep = labels != ignore_index
     g = torch.where(keep, grad_logp.to(dtype), torch.zeros((), dtype=dtype, device=hidden.device))
-    grad_h = torch.zeros((n_tokens, hidden.shape[1]), dtype=dtype, device=hidden.device)
+    grad_h = torch.zeros((hidden.shape[0], hidden.shape[1]), dtype=dtype, device=hidden.device)
     grad_w = torch.zeros(weight.shape, dtype=dtype, device=hidden.device) if needs_weight_grad else None
     want_b = bias is not None and needs_bias_grad
     grad_b = torch.zeros((vocab,), dtype=dtype, device=hidden.device) if want_b else None
@@ -122,7 +124,8 @@ def linear_logprobs_backward(grad_logp, hidden, weight, labels, lse, bias=None, 
         g_c = g[t0:t1]
         if not bool(g_c.any()):
             continue  # prompt/padding chunk: contributes nothing
-        h = hidden[t0:t1].to(dtype)
+        h = (hidden[t0:t1] if rows is None else hidden.index_select(0, rows[t0:t1])).to(dtype)
+        gh_c = torch.zeros_like(h)
         lse_c = lse[t0:t1].unsqueeze(1)
         for v0 in range(0, vocab, chunk_vocab):
             v1 = min(v0 + chunk_vocab, vocab)
@@ -135,13 +138,17 @@ def linear_logprobs_backward(grad_logp, hidden, weight, labels, lse, bias=None, 
                 dz.mul_(_cap_derivative(z, softcap))
             if logit_scale != 1.0:
                 dz.mul_(logit_scale)
-            grad_h[t0:t1].addmm_(dz, w)
+            gh_c.addmm_(dz, w)
             if grad_w is not None:
                 grad_w[v0:v1].addmm_(dz.t(), h)
             if grad_b is not None:
                 grad_b[v0:v1] += dz.sum(0)
-        _add_onehot_part(grad_h, grad_w, grad_b, t0, h, g_c, labels[t0:t1], keep[t0:t1], weight,
-                         bias, logit_scale, softcap, dtype)
+        _add_onehot_part(gh_c, grad_w, grad_b, h, g_c, labels[t0:t1], keep[t0:t1], weight, bias, logit_scale,
+                         softcap, dtype)
+        if rows is None:
+            grad_h[t0:t1] = gh_c
+        else:
+            grad_h.index_copy_(0, rows[t0:t1], gh_c)
 
     return grad_h, grad_w, grad_b
 

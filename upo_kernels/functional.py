@@ -89,22 +89,33 @@ def validate_linear_inputs(hidden, weight, labels, bias, logit_scale, softcap, i
 
 
 class _LinearLogprobs(torch.autograd.Function):
+    """Only the rows with a label run through the kernels (prompt and padding rows cost nothing):
+    the forward gathers them into a temporary, the backward gathers one token group at a time
+    and scatters ``grad_hidden`` back; ignored rows get exactly zero gradient."""
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, logit_scale, softcap, ignore_index, backend, chunks):
         ops = _ops(backend)
-        logp, lse = ops.forward(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, **chunks)
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        keep = labels != ignore_index
+        rows = None if bool(keep.all()) else keep.nonzero().squeeze(1)
+        h_c = hidden if rows is None else hidden.index_select(0, rows)
+        y_c = labels if rows is None else labels.index_select(0, rows)
+        logp_c, lse_c = ops.forward(h_c, weight, y_c, bias, logit_scale, softcap, ignore_index, **chunks)
+        del h_c  # the gathered copy is not kept for the backward
+        logp = logp_c if rows is None else logp_c.new_zeros(labels.shape).index_copy_(0, rows, logp_c)
+        ctx.save_for_backward(hidden, weight, bias, y_c, lse_c, rows)
         ctx.options = (logit_scale, softcap, ignore_index, backend, chunks)
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        hidden, weight, bias, labels, lse, rows = ctx.saved_tensors
         logit_scale, softcap, ignore_index, backend, chunks = ctx.options
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_c = grad_logp if rows is None else grad_logp.index_select(0, rows)
         grad_h, grad_w, grad_b = _ops(backend).backward(
-            grad_logp.contiguous(), hidden, weight, labels, lse, bias, logit_scale, softcap, ignore_index,
-            needs_weight_grad=need_w, needs_bias_grad=need_b, **chunks)
+            grad_c.contiguous(), hidden, weight, labels, lse, bias, logit_scale, softcap, ignore_index,
+            needs_weight_grad=need_w, needs_bias_grad=need_b, rows=rows, **chunks)
         grad_h = grad_h.to(hidden.dtype) if need_h else None
         grad_w = grad_w.to(weight.dtype) if (need_w and grad_w is not None) else None
         grad_b = grad_b.to(bias.dtype) if (need_b and grad_b is not None) else None
@@ -130,8 +141,10 @@ def linear_logprobs(hidden, weight, labels, *, bias=None, logit_scale=1.0, softc
 
     hidden [..., D], weight [V, D], labels [...] (``ignore_index`` skipped) -> fp32 tensor of
     ``labels.shape`` (fp64 for fp64 inputs), 0 where ignored. Differentiable with respect to
-    hidden, weight and bias; the ``[tokens, vocab]`` logits never exist. ``chunk_tokens`` and
-    ``chunk_vocab`` override the tile sizes of the chunked (torch) backward/forward.
+    hidden, weight and bias; the ``[tokens, vocab]`` logits never exist, and ignored rows are
+    not computed at all (their gradient is exactly 0). ``chunk_tokens`` and ``chunk_vocab``
+    override the tile sizes: the chunked (torch) backend's tiles, or the Triton backend's token
+    group and vocabulary chunk (defaults from ``UPO_GROUP_MB`` / ``UPO_TILE_MB``).
     """
     validate_linear_inputs(hidden, weight, labels, bias, logit_scale, softcap, ignore_index)
     backend = resolve_backend(backend, hidden.device)

@@ -217,7 +217,7 @@ def _accumulate_fp32(acc, a, b):
 
 def backward(grad_logp, hidden, weight, labels, lse, bias=None, logit_scale=1.0, softcap=None,
              ignore_index=-100, needs_weight_grad=True, needs_bias_grad=True, chunk_tokens=None,
-             chunk_vocab=None):
+             chunk_vocab=None, rows=None):
     """Recompute the logits in ``[group, chunk]`` tiles: token groups outside, vocabulary inside.
 
     Per tile: ``z = H_g W_c^T`` (cuBLAS, fp32 out) -> Triton epilogue writes ``dz`` over ``z``
@@ -227,13 +227,18 @@ def backward(grad_logp, hidden, weight, labels, lse, bias=None, logit_scale=1.0,
     products (each summed in fp32 by cuBLAS), G roundings. That is the price of never holding a
     full-size fp32 accumulator: grad_weight in fp32 is 2 GB at V = 128k, D = 4096, and
     grad_hidden in fp32 grows with the tokens (256 MB at 16k tokens).
+    ``rows`` (int64 [M], optional): token ``t`` is row ``rows[t]`` of ``hidden``; each group's
+    rows are gathered (a group-sized copy) and their gradient scattered back, other rows get 0.
     Returns (grad_h in hidden's dtype, grad_w in weight's dtype, grad_b fp32).
     """
-    n_tokens, dim = hidden.shape
+    n_tokens, dim = labels.shape[0], hidden.shape[1]
     vocab = weight.shape[0]
     keep = labels != ignore_index
     g = torch.where(keep, grad_logp.float(), torch.zeros((), device=hidden.device))
-    grad_h = buffers.empty((n_tokens, dim), hidden.dtype, hidden.device)
+    if rows is None:
+        grad_h = buffers.empty((n_tokens, dim), hidden.dtype, hidden.device)
+    else:
+        grad_h = torch.zeros((hidden.shape[0], dim), dtype=hidden.dtype, device=hidden.device)
     grad_w = None
     if needs_weight_grad:  # an empty batch writes no tile: its weight gradient is zero
         grad_w = buffers.empty(weight.shape, weight.dtype, weight.device)
@@ -242,13 +247,14 @@ def backward(grad_logp, hidden, weight, labels, lse, bias=None, logit_scale=1.0,
     want_b = bias is not None and needs_bias_grad
     grad_b = torch.zeros((vocab,), dtype=torch.float32, device=hidden.device) if want_b else None
     group, chunk = _tiles(n_tokens, dim, vocab, chunk_tokens, chunk_vocab)
-    # fp32 inputs accumulate straight into grad_h; 16-bit ones into one reused fp32 group buffer
-    acc = None if hidden.dtype == torch.float32 else torch.empty(
-        (min(group, n_tokens), dim), dtype=torch.float32, device=hidden.device)
+    # fp32 inputs without ``rows`` accumulate straight into grad_h; else one reused fp32 group buffer
+    direct = hidden.dtype == torch.float32 and rows is None
+    acc = None if direct else torch.empty((min(group, n_tokens), dim), dtype=torch.float32, device=hidden.device)
     block_n, block_v = _epilogue_blocks()
     for r0 in range(0, n_tokens, group):
         r1 = min(r0 + group, n_tokens)
-        h_g, fp32_cache = hidden[r0:r1], {}
+        h_g = hidden[r0:r1] if rows is None else hidden.index_select(0, rows[r0:r1])
+        fp32_cache = {}
         acc_g = grad_h[r0:r1] if acc is None else acc[: r1 - r0]
         acc_g.zero_()
         for v0 in range(0, vocab, chunk):
@@ -273,6 +279,8 @@ def backward(grad_logp, hidden, weight, labels, lse, bias=None, logit_scale=1.0,
                     grad_w[v0:v1].addmm_(dz.t(), h_g)
             if grad_b is not None:
                 grad_b[v0:v1] += dz.sum(dim=0, dtype=torch.float32)
-        if acc is not None:
+        if rows is not None:
+            grad_h.index_copy_(0, rows[r0:r1], acc_g.to(hidden.dtype))
+        elif acc is not None:
             grad_h[r0:r1].copy_(acc_g)
     return grad_h, grad_w, grad_b
