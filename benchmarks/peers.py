@@ -38,6 +38,14 @@ PEERS = {
                             ("dpo", "upo"), False),
     "ours_triton_cublas_fwd": ("upo.fused_loss backend='triton', UPO_FWD_IMPL=cublas (forward probe)",
                                ("dpo", "upo"), True),
+    "ours_triton_input_logits": ("upo.fused_loss backend='triton', UPO_FWD_IMPL=cublas UPO_LOGITS=input (probe)",
+                                 ("dpo", "upo"), True),
+}
+
+# Environment the probe variants of ours_triton run under (read by the kernels at each forward).
+OURS_ENV = {
+    "ours_triton_cublas_fwd": {"UPO_FWD_IMPL": "cublas"},
+    "ours_triton_input_logits": {"UPO_FWD_IMPL": "cublas", "UPO_LOGITS": "input"},
 }
 
 BIG_TILES = (4096, 4096)
@@ -52,6 +60,8 @@ PEER_NOTES = {
     "cce": "default filter_eps='high' (gradient filtering: approximate gradients by design)",
     "ours_triton_cublas_fwd": "not the library default: the forward as cuBLAS fp32 logit tiles + a Triton "
                               "logsumexp epilogue instead of the fused Triton kernel",
+    "ours_triton_input_logits": "not the library default: as ours_triton_cublas_fwd with the logit tiles "
+                                "rounded to bf16 by cuBLAS in both passes (the naive path's numerics)",
     "ours_torch_bigtiles": f"not the library default: chunk_tokens={BIG_TILES[0]}, chunk_vocab={BIG_TILES[1]} "
                            "passed to upo_kernels.linear_logprobs, sums and loss head as for naive",
 }
@@ -153,7 +163,7 @@ def availability(peer: str, device) -> tuple[bool, str]:
             from cut_cross_entropy import linear_cross_entropy  # noqa: F401
         elif peer == "ours_torch_bigtiles":
             from upo_kernels import linear_logprobs  # noqa: F401
-        elif peer in ("ours_torch", "ours_triton", "ours_triton_cublas_fwd"):
+        elif peer in ("ours_torch", "ours_triton") or peer in OURS_ENV:
             import upo  # noqa: F401
             from upo import fused_loss  # noqa: F401
             if peer != "ours_torch":
@@ -239,7 +249,7 @@ def _cce(inputs, loss_kind):
     return step, ""
 
 
-def _ours(inputs, loss_kind, backend, fwd_impl=None):
+def _ours(inputs, loss_kind, backend, env=None):
     import os
 
     import upo
@@ -255,17 +265,16 @@ def _ours(inputs, loss_kind, backend, fwd_impl=None):
         kwargs.update(UPO_OPTIONS, aux_rewards_chosen=a[:B], aux_rewards_rejected=a[B:])
 
     def step():
-        if fwd_impl is None:
-            return upo.fused_loss(h, W, y, **kwargs).loss, None
-        previous = os.environ.get("UPO_FWD_IMPL")
-        os.environ["UPO_FWD_IMPL"] = fwd_impl  # read by the forward at each call
+        previous = {k: os.environ.get(k) for k in env or {}}
+        os.environ.update(env or {})  # read by the forward; its backward keeps what it read
         try:
             return upo.fused_loss(h, W, y, **kwargs).loss, None
         finally:
-            if previous is None:
-                del os.environ["UPO_FWD_IMPL"]
-            else:
-                os.environ["UPO_FWD_IMPL"] = previous
+            for k, v in previous.items():
+                if v is None:
+                    del os.environ[k]
+                else:
+                    os.environ[k] = v
 
     return step, ""
 
@@ -303,8 +312,8 @@ def build(peer: str, inputs, loss_kind: str):
         return _ours(inputs, loss_kind, "torch")
     if peer == "ours_triton":
         return _ours(inputs, loss_kind, "triton")
-    if peer == "ours_triton_cublas_fwd":
-        return _ours(inputs, loss_kind, "triton", fwd_impl="cublas")
+    if peer in OURS_ENV:
+        return _ours(inputs, loss_kind, "triton", env=OURS_ENV[peer])
     if peer == "ours_torch_bigtiles":
         return _ours_tiles(inputs, loss_kind)
     raise KeyError(peer)

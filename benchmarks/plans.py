@@ -65,8 +65,8 @@ def cpu_plan(preset="default", full=False):
 GPU_HEADLINE = Shape(4, 2048, 4096, 128256, "bfloat16", ("headline", "length"))
 # The chunked torch backend is slow on a GPU (many small tiles): it runs last in its shapes and
 # only at the headline and in the length sweep.
-GPU_ALL_PEERS = ["naive", "ours_triton", "ours_triton_cublas_fwd", "cce", "trl_chunked", "trl_selective",
-                 "ours_torch"]
+GPU_ALL_PEERS = ["naive", "ours_triton", "ours_triton_cublas_fwd", "ours_triton_input_logits", "cce", "trl_chunked",
+                 "trl_selective", "ours_torch"]
 GPU_LENGTH_PEERS = ["naive", "ours_triton", "cce", "trl_chunked", "ours_torch"]
 GPU_SWEEP_PEERS = ["naive", "ours_triton", "cce", "trl_chunked"]
 

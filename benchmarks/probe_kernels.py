@@ -48,9 +48,11 @@ def check(n, d, v, dtype, scale=1.0, cap=None, bias=False, seed=0):
     ref_out, ref_g = grads_of(lambda h_, w_, *b_: reference.reference_token_logprobs(
         h_, w_, y, b_[0] if b_ else None, scale, cap), h.double(), w.double(), None if b is None else b.double(), up.double())
     row = {"n": n, "d": d, "v": v, "dtype": str(dtype), "scale": scale, "softcap": cap, "bias": bias}
-    for name, backend, impl in (("triton", "triton", "fused"), ("triton_cublas_fwd", "triton", "cublas"),
-                                ("torch", "torch", "fused")):
-        with env(UPO_FWD_IMPL=impl):
+    for name, backend, impl, logits in (("triton", "triton", "fused", "fp32"),
+                                        ("triton_cublas_fwd", "triton", "cublas", "fp32"),
+                                        ("triton_input_logits", "triton", "cublas", "input"),
+                                        ("torch", "torch", "fused", "fp32")):
+        with env(UPO_FWD_IMPL=impl, UPO_LOGITS=logits):
             out, gs = grads_of(lambda h_, w_, *b_: linear_logprobs(h_, w_, y, bias=b_[0] if b_ else None,
                                logit_scale=scale, softcap=cap, backend=backend), h, w, b, up)
         row[name] = [rel(out, ref_out)] + [rel(g, r) for g, r in zip(gs, ref_g)]
@@ -113,9 +115,11 @@ def env(**values):
                 os.environ[k] = v
 
 
-# fwd+bwd variants timed at the headline: forward implementation x grad_hidden group budget (MB;
-# 256 MB is one group of 16k tokens at D = 4096, i.e. an exact single-product grad_weight).
-VARIANTS = [("fused", 64), ("cublas", 64), ("cublas", 32), ("cublas", 128), ("fused", 256), ("cublas", 256)]
+# fwd+bwd variants timed at the headline: (forward implementation, grad_hidden group budget in MB,
+# logits precision). 256 MB is one group of 16k tokens at D = 4096 (an exact single-product
+# grad_weight); "input" rounds the logit tiles to bf16 in both passes (UPO_LOGITS).
+VARIANTS = [("fused", 64, "fp32"), ("cublas", 64, "fp32"), ("cublas", 32, "fp32"), ("cublas", 128, "fp32"),
+            ("fused", 256, "fp32"), ("cublas", 256, "fp32"), ("cublas", 64, "input"), ("fused", 64, "input")]
 
 
 def speed(n, d, v, dtype, configs):
@@ -153,20 +157,22 @@ def speed(n, d, v, dtype, configs):
                 emit({"case": "triton fwd", "cfg": cfg, "ms": t_f, "ratio_to_1mm": t_f / mm})
             except Exception as exc:  # a config that does not compile on this GPU
                 emit({"case": "triton fwd", "cfg": cfg, "error": repr(exc)[:300]})
-    with env(UPO_FWD_IMPL="cublas"):
-        t_f = bench(lambda: linear_logprobs(h, w, y, backend="triton"))
-        emit({"case": "cublas fwd", "ms": t_f, "ratio_to_1mm": t_f / mm})
-    for impl, group_mb in VARIANTS:
-        with env(UPO_FWD_IMPL=impl, UPO_GROUP_MB=group_mb):
+    for logits in ("fp32", "input"):
+        with env(UPO_FWD_IMPL="cublas", UPO_LOGITS=logits):
+            t_f = bench(lambda: linear_logprobs(h, w, y, backend="triton"))
+            emit({"case": "cublas fwd", "logits": logits, "ms": t_f, "ratio_to_1mm": t_f / mm})
+    for impl, group_mb, logits in VARIANTS:
+        with env(UPO_FWD_IMPL=impl, UPO_GROUP_MB=group_mb, UPO_LOGITS=logits):
             try:
                 t = bench(fwd_bwd, warmup=2, rep=5)
                 peak, kept = peak_extra(fwd_bwd)
-                emit({"case": "triton fwd+bwd", "fwd": impl, "group_MB": group_mb,
+                emit({"case": "triton fwd+bwd", "fwd": impl, "group_MB": group_mb, "logits": logits,
                       "tiles": triton_ops._tiles(n, d, v), "ms": t, "ratio_to_4mm": t / (4 * mm),
                       "peak_extra_MB": peak / 2**20, "kept_MB": kept / 2**20,
                       "extra_minus_grads_MB": (peak - kept) / 2**20})
             except Exception as exc:  # noqa: BLE001
-                emit({"case": "triton fwd+bwd", "fwd": impl, "group_MB": group_mb, "error": repr(exc)[:300]})
+                emit({"case": "triton fwd+bwd", "fwd": impl, "group_MB": group_mb, "logits": logits,
+                      "error": repr(exc)[:300]})
     emit({"case": "cuBLAS paths used", **triton_ops.PATHS})
 
     def naive():

@@ -4,8 +4,8 @@ Every test is marked ``gpu`` and skipped without CUDA. fp32: rel. error < 1e-5 (
 and < 1e-4 (grads); the Triton kernels promise IEEE fp32 dots for fp32 inputs, and TF32 is switched
 off for cuBLAS here. bf16: the Cut Cross-Entropy rule ``|ours - ref| <= |naive_bf16 - ref| + tol`` (in
 norm), naive = ``(h @ W.T)`` in bf16, ``.float().log_softmax(-1)``, gather, grads by autograd.
-Both Triton forwards (``UPO_FWD_IMPL=fused|cublas``) run the fp32 and bf16 checks, and the bf16
-backward is also run with several token groups. Memory: peak extra memory of the fused
+Both Triton forwards (``UPO_FWD_IMPL=fused|cublas``) run the fp32 and bf16 checks; the bf16
+backward also runs with several token groups and with bf16-rounded logits (``UPO_LOGITS=input``). Memory: peak extra memory of the fused
 forward+backward is < 5% of the naive path's at N=8192, D=2048, V=128256 and < 1% at the
 headline N=16384, D=4096, V=128256 (bf16). Budget: well under a minute on one H100.
 """
@@ -184,6 +184,13 @@ def test_bf16_no_worse_than_naive_32k(backend):
 
 def test_bf16_no_worse_than_naive_128k(fwd_impl):
     inp = make_inputs(2048, 512, 128256, dtype=torch.bfloat16, device="cuda", ignore_frac=0.2)
+    check_no_worse_than_naive(linear_logprobs, inp, "triton")
+
+
+def test_bf16_input_logits_no_worse_than_naive(fwd_impl, monkeypatch):
+    """UPO_LOGITS=input: logit tiles rounded to bf16 in both passes (the naive path's numerics)."""
+    monkeypatch.setenv("UPO_LOGITS", "input")
+    inp = make_inputs(4096, 1024, 32003, dtype=torch.bfloat16, device="cuda", ignore_frac=0.2)
     check_no_worse_than_naive(linear_logprobs, inp, "triton")
 
 

@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import (TOL_GRAD, TOL_OUT, assert_close_rel, check_no_worse_than_naive, check_split_passes, gen,
-                     make_inputs, new_seed, reference_floors, reference_token_outputs, run_token_fn)
+                     make_inputs, new_seed, reference_floors, reference_token_outputs, rel_err, run_token_fn)
 from upo_kernels import linear_logprobs, reference
 from upo_kernels.buffers import poison_outputs
 
@@ -189,3 +189,72 @@ def test_backward_working_memory_is_group_sized(monkeypatch, with_rows):
     per_token = 64  # labels mask, coefficients, lse slices, row indices: a few bytes a token
     assert big - small <= (2048 - 256) * per_token, (
         f"working memory grows with tokens: {small} bytes at 256 tokens, {big} at 2048")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_forward_keeps_no_copy_of_the_used_rows(backend):
+    """Prompt-heavy input (3 of 4 rows ignored): what the forward leaves alive for the backward is
+    O(tokens) numbers (row ids, labels, lse, log-probs), not a gathered [M, D] copy of hidden."""
+    n, d, v = 512, 96, 300
+    inp = make_inputs(n, d, v, ignore_frac=0.0)
+    labels = inp.labels.clone()
+    labels[torch.arange(n) % 4 != 0] = -100
+    h = inp.hidden.clone().requires_grad_(True)
+    w = inp.weight.clone().requires_grad_(True)
+    with _LiveBytes() as mem:
+        out = linear_logprobs(h, w, labels, backend=backend)
+    kept_alive = mem.live  # the forward's allocations still referenced: output + saved tensors
+    assert kept_alive <= n * 32, f"{kept_alive} bytes outlive the forward (a gathered [M, D] copy is {n // 4 * d * 4})"
+    out.sum().backward()
+    assert (h.grad[labels == -100] == 0).all() and h.grad[labels != -100].abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- UPO_LOGITS=input
+def _rounded_logit_logprobs(inp, dtype):
+    """float64 log-probs of logits first rounded to ``dtype`` (what the naive 16-bit path sees)."""
+    z = (inp.hidden.double() @ inp.weight.double().t()).to(dtype).double()
+    keep = inp.labels != -100
+    lp = z.log_softmax(-1).gather(-1, torch.where(keep, inp.labels, 0)[:, None])[:, 0]
+    return torch.where(keep, lp, torch.zeros_like(lp))
+
+
+@pytest.mark.parametrize("impl", ["fused", "cublas"])
+def test_input_dtype_logits_match_the_rounded_softmax(monkeypatch, impl):
+    """fp16 (the interpreter's tl.dot is exact for it; bf16 is not): with UPO_LOGITS=input both
+    forwards compute the softmax of logits rounded to fp16, like the naive fp16 path, and the
+    gradients meet the naive-16-bit rule."""
+    monkeypatch.setenv("UPO_FWD_IMPL", impl)
+    monkeypatch.setenv("UPO_LOGITS", "input")
+    seed = new_seed()
+    inp = make_inputs(96, 40, 509, dtype=torch.float16, seed=seed, ignore_frac=0.2)
+    with poison_outputs():
+        logp = linear_logprobs(inp.hidden, inp.weight, inp.labels, backend="triton", chunk_tokens=40,
+                               chunk_vocab=200)
+    rounded = _rounded_logit_logprobs(inp, torch.float16)
+    exact = reference_token_outputs(inp, torch.zeros(96))[0]
+    # rounded logits: agree with the rounded softmax (up to rare one-ulp differences of the
+    # accumulation order), and differ from the exact one by the rounding itself
+    assert rel_err(logp, rounded) < 2e-4, f"vs rounded softmax: {rel_err(logp, rounded):.2e} (seed={seed})"
+    assert rel_err(logp, rounded) < 0.5 * rel_err(rounded, exact), f"not the rounded softmax (seed={seed})"
+    check_no_worse_than_naive(functools.partial(linear_logprobs, chunk_tokens=40, chunk_vocab=200), inp, "triton")
+
+
+def test_logits_mode_is_fixed_at_forward_time(monkeypatch):
+    """The backward reuses the forward's UPO_LOGITS / UPO_FWD_IMPL even if the environment changes."""
+    monkeypatch.setenv("UPO_FWD_IMPL", "cublas")
+    inp = make_inputs(50, 24, 301, dtype=torch.float16, ignore_frac=0.2)
+    up = torch.randn(50)
+
+    def grads(switch_before_backward):
+        monkeypatch.setenv("UPO_LOGITS", "input")
+        h = inp.hidden.clone().requires_grad_(True)
+        out = linear_logprobs(h, inp.weight, inp.labels, backend="triton")
+        if switch_before_backward:
+            monkeypatch.setenv("UPO_LOGITS", "fp32")
+        out.backward(up)
+        return h.grad
+
+    assert torch.equal(grads(False), grads(True))
+    monkeypatch.setenv("UPO_LOGITS", "bf16")
+    with pytest.raises(ValueError, match="UPO_LOGITS"):
+        _ops().logits_mode()

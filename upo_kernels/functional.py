@@ -96,6 +96,7 @@ class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, logit_scale, softcap, ignore_index, backend, chunks):
         ops = _ops(backend)
+        chunks = dict(chunks, **ops.call_options())  # env-selected variants, fixed for the backward
         keep = labels != ignore_index
         rows = None if bool(keep.all()) else keep.nonzero().squeeze(1)
         h_c = hidden if rows is None else hidden.index_select(0, rows)
@@ -125,6 +126,10 @@ class _LinearLogprobs(torch.autograd.Function):
 class _TorchOps:
     forward = staticmethod(chunked.linear_logprobs_forward)
     backward = staticmethod(chunked.linear_logprobs_backward)
+
+    @staticmethod
+    def call_options():
+        return {}
 
 
 def _ops(backend):

@@ -27,7 +27,7 @@ def linear_logprobs_fwd_kernel(
     stride_hn, stride_wv,
     vocab_per_split, num_splits,
     logit_scale, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ROUND_LOGITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     split = tl.program_id(0)
@@ -51,6 +51,8 @@ def linear_logprobs_fwd_kernel(
             h = tl.load(h_rows + (d0 + offs_d)[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             w = tl.load(w_rows + (d0 + offs_d)[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        if ROUND_LOGITS:  # as cuBLAS writes a 16-bit product (the backward recomputes it so)
+            acc = acc.to(H.dtype.element_ty).to(tl.float32)
         x, _ = capped_logits(acc, BIAS, offs_v, col_ok, logit_scale, softcap, HAS_BIAS, HAS_SOFTCAP)
         # col_ok (v_end): the last tile of a split overhangs into the next split's columns
         run_max, run_sum, target = online_logsumexp(x, offs_v, col_ok, labels, run_max, run_sum, target)

@@ -80,6 +80,22 @@ def forward_impl() -> str:
     return impl
 
 
+def logits_mode() -> str:
+    """``fp32`` (default): logit tiles stay fp32, a softmax more exact than the naive path's.
+    ``input``: 16-bit inputs get their logits rounded to that dtype, as cuBLAS writes them in the
+    naive path and TRL (half the tile traffic); forward and backward round the same way, so the
+    softmax stays consistent. fp32 inputs are unaffected."""
+    mode = os.environ.get("UPO_LOGITS", "fp32")
+    if mode not in ("fp32", "input"):
+        raise ValueError(f"UPO_LOGITS must be 'fp32' or 'input', got {mode!r}")
+    return mode
+
+
+def call_options() -> dict:
+    """The environment-selected variants, read once per forward; its backward reuses them."""
+    return {"fwd_impl": forward_impl(), "logits": logits_mode()}
+
+
 def _merge_parts(part_max, part_sum, part_tgt, labels, ignore_index):
     """Per-slice (max, sum-exp, target) [N, S] -> (logp [N], lse [N]), exact in fp32."""
     top = part_max.max(dim=1).values
@@ -93,12 +109,20 @@ def _part_buffers(n_tokens, slices, device):
     return tuple(buffers.empty((n_tokens, slices), torch.float32, device) for _ in range(3))
 
 
+def _rounds_logits(logits, dtype):
+    return logits == "input" and dtype in (torch.float16, torch.bfloat16)
+
+
 def forward(hidden, weight, labels, bias=None, logit_scale=1.0, softcap=None, ignore_index=-100,
-            chunk_tokens=None, chunk_vocab=None):
-    """hidden [N, D], weight [V, D], labels [N] int64 -> (logp [N] fp32, lse [N] fp32)."""
-    if forward_impl() == "cublas":
+            chunk_tokens=None, chunk_vocab=None, fwd_impl=None, logits=None):
+    """hidden [N, D], weight [V, D], labels [N] int64 -> (logp [N] fp32, lse [N] fp32).
+
+    ``fwd_impl`` / ``logits``: see ``forward_impl()`` / ``logits_mode()`` (default: from the
+    environment)."""
+    logits = logits or logits_mode()
+    if (fwd_impl or forward_impl()) == "cublas":
         return _forward_cublas(hidden, weight, labels, bias, logit_scale, softcap, ignore_index,
-                               chunk_tokens, chunk_vocab)
+                               chunk_tokens, chunk_vocab, logits)
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
     block_n, block_v, block_d, warps, stages = forward_config(hidden.dtype)
@@ -114,7 +138,7 @@ def forward(hidden, weight, labels, bias=None, logit_scale=1.0, softcap=None, ig
             n_tokens, vocab, dim, hidden.stride(0), weight.stride(0),
             vocab_per_split, splits, float(logit_scale), float(softcap or 1.0),
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-            DOT_PRECISION=_dot_precision(hidden.dtype),
+            ROUND_LOGITS=_rounds_logits(logits, hidden.dtype), DOT_PRECISION=_dot_precision(hidden.dtype),
             BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
         )
     return _merge_parts(part_max, part_sum, part_tgt, labels, ignore_index)
@@ -125,9 +149,11 @@ def _epilogue_blocks():
 
 
 def _forward_cublas(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, chunk_tokens,
-                    chunk_vocab):
-    """cuBLAS ``z = H_g W_c^T`` tiles (fp32 out) reduced by ``logsumexp_tile_kernel``; the same
-    token groups and vocabulary chunks as the backward, so one tile is alive at a time."""
+                    chunk_vocab, logits):
+    """cuBLAS ``z = H_g W_c^T`` tiles (fp32 out, or 16-bit with ``logits="input"``) reduced by
+    ``logsumexp_tile_kernel``; the same token groups and vocabulary chunks as the backward, so
+    one tile is alive at a time."""
+    rounded = _rounds_logits(logits, hidden.dtype)
     n_tokens = hidden.shape[0]
     vocab = weight.shape[0]
     group, chunk = _tiles(n_tokens, hidden.shape[1], vocab, chunk_tokens, chunk_vocab)
@@ -139,7 +165,7 @@ def _forward_cublas(hidden, weight, labels, bias, logit_scale, softcap, ignore_i
         h_g, fp32_cache = hidden[r0:r1], {}
         for tile, v0 in enumerate(range(0, vocab, chunk)):
             v1 = min(v0 + chunk, vocab)
-            z = _logit_chunk(h_g, weight[v0:v1], fp32_cache)
+            z = _logit_chunk(h_g, weight[v0:v1], fp32_cache, rounded)
             logsumexp_tile_kernel[(triton.cdiv(r1 - r0, block_n),)](
                 z, bias if bias is not None else z, labels[r0:r1],
                 part_max[r0:r1], part_sum[r0:r1], part_tgt[r0:r1],
@@ -171,15 +197,16 @@ def _tiles(n_tokens, dim, vocab, chunk_tokens=None, chunk_vocab=None):
 PATHS = {"logits_fp32": None, "grad_hidden_fp32_out": None}
 
 
-def _logit_chunk(hidden, w_c, fp32_cache):
-    """fp32 ``hidden @ w_c.T``: the recomputed softmax must match the forward's fp32 logsumexp.
+def _logit_chunk(hidden, w_c, fp32_cache, rounded=False):
+    """``hidden @ w_c.T`` in fp32, or in the 16-bit input dtype when ``rounded``.
 
-    For 16-bit inputs cuBLAS writes fp32 directly where torch offers ``out_dtype``; elsewhere
-    (CPU, older torch) the product runs on fp32 copies (``fp32_cache`` keeps the hidden copy
-    across chunks). Rounding the logits to 16 bits first would make ``exp(z - lse)`` an
-    inconsistent softmax, worse than a naive bf16 implementation.
+    Forward and backward must see the same logits: rounding them in one pass only would make
+    ``exp(z - lse)`` an inconsistent softmax, worse than a naive bf16 implementation. For
+    16-bit inputs cuBLAS writes fp32 directly where torch offers ``out_dtype``; elsewhere (CPU,
+    older torch) the product runs on fp32 copies (``fp32_cache`` keeps the hidden copy across
+    chunks).
     """
-    if hidden.dtype not in (torch.float16, torch.bfloat16):
+    if rounded or hidden.dtype not in (torch.float16, torch.bfloat16):
         return torch.mm(hidden, w_c.t())
     if PATHS["logits_fp32"] is not False:
         try:
@@ -217,7 +244,7 @@ def _accumulate_fp32(acc, a, b):
 
 def backward(grad_logp, hidden, weight, labels, lse, bias=None, logit_scale=1.0, softcap=None,
              ignore_index=-100, needs_weight_grad=True, needs_bias_grad=True, chunk_tokens=None,
-             chunk_vocab=None, rows=None):
+             chunk_vocab=None, rows=None, fwd_impl=None, logits=None):
     """Recompute the logits in ``[group, chunk]`` tiles: token groups outside, vocabulary inside.
 
     Per tile: ``z = H_g W_c^T`` (cuBLAS, fp32 out) -> Triton epilogue writes ``dz`` over ``z``
@@ -229,8 +256,10 @@ def backward(grad_logp, hidden, weight, labels, lse, bias=None, logit_scale=1.0,
     grad_hidden in fp32 grows with the tokens (256 MB at 16k tokens).
     ``rows`` (int64 [M], optional): token ``t`` is row ``rows[t]`` of ``hidden``; each group's
     rows are gathered (a group-sized copy) and their gradient scattered back, other rows get 0.
+    ``logits`` must be the forward's (``fwd_impl`` is the forward's only).
     Returns (grad_h in hidden's dtype, grad_w in weight's dtype, grad_b fp32).
     """
+    rounded = _rounds_logits(logits or logits_mode(), hidden.dtype)
     n_tokens, dim = labels.shape[0], hidden.shape[1]
     vocab = weight.shape[0]
     keep = labels != ignore_index
@@ -260,10 +289,13 @@ def backward(grad_logp, hidden, weight, labels, lse, bias=None, logit_scale=1.0,
         for v0 in range(0, vocab, chunk):
             v1 = min(v0 + chunk, vocab)
             w_c = weight[v0:v1]
-            z = _logit_chunk(h_g, w_c, fp32_cache)
+            z = _logit_chunk(h_g, w_c, fp32_cache, rounded)
             # The interpreter truncates fp32 -> bf16 where the GPU rounds to nearest: there the
             # kernel writes fp32 and torch rounds, so CPU tests see the GPU's arithmetic.
-            dz = z if interpreting() else _grad_view(z, hidden.dtype)
+            if interpreting():
+                dz = z if z.dtype == torch.float32 else torch.empty(z.shape, dtype=torch.float32)
+            else:
+                dz = _grad_view(z, hidden.dtype)
             softmax_grad_epilogue_kernel[(triton.cdiv(r1 - r0, block_n),)](
                 z, dz, bias if bias is not None else z, labels[r0:r1], g[r0:r1], lse[r0:r1],
                 r1 - r0, v1 - v0, v0, z.stride(0), dz.stride(0), float(logit_scale), float(softcap or 1.0),
