@@ -116,6 +116,21 @@ def test_grad_only_hidden_and_no_grad(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_only_weight_and_bias(backend):
+    """Hidden states without grad (the LM head trained alone): weight and bias grads still exact."""
+    seed = new_seed()
+    inp = make_inputs(37, 24, 157, seed=seed, device=DEVICE, bias=True, ignore_frac=0.3)
+    up = torch.randn(37, generator=gen(seed + 1)).to(DEVICE)
+    _, _, ref_gw, ref_gb = reference_token_outputs(inp, up)
+    fl = reference_floors(inp, up)
+    w, b = leaf(inp.weight), leaf(inp.bias)
+    with poison_outputs():
+        linear_logprobs(inp.hidden, w, inp.labels, bias=b, backend=backend, chunk_tokens=16).backward(up)
+    assert_close_rel(w.grad, ref_gw, TOL_GRAD, "grad_weight (frozen hidden)", seed, fl["gw"])
+    assert_close_rel(b.grad, ref_gb, TOL_GRAD, "grad_bias (frozen hidden)", seed, fl["gb"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_input(backend):
     """N = 0 tokens: an empty result (and zero grads), or a clear ValueError; never a crash elsewhere."""
     hidden = torch.zeros(0, 8, device=DEVICE, requires_grad=True)

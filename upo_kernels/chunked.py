@@ -103,18 +103,20 @@ def _add_onehot_part(grad_h, grad_w, grad_b, h, g, labels, keep, weight, bias, l
 def linear_logprobs_backward(grad_logp, hidden, weight, labels, lse, bias=None, logit_scale=1.0,
                              softcap=None, ignore_index=-100, chunk_tokens=DEFAULT_CHUNK_TOKENS,
                              chunk_vocab=DEFAULT_CHUNK_VOCAB, needs_weight_grad=True,
-                             needs_bias_grad=True, rows=None):
+                             needs_bias_grad=True, needs_hidden_grad=True, rows=None):
     """Gradients of ``sum_t grad_logp[t] * logp[t]`` -> (grad_hidden, grad_weight, grad_bias).
 
     ``rows`` (int64 [M], optional): token ``t`` of ``grad_logp``/``labels``/``lse`` is row
     ``rows[t]`` of ``hidden`` (which may have more rows: those get zero gradient). Returned in
-    the compute dtype (fp32/fp64); the caller casts to the parameters' dtypes.
+    the compute dtype (fp32/fp64), None where not needed; the caller casts to the parameters'
+    dtypes.
     """
     n_tokens, vocab = labels.shape[0], weight.shape[0]
     dtype = compute_dtype(hidden.dtype)
     keep = labels != ignore_index
     g = torch.where(keep, grad_logp.to(dtype), torch.zeros((), dtype=dtype, device=hidden.device))
-    grad_h = torch.zeros((hidden.shape[0], hidden.shape[1]), dtype=dtype, device=hidden.device)
+    grad_h = torch.zeros((hidden.shape[0], hidden.shape[1]), dtype=dtype, device=hidden.device) \
+        if needs_hidden_grad else None
     grad_w = torch.zeros(weight.shape, dtype=dtype, device=hidden.device) if needs_weight_grad else None
     want_b = bias is not None and needs_bias_grad
     grad_b = torch.zeros((vocab,), dtype=dtype, device=hidden.device) if want_b else None
@@ -138,13 +140,16 @@ def linear_logprobs_backward(grad_logp, hidden, weight, labels, lse, bias=None, 
                 dz.mul_(_cap_derivative(z, softcap))
             if logit_scale != 1.0:
                 dz.mul_(logit_scale)
-            gh_c.addmm_(dz, w)
+            if grad_h is not None:
+                gh_c.addmm_(dz, w)
             if grad_w is not None:
                 grad_w[v0:v1].addmm_(dz.t(), h)
             if grad_b is not None:
                 grad_b[v0:v1] += dz.sum(0)
         _add_onehot_part(gh_c, grad_w, grad_b, h, g_c, labels[t0:t1], keep[t0:t1], weight, bias, logit_scale,
                          softcap, dtype)
+        if grad_h is None:
+            continue
         if rows is None:
             grad_h[t0:t1] = gh_c
         else:

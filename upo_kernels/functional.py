@@ -116,7 +116,7 @@ class _LinearLogprobs(torch.autograd.Function):
         grad_c = grad_logp if rows is None else grad_logp.index_select(0, rows)
         grad_h, grad_w, grad_b = _ops(backend).backward(
             grad_c.contiguous(), hidden, weight, labels, lse, bias, logit_scale, softcap, ignore_index,
-            needs_weight_grad=need_w, needs_bias_grad=need_b, rows=rows, **chunks)
+            needs_weight_grad=need_w, needs_bias_grad=need_b, needs_hidden_grad=need_h, rows=rows, **chunks)
         grad_h = grad_h.to(hidden.dtype) if need_h else None
         grad_w = grad_w.to(weight.dtype) if (need_w and grad_w is not None) else None
         grad_b = grad_b.to(bias.dtype) if (need_b and grad_b is not None) else None

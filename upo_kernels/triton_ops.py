@@ -213,7 +213,9 @@ def _logit_chunk(hidden, w_c, fp32_cache, rounded=False):
             z = torch.mm(hidden, w_c.t(), out_dtype=torch.float32)
             PATHS["logits_fp32"] = True
             return z
-        except (TypeError, RuntimeError):
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError):  # older torch, or a device without the dtype variant
             PATHS["logits_fp32"] = False
     if "hidden" not in fp32_cache:
         fp32_cache["hidden"] = hidden.float()
@@ -237,14 +239,16 @@ def _accumulate_fp32(acc, a, b):
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
             PATHS["grad_hidden_fp32_out"] = True
             return
+        except torch.cuda.OutOfMemoryError:
+            raise
         except (TypeError, RuntimeError):  # older torch, or a device without the dtype variant
             PATHS["grad_hidden_fp32_out"] = False
     acc.addmm_(a.float(), b.float())  # tile-sized fp32 copies: rounding each product to 16 bits would not be exact
 
 
 def backward(grad_logp, hidden, weight, labels, lse, bias=None, logit_scale=1.0, softcap=None,
-             ignore_index=-100, needs_weight_grad=True, needs_bias_grad=True, chunk_tokens=None,
-             chunk_vocab=None, rows=None, fwd_impl=None, logits=None):
+             ignore_index=-100, needs_weight_grad=True, needs_bias_grad=True, needs_hidden_grad=True,
+             chunk_tokens=None, chunk_vocab=None, rows=None, fwd_impl=None, logits=None):
     """Recompute the logits in ``[group, chunk]`` tiles: token groups outside, vocabulary inside.
 
     Per tile: ``z = H_g W_c^T`` (cuBLAS, fp32 out) -> Triton epilogue writes ``dz`` over ``z``
@@ -257,14 +261,17 @@ def backward(grad_logp, hidden, weight, labels, lse, bias=None, logit_scale=1.0,
     ``rows`` (int64 [M], optional): token ``t`` is row ``rows[t]`` of ``hidden``; each group's
     rows are gathered (a group-sized copy) and their gradient scattered back, other rows get 0.
     ``logits`` must be the forward's (``fwd_impl`` is the forward's only).
-    Returns (grad_h in hidden's dtype, grad_w in weight's dtype, grad_b fp32).
+    Returns (grad_h in hidden's dtype, grad_w in weight's dtype, grad_b fp32); None for a
+    gradient that is not needed.
     """
     rounded = _rounds_logits(logits or logits_mode(), hidden.dtype)
     n_tokens, dim = labels.shape[0], hidden.shape[1]
     vocab = weight.shape[0]
     keep = labels != ignore_index
     g = torch.where(keep, grad_logp.float(), torch.zeros((), device=hidden.device))
-    if rows is None:
+    if not needs_hidden_grad:  # e.g. training the LM head alone: no dH products at all
+        grad_h = None
+    elif rows is None:
         grad_h = buffers.empty((n_tokens, dim), hidden.dtype, hidden.device)
     else:
         grad_h = torch.zeros((hidden.shape[0], dim), dtype=hidden.dtype, device=hidden.device)
@@ -278,14 +285,17 @@ def backward(grad_logp, hidden, weight, labels, lse, bias=None, logit_scale=1.0,
     group, chunk = _tiles(n_tokens, dim, vocab, chunk_tokens, chunk_vocab)
     # fp32 inputs without ``rows`` accumulate straight into grad_h; else one reused fp32 group buffer
     direct = hidden.dtype == torch.float32 and rows is None
-    acc = None if direct else torch.empty((min(group, n_tokens), dim), dtype=torch.float32, device=hidden.device)
+    acc = None
+    if grad_h is not None and not direct:
+        acc = torch.empty((min(group, n_tokens), dim), dtype=torch.float32, device=hidden.device)
     block_n, block_v = _epilogue_blocks()
     for r0 in range(0, n_tokens, group):
         r1 = min(r0 + group, n_tokens)
         h_g = hidden[r0:r1] if rows is None else hidden.index_select(0, rows[r0:r1])
         fp32_cache = {}
-        acc_g = grad_h[r0:r1] if acc is None else acc[: r1 - r0]
-        acc_g.zero_()
+        acc_g = None if grad_h is None else grad_h[r0:r1] if acc is None else acc[: r1 - r0]
+        if acc_g is not None:
+            acc_g.zero_()
         for v0 in range(0, vocab, chunk):
             v1 = min(v0 + chunk, vocab)
             w_c = weight[v0:v1]
@@ -293,7 +303,7 @@ def backward(grad_logp, hidden, weight, labels, lse, bias=None, logit_scale=1.0,
             # The interpreter truncates fp32 -> bf16 where the GPU rounds to nearest: there the
             # kernel writes fp32 and torch rounds, so CPU tests see the GPU's arithmetic.
             if interpreting():
-                dz = z if z.dtype == torch.float32 else torch.empty(z.shape, dtype=torch.float32)
+                dz = z if z.dtype == torch.float32 else torch.empty(z.shape, dtype=torch.float32, device=z.device)
             else:
                 dz = _grad_view(z, hidden.dtype)
             softmax_grad_epilogue_kernel[(triton.cdiv(r1 - r0, block_n),)](
@@ -303,7 +313,8 @@ def backward(grad_logp, hidden, weight, labels, lse, bias=None, logit_scale=1.0,
                 BLOCK_N=block_n, BLOCK_V=block_v, num_warps=4,
             )
             dz = dz.to(hidden.dtype)
-            _accumulate_fp32(acc_g, dz, w_c)
+            if acc_g is not None:
+                _accumulate_fp32(acc_g, dz, w_c)
             if grad_w is not None:
                 if r0 == 0:
                     torch.mm(dz.t(), h_g, out=grad_w[v0:v1])
@@ -311,6 +322,8 @@ def backward(grad_logp, hidden, weight, labels, lse, bias=None, logit_scale=1.0,
                     grad_w[v0:v1].addmm_(dz.t(), h_g)
             if grad_b is not None:
                 grad_b[v0:v1] += dz.sum(dim=0, dtype=torch.float32)
+        if grad_h is None:
+            continue
         if rows is not None:
             grad_h.index_copy_(0, rows[r0:r1], acc_g.to(hidden.dtype))
         elif acc is not None:
