@@ -1,9 +1,11 @@
-"""The Triton backend's tile passes: token groups x vocabulary chunks, and the cuBLAS forward.
+"""The Triton backend's tile passes: token groups x vocabulary chunks, the cuBLAS forward, the
+row skipping of ignored tokens and ``UPO_LOGITS=input``.
 
-Under ``TRITON_INTERPRET=1`` on CPU (fp32 everywhere except the bf16 backward, whose epilogue
-has no ``tl.dot``). Every call runs under ``poison_outputs()``. The working-memory test tracks
-every tensor the backward allocates and proves that no full-size fp32 grad_hidden and no
-``[tokens, vocab]`` tensor exists when the token groups are smaller than the batch.
+Under ``TRITON_INTERPRET=1`` on CPU (fp32, or fp16 where a forward's ``tl.dot`` must see 16-bit
+inputs: the interpreter's bf16 dot is wrong; the bf16 backward has no ``tl.dot``). Kernel calls
+run under ``poison_outputs()``. The working-memory tests track every tensor the passes allocate
+and prove that no full-size fp32 grad_hidden, no ``[tokens, vocab]`` tensor and no gathered copy
+of the hidden states outlives its use.
 """
 from __future__ import annotations
 
@@ -25,6 +27,13 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="tests/test_gp
 def _ops():
     from upo_kernels import triton_ops
     return triton_ops
+
+
+@pytest.fixture(autouse=True)
+def _default_knobs(monkeypatch):
+    """Each test starts from the library defaults, whatever the caller's environment says."""
+    for name in ("UPO_FWD_IMPL", "UPO_LOGITS", "UPO_GROUP_MB", "UPO_TILE_MB", "UPO_TRITON_FWD"):
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture(params=["fused", "cublas"])
