@@ -5,9 +5,10 @@ and < 1e-4 (grads); the Triton kernels promise IEEE fp32 dots for fp32 inputs, a
 off for cuBLAS here. bf16: the Cut Cross-Entropy rule ``|ours - ref| <= |naive_bf16 - ref| + tol`` (in
 norm), naive = ``(h @ W.T)`` in bf16, ``.float().log_softmax(-1)``, gather, grads by autograd.
 Both Triton forwards (``UPO_FWD_IMPL=fused|cublas``) run the fp32 and bf16 checks; the bf16
-backward also runs with several token groups and with bf16-rounded logits (``UPO_LOGITS=input``). Memory: peak extra memory of the fused
-forward+backward is < 5% of the naive path's at N=8192, D=2048, V=128256 and < 1% at the
-headline N=16384, D=4096, V=128256 (bf16). Budget: well under a minute on one H100.
+backward also runs with several token groups and with bf16-rounded logits (``UPO_LOGITS=input``).
+Memory: peak extra memory of the fused forward+backward is < 5% of the naive path's at
+N=8192, D=2048, V=128256 and <= 1% at the headline N=16384, D=4096, V=128256 (bf16).
+Budget: about a minute on one H100.
 """
 from __future__ import annotations
 
