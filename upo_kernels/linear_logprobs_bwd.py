@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from upo_kernels.tile_math import capped_logits
+from upo_kernels.tile_math import capped_logits, row_block
 
 
 @triton.jit
@@ -28,9 +28,7 @@ def softmax_grad_epilogue_kernel(
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = offs_n < N
-    rows = offs_n.to(tl.int64)[:, None]
+    offs_n, row_ok, rows = row_block(N, BLOCK_N)
     labels = tl.load(Y + offs_n, mask=row_ok, other=-1)
     g = tl.load(G + offs_n, mask=row_ok, other=0.0)
     lse = tl.load(LSE + offs_n, mask=row_ok, other=0.0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from upo_kernels.tile_math import capped_logits, online_init, online_logsumexp, store_parts
+from upo_kernels.tile_math import capped_logits, online_init, online_logsumexp, row_block, store_parts
 
 
 @triton.jit
@@ -24,9 +24,7 @@ def logsumexp_tile_kernel(
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = offs_n < N
-    rows = offs_n.to(tl.int64)[:, None]
+    offs_n, row_ok, rows = row_block(N, BLOCK_N)
     local_label = tl.load(Y + offs_n, mask=row_ok, other=-1) - v_offset
     run_max, run_sum, target = online_init(BLOCK_N)
     for v0 in range(0, VC, BLOCK_V):

@@ -16,6 +16,13 @@ def tanh(x):
 
 
 @triton.jit
+def row_block(N, BLOCK_N: tl.constexpr):
+    """This program's rows (1-D grid over row blocks): ids, in-range mask, int64 column of ids."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_n, offs_n < N, offs_n.to(tl.int64)[:, None]
+
+
+@triton.jit
 def capped_logits(z, BIAS, offs_bias, col_ok, logit_scale, softcap,
                   HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """Raw fp32 logit tile ``z`` [BN, BV] -> (``x = cap(logit_scale * (z + b))``, ``t``), where
