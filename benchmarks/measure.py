@@ -14,6 +14,7 @@ does, in a fresh process per case).
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import statistics
@@ -23,6 +24,21 @@ import time
 import torch
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+@contextlib.contextmanager
+def env_vars(**values):
+    """Set environment variables for the block (upo's kernels read ``UPO_*`` at each forward)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: str(v) for k, v in values.items()})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def sync(device):

@@ -24,6 +24,8 @@ import types
 import torch
 import torch.nn.functional as F
 
+from benchmarks.measure import env_vars
+
 # name -> (label, loss kinds supported, needs CUDA)
 PEERS = {
     "naive": ("naive PyTorch (logits -> float log_softmax -> gather)", ("dpo", "upo"), False),
@@ -250,8 +252,6 @@ def _cce(inputs, loss_kind):
 
 
 def _ours(inputs, loss_kind, backend, env=None):
-    import os
-
     import upo
 
     h, W, y = inputs["hidden"], inputs["weight"], inputs["labels"]
@@ -265,16 +265,8 @@ def _ours(inputs, loss_kind, backend, env=None):
         kwargs.update(UPO_OPTIONS, aux_rewards_chosen=a[:B], aux_rewards_rejected=a[B:])
 
     def step():
-        previous = {k: os.environ.get(k) for k in env or {}}
-        os.environ.update(env or {})  # read by the forward; its backward keeps what it read
-        try:
+        with env_vars(**(env or {})):  # read by the forward; its backward keeps what it read
             return upo.fused_loss(h, W, y, **kwargs).loss, None
-        finally:
-            for k, v in previous.items():
-                if v is None:
-                    del os.environ[k]
-                else:
-                    os.environ[k] = v
 
     return step, ""
 

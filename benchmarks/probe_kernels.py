@@ -8,7 +8,6 @@ kernel tile configuration, or ``UPO_FWD_IMPL=cublas``) and the backward's token-
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -18,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from benchmarks.measure import env_vars  # noqa: E402
 from upo_kernels import linear_logprobs, reference  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def check(n, d, v, dtype, scale=1.0, cap=None, bias=False, seed=0):
                                         ("triton_cublas_fwd", "triton", "cublas", "fp32"),
                                         ("triton_input_logits", "triton", "cublas", "input"),
                                         ("torch", "torch", "fused", "fp32")):
-        with env(UPO_FWD_IMPL=impl, UPO_LOGITS=logits):
+        with env_vars(UPO_FWD_IMPL=impl, UPO_LOGITS=logits):
             out, gs = grads_of(lambda h_, w_, *b_: linear_logprobs(h_, w_, y, bias=b_[0] if b_ else None,
                                logit_scale=scale, softcap=cap, backend=backend), h, w, b, up)
         row[name] = [rel(out, ref_out)] + [rel(g, r) for g, r in zip(gs, ref_g)]
@@ -100,21 +100,6 @@ def peak_extra(fn):
     return peak, kept
 
 
-@contextlib.contextmanager
-def env(**values):
-    """Set environment variables (the kernels read UPO_* at each call) for the block."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update({k: str(v) for k, v in values.items()})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 # fwd+bwd variants timed at the headline: (forward implementation, grad_hidden group budget in MB,
 # logits precision). 256 MB is one group of 16k tokens at D = 4096 (an exact single-product
 # grad_weight); "input" rounds the logit tiles to bf16 in both passes (UPO_LOGITS).
@@ -151,18 +136,18 @@ def speed(n, d, v, dtype, configs):
         return torch.autograd.grad((lp * coef).sum(), (hh, ww))
 
     for cfg in configs:
-        with env(UPO_TRITON_FWD=",".join(map(str, cfg))):
+        with env_vars(UPO_TRITON_FWD=",".join(map(str, cfg))):
             try:
                 t_f = bench(lambda: linear_logprobs(h, w, y, backend="triton"))
                 emit({"case": "triton fwd", "cfg": cfg, "ms": t_f, "ratio_to_1mm": t_f / mm})
             except Exception as exc:  # a config that does not compile on this GPU
                 emit({"case": "triton fwd", "cfg": cfg, "error": repr(exc)[:300]})
     for logits in ("fp32", "input"):
-        with env(UPO_FWD_IMPL="cublas", UPO_LOGITS=logits):
+        with env_vars(UPO_FWD_IMPL="cublas", UPO_LOGITS=logits):
             t_f = bench(lambda: linear_logprobs(h, w, y, backend="triton"))
             emit({"case": "cublas fwd", "logits": logits, "ms": t_f, "ratio_to_1mm": t_f / mm})
     for impl, group_mb, logits in VARIANTS:
-        with env(UPO_FWD_IMPL=impl, UPO_GROUP_MB=group_mb, UPO_LOGITS=logits):
+        with env_vars(UPO_FWD_IMPL=impl, UPO_GROUP_MB=group_mb, UPO_LOGITS=logits):
             try:
                 t = bench(fwd_bwd, warmup=2, rep=5)
                 peak, kept = peak_extra(fwd_bwd)

@@ -73,8 +73,9 @@ def sequence_logprobs(hidden, weight, labels, *, cu_seqlens=None, bias=None, log
     flat_h, flat_y, seq_ids, rows = _flatten(hidden, labels, cu_seqlens, weight)
     if flat_y.dtype.is_floating_point or flat_y.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {flat_y.dtype}")
-    picked = (flat_y != ignore_index).nonzero().squeeze(1)
-    counts = torch.bincount(seq_ids[picked], minlength=rows)
+    # response tokens per sequence; linear_logprobs finds the rows to run itself
+    counts = torch.zeros(rows, dtype=torch.int64, device=flat_y.device).index_add_(
+        0, seq_ids, (flat_y != ignore_index).to(torch.int64))
     if not allow_empty and rows and bool((counts == 0).any()):
         row = int((counts == 0).nonzero()[0])
         raise ValueError(f"labels: {_describe_row(row, rows)} has no response tokens "

@@ -97,8 +97,8 @@ class _LinearLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, logit_scale, softcap, ignore_index, backend, chunks):
         ops = _ops(backend)
         chunks = dict(chunks, **ops.call_options())  # env-selected variants, fixed for the backward
-        keep = labels != ignore_index
-        rows = None if bool(keep.all()) else keep.nonzero().squeeze(1)
+        rows = (labels != ignore_index).nonzero().squeeze(1)  # one host sync
+        rows = None if rows.numel() == labels.numel() else rows
         h_c = hidden if rows is None else hidden.index_select(0, rows)
         y_c = labels if rows is None else labels.index_select(0, rows)
         logp_c, lse_c = ops.forward(h_c, weight, y_c, bias, logit_scale, softcap, ignore_index, **chunks)
