@@ -33,5 +33,5 @@ setup(
         "bench": ["liger-kernel", "trl"],
         "gpu": ["flash-attn"],
     },
-    entry_points={"console_scripts": ["upo-train=upo.cli:main"]},
+    entry_points={"console_scripts": ["upo-train=upo.train.cli:main"]},
 )

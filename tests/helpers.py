@@ -16,7 +16,7 @@ import torch
 from upo_kernels import reference
 from upo_kernels.buffers import poison_outputs
 
-# Numerical contract (DESIGN.md section 5), fp32 inputs vs the float64 oracle.
+# Numerical contract (docs/kernels.md), fp32 inputs vs the float64 oracle.
 TOL_OUT = 1e-5
 TOL_GRAD = 1e-4
 

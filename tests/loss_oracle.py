@@ -2,44 +2,17 @@
 
 Each oracle takes a batch dict of float64 tensors (``S_c, S_r, R_c, R_r, n_c, n_r, a_c,
 a_r, v_c, v_r``; ``a_*`` are [B, K]) plus ``beta``, ``eps`` and the loss's options, and
-returns the per-pair loss [B]. They follow DESIGN.md section 1 and TRL's trainers line by
+returns the per-pair loss [B]. They follow docs/losses.md and TRL's trainers line by
 line, using only elementary functions, so that a slip in the library shows up as a
 mismatch rather than being copied.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
-import pathlib
-import sys
 
 import torch
 
 F64 = torch.float64
-
-
-def import_upo_losses():
-    """``upo.losses``, even while a sibling module imported by ``upo/__init__`` is missing.
-
-    The package ``__init__`` imports modules other engineers are still writing; a missing
-    sibling must not hide the loss tests, so fall back to loading the file on its own
-    under a private name (nothing called ``upo`` is faked in ``sys.modules``).
-    """
-    try:
-        return importlib.import_module("upo.losses")
-    except ImportError as error:
-        if getattr(error, "name", None) == "upo.losses":
-            raise
-    name = "_upo_losses_standalone"
-    if name in sys.modules:
-        return sys.modules[name]
-    path = pathlib.Path(__file__).resolve().parents[1] / "upo" / "losses.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---------------------------------------------------------------- elementary pieces

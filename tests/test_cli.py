@@ -9,8 +9,8 @@ import pytest
 
 import upo
 from helpers import MICRO_MODEL, one_thread  # noqa: F401  (fixture used by pytestmark)
-from upo.cli import main, parse_config
-from upo.data import UserError
+from upo.train.cli import main, parse_config
+from upo.train.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MICRO = json.dumps(MICRO_MODEL)

@@ -1,10 +1,10 @@
-"""upo.data: byte tokenizer, record formats, tokenisation/truncation, padded vs packed batches, sampler."""
+"""upo.train.data: byte tokenizer, record formats, tokenisation/truncation, padded vs packed batches, sampler."""
 import json
 
 import pytest
 import torch
 
-from upo.data import (
+from upo.train.data import (
     IGNORE_INDEX,
     ByteTokenizer,
     DataPosition,
@@ -106,7 +106,7 @@ def test_missing_local_dataset_is_a_user_error(tmp_path):
 
 # ------------------------------------------------------------------ tokenisation
 def test_tokenize_adds_bos_and_eos_and_truncates_prompts_per_mode():
-    from upo.data import RenderedPair
+    from upo.train.data import RenderedPair
 
     pair = RenderedPair("abcdefghij", "xy", "z", "abcdefghij", "xy", "z")
     full = tokenize_pair(pair, TOK, TokenizeSettings(max_length=64), 0)

@@ -229,7 +229,7 @@ def test_bf16_no_worse_than_naive_cpu():
 @pytest.mark.parametrize("cap", [None, 4.0])
 def test_triton_backward_bf16_interpreter(cap):
     """The triton backward (host code + epilogue; no tl.dot, so bf16 is valid in the interpreter) with bf16
-    inputs: grads no worse than the naive bf16 path (DESIGN section 5).
+    inputs: grads no worse than the naive bf16 path (docs/kernels.md, numerical contract).
 
     On CPU ``torch.mm(..., out_dtype=float32)`` does not exist, so this runs the fallback that rounds the
     recomputed logits to bf16 -- the path torch builds without that overload take on CUDA too.

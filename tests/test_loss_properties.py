@@ -6,8 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import loss_oracle as oracle
-
-L = oracle.import_upo_losses()
+import upo.losses as L
 
 PROFILE = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -188,7 +187,7 @@ upo_settings = st.fixed_dictionaries({
 
 
 def awr_weights(batch, beta_aux, omega_max, baseline):
-    """omega per response [chosen..., rejected...], from DESIGN.md section 1."""
+    """omega per response [chosen..., rejected...], from docs/losses.md (UPO)."""
     reward = torch.cat([batch["a_c"], batch["a_r"]]).sum(dim=1)
     size = len(batch["S_c"])
     if baseline == "pair_mean":

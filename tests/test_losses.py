@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import loss_oracle as oracle
+import upo
+import upo.losses as L
 
-L = oracle.import_upo_losses()
 
 RUN_SEED = int(os.environ.get("UPO_TEST_SEED", random.randrange(2**31)))
 SEEDS = [0, 1, RUN_SEED]
@@ -247,7 +248,7 @@ def test_value_loss_trains_values_only_and_aux_term_trains_policy_only():
 
 # ------------------------------------------------------------------ value head
 def test_value_head_shapes_dtype_and_detached_input():
-    head = L.ValueHead(16)
+    head = upo.ValueHead(16)
     hidden = torch.randn(5, 16, dtype=torch.bfloat16, requires_grad=True)
     values = head(hidden)
     assert values.shape == (5,) and values.dtype == torch.float32

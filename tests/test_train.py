@@ -1,4 +1,4 @@
-"""upo.trainer end to end on a micro Llama (hidden 32, 2 layers): learning, UPO, resume, packing, reference."""
+"""upo.train.trainer end to end on a micro Llama (hidden 32, 2 layers): learning, UPO, resume, packing, reference."""
 import json
 import random
 
@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from helpers import MICRO_MODEL, one_thread  # noqa: F401  (fixture used by pytestmark)
-from upo.config import build_config
-from upo.data import default_dataset_path
+from upo.train.config import build_config
+from upo.train.data import default_dataset_path
 from upo.rewards import readability
-from upo.trainer import Trainer, setup_runtime
+from upo.train.runtime import setup_runtime
+from upo.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -144,7 +145,7 @@ def test_resume_drops_metrics_of_lost_steps(tmp_path):
 def _loss_and_grads(trainer: Trainer, packing: bool):
     trainer.module.zero_grad(set_to_none=True)
     examples = [trainer.data.examples[i] for i in trainer.train_indices[:4]]
-    from upo.data import collate
+    from upo.train.data import collate
 
     batch = collate(examples, trainer.pad_id, packing=packing)
     out = trainer.module(batch)

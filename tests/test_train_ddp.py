@@ -1,6 +1,7 @@
 """Two CPU processes (torchrun, gloo, DDP) give the same parameters as one process with the same global batch."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +50,18 @@ def test_ddp_two_processes_match_one_process(tmp_path):
         if "eval/loss" in a:
             assert b["eval/loss"] == pytest.approx(a["eval/loss"], rel=1e-5)
     assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_torchrun_launches_the_console_script(tmp_path):
+    """``torchrun ... $(which upo-train)``: the installed script is a plain Python file torchrun can run."""
+    script = shutil.which("upo-train") or str(Path(sys.executable).with_name("upo-train"))
+    if not Path(script).is_file():
+        pytest.skip("upo-train is not installed in this environment")
+    args = ["--model-config", MICRO, "--output-dir", str(tmp_path / "out"), "--max-examples", "8", "--batch-size", "4",
+            "--max-steps", "1", "--eval-fraction", "0", "--backend", "torch", "--device", "cpu", "--no-progress"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", script, *args]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["world_size"] == 2

@@ -8,9 +8,13 @@ User API::
     upo.available_losses()
     upo.loss_spec(name)                              # a loss's LossSpec: needs_reference, options, ...
     upo.ValueHead(hidden_size)
+
+The library (this package minus ``upo.train``) never imports the training application;
+``upo.train`` is the ``upo-train`` command built on it. Map of the code: docs/layout.md.
 """
-from upo.losses import LossOutput, ValueHead, available_losses, loss, loss_spec, register_loss
 from upo.fused import fused_loss, sequence_logprobs
+from upo.losses import LossOutput, available_losses, loss, loss_spec, register_loss
+from upo.value_head import ValueHead
 
 __all__ = [
     "LossOutput",

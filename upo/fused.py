@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from upo.losses import loss
 from upo_kernels import linear_logprobs
 
 
@@ -117,8 +118,6 @@ def fused_loss(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_chosen
 
     Returns the ``upo.loss`` output (``loss``, ``losses``, ``terms``, ``metrics``).
     """
-    from upo.losses import loss
-
     for name in ("chosen_lengths", "rejected_lengths"):
         if name in loss_kwargs:
             raise ValueError(f"{name} is computed from labels by fused_loss; do not pass it")

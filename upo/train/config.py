@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from upo.data import UserError
+from upo.train.errors import UserError
 
 # The default run: the tiny byte-level Llama on the shipped data, DPO + UPO (readability).
 DEFAULT_AUX_REWARDS = ("readability:1.0",)

@@ -12,8 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from upo.config import PRETRAINED_LR, TINY_MODEL_LR, TrainConfig, build_config, load_config_file
-from upo.data import UserError
+from upo.heads import UnsupportedModelError
+from upo.train.config import PRETRAINED_LR, TINY_MODEL_LR, TrainConfig, build_config, load_config_file
+from upo.train.errors import UserError
 
 PROG = "upo-train"
 EXIT_USER_ERROR = 2
@@ -186,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_config(sys.argv[1:] if argv is None else list(argv))
         # Heavy imports (transformers) only once the flags are known to parse.
-        from upo.trainer import Trainer, setup_runtime
+        from upo.train.runtime import setup_runtime
+        from upo.train.trainer import Trainer
 
         runtime = setup_runtime(config.device)
         _limit_threads_for_tiny_models(config, runtime.device)
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except SystemExit as exit_request:  # --help
         return int(exit_request.code or 0)
-    except UserError as err:
+    except (UserError, UnsupportedModelError) as err:
         _report_error(str(err))
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         if runtime is not None:
-            from upo.trainer import teardown_runtime
+            from upo.train.runtime import teardown_runtime
 
             teardown_runtime(runtime)
 

@@ -1,0 +1,166 @@
+"""Checks of everything :func:`upo.loss` is given, each failing with a ``ValueError`` naming the argument."""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from upo.losses.registry import LossSpec, loss_spec, option_readers
+
+
+def resolve_loss_types(loss_type: Any, loss_weights: Any) -> tuple[list[str], list[float]]:
+    """``loss_type`` as a list of known, distinct names and one finite weight per name."""
+    names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    if not names:
+        raise ValueError("loss_type must name at least one loss")
+    for name in names:
+        try:
+            loss_spec(name)
+        except ValueError as err:
+            raise ValueError(f"loss_type: {err}") from None
+    if len(set(names)) != len(names):
+        raise ValueError(f"loss_type lists a loss twice: {names}")
+
+    if loss_weights is None:
+        return names, [1.0] * len(names)
+    if isinstance(loss_weights, (int, float)):
+        loss_weights = [loss_weights]
+    weights = [float(w) for w in loss_weights]
+    if len(weights) != len(names):
+        raise ValueError(f"loss_weights has {len(weights)} entries but loss_type has {len(names)}: {names}")
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"loss_weights must be finite, got {weights}")
+    return names, weights
+
+
+def check_options(options: Mapping[str, Any], names: list[str], specs: list[LossSpec]) -> None:
+    """Refuse option names that no selected loss declares, hinting at the losses that read them."""
+    accepted = {key for spec in specs for key in spec.options}
+    unknown = sorted(set(options) - accepted)
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        readers = option_readers(key)
+        if readers:
+            hints.append(f"{key!r} is read by {', '.join(readers)}")
+    hint = f" ({'; '.join(hints)})" if hints else ""
+    raise ValueError(
+        f"unknown option(s) {', '.join(map(repr, unknown))} for loss_type {names}{hint}; "
+        f"accepted options: {', '.join(sorted(accepted)) or 'none'}"
+    )
+
+
+def check_hyperparameters(beta: Any, label_smoothing: Any) -> tuple[float, float]:
+    beta = float(beta)
+    if not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be finite and > 0, got {beta}")
+    label_smoothing = float(label_smoothing)
+    if not (0.0 <= label_smoothing < 0.5):
+        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
+    return beta, label_smoothing
+
+
+def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """The inputs' common floating dtype, promoted to at least float32."""
+    dtype = torch.float32
+    for tensor in tensors:
+        if isinstance(tensor, Tensor) and tensor.is_floating_point():
+            dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def batch_size(policy_chosen_logps: Any) -> int:
+    if not isinstance(policy_chosen_logps, Tensor):
+        raise ValueError(f"policy_chosen_logps must be a 1-D tensor [B], got {type(policy_chosen_logps)}")
+    if policy_chosen_logps.ndim != 1:
+        raise ValueError(f"policy_chosen_logps must be a 1-D tensor [B], got {tuple(policy_chosen_logps.shape)}")
+    if policy_chosen_logps.numel() == 0:
+        raise ValueError("policy_chosen_logps is empty: a batch needs at least one pair")
+    return policy_chosen_logps.shape[0]
+
+
+def check_finite(tensor: Tensor, argument: str) -> None:
+    if not bool(torch.isfinite(tensor.detach()).all()):
+        raise ValueError(f"{argument} contains NaN or inf")
+
+
+class VectorChecker:
+    """Converts and validates the per-pair inputs against batch size, dtype and device."""
+
+    def __init__(self, batch: int, dtype: torch.dtype, device: torch.device):
+        self.batch, self.dtype, self.device = batch, dtype, device
+
+    def _tensor(self, value: Any) -> Tensor:
+        # Python numbers go straight to the compute dtype (never through float32).
+        return value if isinstance(value, Tensor) else torch.as_tensor(value, dtype=self.dtype, device=self.device)
+
+    def _vector(self, value: Any, argument: str) -> Tensor:
+        tensor = self._tensor(value)
+        if tensor.shape != (self.batch,):
+            raise ValueError(
+                f"{argument} must have shape ({self.batch},) like policy_chosen_logps, got {tuple(tensor.shape)}"
+            )
+        tensor = tensor.to(device=self.device, dtype=self.dtype)  # differentiable cast
+        check_finite(tensor, argument)
+        return tensor
+
+    def logps(self, value: Any, argument: str) -> Tensor:
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            raise ValueError(f"{argument} must be a floating-point tensor")
+        return self._vector(value, argument)
+
+    def optional_logps(self, value: Any, argument: str) -> Tensor | None:
+        return None if value is None else self.logps(value, argument)
+
+    def lengths(self, value: Any, argument: str) -> Tensor | None:
+        if value is None:
+            return None
+        tensor = self._vector(value, argument).detach()
+        if not bool((tensor > 0).all()):
+            raise ValueError(f"{argument} must be > 0 for every response (a response with no token)")
+        return tensor
+
+    def values(self, value: Any, argument: str) -> Tensor | None:
+        return None if value is None else self._vector(value, argument)
+
+    def aux_rewards(self, chosen: Any, rejected: Any) -> tuple[Tensor | None, Tensor | None]:
+        if chosen is None and rejected is None:
+            return None, None
+        if chosen is None or rejected is None:
+            missing = "aux_rewards_chosen" if chosen is None else "aux_rewards_rejected"
+            raise ValueError(f"{missing} is missing: give aux rewards for both chosen and rejected")
+        matrices = []
+        for value, argument in ((chosen, "aux_rewards_chosen"), (rejected, "aux_rewards_rejected")):
+            given = self._tensor(value).detach()
+            tensor = given.unsqueeze(-1) if given.ndim == 1 else given
+            if tensor.ndim != 2 or tensor.shape[0] != self.batch or tensor.shape[1] == 0:
+                raise ValueError(
+                    f"{argument} must have shape ({self.batch},) or ({self.batch}, K), got {tuple(given.shape)}"
+                )
+            tensor = tensor.to(device=self.device, dtype=self.dtype)
+            check_finite(tensor, argument)
+            matrices.append(tensor)
+        if matrices[0].shape != matrices[1].shape:
+            raise ValueError(
+                f"aux_rewards_chosen {tuple(matrices[0].shape)} and aux_rewards_rejected "
+                f"{tuple(matrices[1].shape)} must have the same shape"
+            )
+        return matrices[0], matrices[1]
+
+
+def check_requirements(name: str, spec: LossSpec, supplied: Mapping[str, Tensor | None]) -> None:
+    """Every input loss ``name`` declares it needs (reference, lengths, aux rewards) is present."""
+    required = []
+    if spec.needs_reference:
+        required += ["ref_chosen_logps", "ref_rejected_logps"]
+    if spec.needs_lengths:
+        required += ["chosen_lengths"] if spec.needs_lengths == "chosen" else ["chosen_lengths", "rejected_lengths"]
+    if spec.needs_aux_rewards:
+        required += ["aux_rewards_chosen", "aux_rewards_rejected"]
+    for argument in required:
+        if supplied[argument] is None:
+            raise ValueError(f"{argument} is required by loss {name!r}")

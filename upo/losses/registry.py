@@ -1,0 +1,153 @@
+"""The loss registry: what a loss reads (:class:`LossContext`), what it declares (:class:`LossSpec`).
+
+A loss is one function ``fn(ctx) -> (per_pair_loss [B], extra_metrics)`` registered with
+:func:`register_loss` in the file of its family (``dpo.py``, ``reference_free.py``, ``kto.py``,
+``upo.py``). The math of every registered loss is in ``docs/losses.md``.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["LossContext", "LossSpec", "available_losses", "loss_spec", "register_loss"]
+
+
+@dataclass
+class LossContext:
+    """Everything a registered loss may read; tensors are [B] in the compute dtype."""
+
+    name: str
+    chosen_logps: Tensor  # S_c
+    rejected_logps: Tensor  # S_r
+    ref_chosen_logps: Tensor | None  # R_c
+    ref_rejected_logps: Tensor | None  # R_r
+    chosen_lengths: Tensor | None  # n_c
+    rejected_lengths: Tensor | None  # n_r
+    aux_rewards_chosen: Tensor | None  # [B, K], detached
+    aux_rewards_rejected: Tensor | None  # [B, K], detached
+    values_chosen: Tensor | None  # V(x), keeps its gradient (for the value loss)
+    values_rejected: Tensor | None
+    beta: float
+    label_smoothing: float
+    options: dict[str, Any] = field(default_factory=dict)  # this loss's options, defaults filled
+
+    @property
+    def chosen_logratios(self) -> Tensor:
+        return self.chosen_logps - self._require("ref_chosen_logps")
+
+    @property
+    def rejected_logratios(self) -> Tensor:
+        return self.rejected_logps - self._require("ref_rejected_logps")
+
+    @property
+    def margin(self) -> Tensor:
+        """h = (S_c - R_c) - (S_r - R_r)."""
+        return self.chosen_logratios - self.rejected_logratios
+
+    @property
+    def chosen_mean_logps(self) -> Tensor:
+        return self.chosen_logps / self._require("chosen_lengths")
+
+    @property
+    def rejected_mean_logps(self) -> Tensor:
+        return self.rejected_logps / self._require("rejected_lengths")
+
+    def _require(self, argument: str) -> Tensor:
+        value = getattr(self, argument)
+        if value is None:
+            raise ValueError(f"{argument} is required by loss {self.name!r}")
+        return value
+
+    def float_option(self, key: str, *, positive: bool = False, nonnegative: bool = False) -> float:
+        """Option ``key`` as a finite float (``ValueError`` naming the option and the loss otherwise)."""
+        value = self.options[key]
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"option {key} of loss {self.name!r} must be a number, got {value!r}") from None
+        if not math.isfinite(value) or (positive and value <= 0) or (nonnegative and value < 0):
+            bound = " > 0" if positive else " >= 0" if nonnegative else ""
+            raise ValueError(f"option {key} of loss {self.name!r} must be finite{bound}, got {value}")
+        return value
+
+    def scalar_option(self, key: str, like: Tensor) -> Tensor:
+        """A user-given scalar option (float or tensor) as a detached 0-d tensor in ``like``'s dtype."""
+        # dtype given up front: a Python float must not pass through float32 on its way to float64.
+        value = torch.as_tensor(self.options[key], dtype=like.dtype, device=like.device).detach()
+        if value.numel() != 1 or not bool(torch.isfinite(value).all()):
+            raise ValueError(f"option {key} of loss {self.name!r} must be one finite number, got {self.options[key]!r}")
+        return value.reshape(())
+
+
+LossFn = Callable[[LossContext], tuple[Tensor, Mapping[str, Any]]]
+NO_METRICS: Mapping[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A registered loss: its function and what it needs from the caller."""
+
+    name: str
+    fn: LossFn
+    needs_reference: bool
+    needs_lengths: bool | str  # False, True (both sides) or "chosen"
+    needs_aux_rewards: bool
+    options: Mapping[str, Any]  # option name -> default
+
+
+_REGISTRY: dict[str, LossSpec] = {}
+
+
+def register_loss(
+    name: str,
+    *,
+    needs_reference: bool,
+    needs_lengths: bool | str = False,
+    needs_aux_rewards: bool = False,
+    options: Mapping[str, Any] | None = None,
+    aliases: Sequence[str] = (),
+) -> Callable[[LossFn], LossFn]:
+    """Decorator adding ``fn(ctx) -> (per_pair_loss [B], extra_metrics)`` under ``name``.
+
+    ``options`` declares every option the loss reads with its default; :func:`upo.loss`
+    rejects option names no selected loss declares, so typos fail loudly.
+    """
+    if needs_lengths not in (False, True, "chosen"):
+        raise ValueError(f"needs_lengths must be False, True or 'chosen', got {needs_lengths!r}")
+
+    def decorator(fn: LossFn) -> LossFn:
+        spec = LossSpec(name, fn, needs_reference, needs_lengths, needs_aux_rewards, dict(options or {}))
+        for key in (name, *aliases):
+            if key in _REGISTRY:
+                raise ValueError(f"loss {key!r} is already registered")
+        for key in (name, *aliases):
+            _REGISTRY[key] = spec
+        return fn
+
+    return decorator
+
+
+def available_losses() -> list[str]:
+    """Sorted names (aliases included) accepted by ``loss_type``."""
+    return sorted(_REGISTRY)
+
+
+def loss_spec(name: str) -> LossSpec:
+    """The :class:`LossSpec` registered under ``name`` (an alias gives its loss's spec).
+
+    Raises ``ValueError`` naming the known losses for an unknown name.
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(available_losses())}") from None
+
+
+def option_readers(key: str) -> list[str]:
+    """Names of the registered losses that declare option ``key`` (for error hints)."""
+    return sorted({spec.name for spec in _REGISTRY.values() if key in spec.options})

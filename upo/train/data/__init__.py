@@ -1,0 +1,39 @@
+"""Preference data for ``upo-train``: load rows, render and tokenise pairs, order them, batch them.
+
+    records.py    rows of a JSONL/JSON/Parquet file or a ``datasets`` dataset
+    tokenizer.py  the built-in byte tokenizer; token helpers for any tokenizer
+    pairs.py      rows -> rendered text -> tokenised, truncated, reward-scored pairs; train/eval split
+    sampler.py    the seeded, resumable, rank-sharded order of the pairs
+    collate.py    padded or packed batches: B chosen sequences, then B rejected ones
+"""
+from upo.train.data.collate import (
+    IGNORE_INDEX,
+    PreferenceBatch,
+    collate,
+    collate_packed,
+    collate_padded,
+)
+from upo.train.data.pairs import (
+    REQUIRED_COLUMNS,
+    PreferenceData,
+    PreferenceExample,
+    RenderedPair,
+    TokenizeSettings,
+    build_preference_data,
+    check_columns,
+    render_record,
+    split_train_eval,
+    tokenize_pair,
+)
+from upo.train.data.records import LOCAL_SUFFIXES, default_dataset_path, load_records
+from upo.train.data.sampler import DataPosition, PairSampler
+from upo.train.data.tokenizer import ByteTokenizer, encode_text, pad_token_id, simple_chat_template
+from upo.train.errors import UserError
+
+__all__ = [
+    "IGNORE_INDEX", "LOCAL_SUFFIXES", "REQUIRED_COLUMNS", "ByteTokenizer", "DataPosition", "PairSampler",
+    "PreferenceBatch", "PreferenceData", "PreferenceExample", "RenderedPair", "TokenizeSettings", "UserError",
+    "build_preference_data", "check_columns", "collate", "collate_packed", "collate_padded",
+    "default_dataset_path", "encode_text", "load_records", "pad_token_id", "render_record",
+    "simple_chat_template", "split_train_eval", "tokenize_pair",
+]

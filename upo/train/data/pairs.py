@@ -1,0 +1,220 @@
+"""Records to tokenised pairs: render (standard or conversational) text, tokenise and truncate, score rewards.
+
+A preference record has a ``prompt`` and two responses, ``chosen`` and ``rejected``. Two
+formats are accepted, as in TRL:
+
+* standard: the three columns are strings;
+* conversational: they are lists of ``{"role", "content"}`` messages (``prompt`` may be
+  omitted, in which case the shared prefix of ``chosen`` and ``rejected`` is the prompt).
+  Messages are rendered with the tokenizer's chat template, or with
+  :func:`simple_chat_template` when the tokenizer has none.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from upo.train.data.tokenizer import ByteTokenizer, encode_text, simple_chat_template
+from upo.train.errors import UserError
+
+REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+@dataclass
+class RenderedPair:
+    """The texts of one pair: ``*_text`` are fed to the tokenizer, ``*_plain`` to reward functions."""
+
+    prompt_text: str
+    chosen_text: str
+    rejected_text: str
+    prompt_plain: str
+    chosen_plain: str
+    rejected_plain: str
+
+
+def check_columns(records: list[dict]) -> None:
+    """Fail with the names of the missing columns (``prompt`` may be implicit in conversations)."""
+    if not records:
+        raise UserError("the dataset has no rows")
+    first = records[0]
+    missing = [c for c in REQUIRED_COLUMNS if c not in first]
+    if missing == ["prompt"] and _is_conversation(first.get("chosen")):
+        return
+    if missing:
+        found = ", ".join(sorted(first)) or "none"
+        raise UserError(f"dataset is missing column(s) {', '.join(missing)} (found: {found})")
+
+
+def _is_conversation(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value)
+
+
+def render_record(record: dict, tokenizer, row: int) -> RenderedPair:
+    """Turn one record (standard or conversational) into prompt/response strings."""
+    for column in ("chosen", "rejected"):
+        if column not in record:
+            raise UserError(f"row {row}: missing column '{column}'")
+    if _is_conversation(record["chosen"]):
+        return _render_conversation(record, tokenizer, row)
+    if "prompt" not in record:
+        raise UserError(f"row {row}: missing column 'prompt'")
+    values = [record["prompt"], record["chosen"], record["rejected"]]
+    for name, value in zip(REQUIRED_COLUMNS, values):
+        if not isinstance(value, str):
+            raise UserError(f"row {row}: column '{name}' must be a string or a list of messages, "
+                            f"got {type(value).__name__}")
+    return RenderedPair(*values, *values)
+
+
+def _render_conversation(record: dict, tokenizer, row: int) -> RenderedPair:
+    chosen, rejected = record["chosen"], record["rejected"]
+    if not _is_conversation(rejected):
+        raise UserError(f"row {row}: 'chosen' is a list of messages but 'rejected' is not")
+    prompt = record.get("prompt")
+    if prompt is None:  # implicit prompt: the shared prefix of the two conversations
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+            shared += 1
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+    elif isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not _is_conversation(prompt):
+        raise UserError(f"row {row}: 'prompt' must be a string or a list of messages")
+
+    prompt_text = _chat(tokenizer, prompt, add_generation_prompt=True)
+
+    def response(messages: list[dict]) -> str:
+        # As TRL: render prompt+response and keep what follows the rendered prompt.
+        full = _chat(tokenizer, list(prompt) + list(messages), add_generation_prompt=False)
+        if full.startswith(prompt_text):
+            return full[len(prompt_text):]
+        return "".join(str(m["content"]) for m in messages)
+
+    plain_prompt = "\n".join(str(m["content"]) for m in prompt)
+    return RenderedPair(
+        prompt_text, response(chosen), response(rejected), plain_prompt,
+        "\n".join(str(m["content"]) for m in chosen), "\n".join(str(m["content"]) for m in rejected),
+    )
+
+
+def _chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    if isinstance(tokenizer, ByteTokenizer) or not getattr(tokenizer, "chat_template", None):
+        return simple_chat_template(messages, add_generation_prompt)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+@dataclass
+class PreferenceExample:
+    """One tokenised pair. Responses end with EOS; ``aux_*`` hold one score per auxiliary reward."""
+
+    index: int
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    aux_chosen: list[float] = field(default_factory=list)
+    aux_rejected: list[float] = field(default_factory=list)
+    prompt_truncated: bool = False
+    response_truncated: bool = False
+
+
+@dataclass
+class TokenizeSettings:
+    max_length: int = 512
+    max_prompt_length: int | None = None  # None: half of max_length
+    truncation: str = "keep_end"  # which end of an over-long prompt to keep
+
+    def prompt_budget(self) -> int:
+        budget = self.max_prompt_length if self.max_prompt_length is not None else self.max_length // 2
+        return max(1, min(budget, self.max_length - 1))  # leave room for at least one response token
+
+
+def tokenize_pair(rendered: RenderedPair, tokenizer, settings: TokenizeSettings, index: int) -> PreferenceExample:
+    """Tokenise a rendered pair: BOS + prompt (truncated per ``settings``) and responses + EOS.
+
+    Empty responses are an error (nothing to learn from); over-long responses are cut at the end.
+    """
+    for column, text in (("chosen", rendered.chosen_text), ("rejected", rendered.rejected_text)):
+        if not text.strip():
+            raise UserError(f"row {index}: '{column}' response is empty")
+    prompt = encode_text(tokenizer, rendered.prompt_text)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and (not prompt or prompt[0] != bos):
+        prompt = [bos] + prompt  # also gives an empty prompt a token for the value head
+    budget = settings.prompt_budget()
+    prompt_truncated = len(prompt) > budget
+    if prompt_truncated:
+        prompt = prompt[-budget:] if settings.truncation == "keep_end" else prompt[:budget]
+
+    eos = getattr(tokenizer, "eos_token_id", None)
+    room = settings.max_length - len(prompt)
+    responses, response_truncated = [], False
+    for text in (rendered.chosen_text, rendered.rejected_text):
+        ids = encode_text(tokenizer, text) + ([eos] if eos is not None else [])
+        response_truncated |= len(ids) > room
+        responses.append(ids[:room])
+    return PreferenceExample(index, prompt, responses[0], responses[1],
+                             prompt_truncated=prompt_truncated, response_truncated=response_truncated)
+
+
+@dataclass
+class PreferenceData:
+    """Tokenised pairs plus what tokenisation had to do to them."""
+
+    examples: list[PreferenceExample]
+    reward_names: list[str] = field(default_factory=list)
+    truncated_prompts: int = 0
+    truncated_responses: int = 0
+    plain_texts: list[RenderedPair] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def build_preference_data(records: list[dict], tokenizer, settings: TokenizeSettings,
+                          reward=None, max_examples: int | None = None,
+                          reward_batch_size: int = 256) -> PreferenceData:
+    """Render, tokenise and (with ``reward``, a ``CombinedReward``) score every record once.
+
+    Rewards are deterministic functions of the texts, so they are computed here, not per step.
+    """
+    if max_examples is not None:
+        records = records[:max_examples]
+    check_columns(records)
+    rendered = [render_record(r, tokenizer, i) for i, r in enumerate(records)]
+    examples = [tokenize_pair(p, tokenizer, settings, i) for i, p in enumerate(rendered)]
+    names: list[str] = []
+    if reward is not None:
+        names = list(reward.names)
+        for start in range(0, len(records), reward_batch_size):
+            stop = min(start + reward_batch_size, len(records))
+            _score_slice(reward, records[start:stop], rendered[start:stop], examples[start:stop])
+    return PreferenceData(
+        examples, names,
+        truncated_prompts=sum(e.prompt_truncated for e in examples),
+        truncated_responses=sum(e.response_truncated for e in examples),
+        plain_texts=rendered,
+    )
+
+
+def _score_slice(reward, rows: list[dict], rendered: list[RenderedPair], examples: list[PreferenceExample]):
+    prompts = [p.prompt_plain for p in rendered]
+    try:
+        chosen, rejected = reward.score_pairs(prompts, [p.chosen_plain for p in rendered],
+                                              [p.rejected_plain for p in rendered], rows)
+    except ValueError as err:  # e.g. a column reward naming a column the data lacks
+        first = examples[0].index
+        raise UserError(f"auxiliary reward on rows {first}..{first + len(rows) - 1}: {err}") from None
+    for example, c, r in zip(examples, chosen.tolist(), rejected.tolist()):
+        example.aux_chosen, example.aux_rejected = c, r
+
+
+def split_train_eval(num_examples: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded split of example indices; at least one pair stays in training."""
+    if not 0.0 <= eval_fraction < 1.0:
+        raise UserError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
+    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed)).tolist()
+    num_eval = min(int(math.floor(num_examples * eval_fraction)), num_examples - 1)
+    return sorted(order[num_eval:]), sorted(order[:num_eval])

@@ -1,0 +1,135 @@
+"""Loading the policy: the built-in tiny Llama or a pretrained checkpoint, LoRA, activation checkpointing."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from upo.train.config import TrainConfig
+from upo.train.data import ByteTokenizer
+from upo.train.errors import UserError
+
+# The default model: a byte-level Llama small enough to train in minutes on two CPU cores.
+TINY_LLAMA = dict(
+    vocab_size=ByteTokenizer.vocab_size, hidden_size=64, intermediate_size=192, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024, rms_norm_eps=1e-5,
+    tie_word_embeddings=False, pad_token_id=ByteTokenizer.pad_token_id,
+    bos_token_id=ByteTokenizer.bos_token_id, eos_token_id=ByteTokenizer.eos_token_id,
+)
+
+
+def attention_implementation(device: torch.device, packing: bool) -> str:
+    """flash-attn (varlen for packed rows) on CUDA when installed, SDPA otherwise."""
+    if device.type == "cuda" and packing:
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def check_packing_support(attn: str) -> None:
+    """Packed rows need attention that respects the restarting positions: flash-attn varlen, or a
+    transformers recent enough to turn such ``position_ids`` into a block-diagonal mask."""
+    if attn == "flash_attention_2":
+        return
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError:
+        raise UserError("--packing needs flash-attn or a newer transformers (one with "
+                        "masking_utils.find_packed_sequence_indices); upgrade or drop --packing") from None
+
+
+def tiny_llama_config(overrides: Any = None):
+    """``LlamaConfig`` of :data:`TINY_LLAMA`, updated with a dict, a JSON string or a JSON file."""
+    from transformers import LlamaConfig
+
+    settings = dict(TINY_LLAMA)
+    settings.update(_parse_model_config(overrides))
+    try:
+        return LlamaConfig(**settings)
+    except Exception as err:
+        raise UserError(f"invalid --model-config: {str(err).splitlines()[0]}") from None
+
+
+def _parse_model_config(value: Any) -> dict:
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    text = str(value)
+    if Path(text).expanduser().is_file():
+        text = Path(text).expanduser().read_text(encoding="utf-8")
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError:
+        raise UserError(f"--model-config must be a JSON object or a JSON file, got '{value}'") from None
+    if not isinstance(parsed, dict):
+        raise UserError("--model-config must be a JSON object")
+    return parsed
+
+
+def load_policy_and_tokenizer(config: TrainConfig, device: torch.device):
+    """The initial policy (seeded, so every process and every resume builds the same one) and its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    attn = attention_implementation(device, config.packing)
+    if config.packing:
+        check_packing_support(attn)
+    torch.manual_seed(config.seed)
+    if config.model is None:
+        model_config = tiny_llama_config(config.model_config)
+        if model_config.vocab_size < ByteTokenizer.vocab_size:
+            raise UserError(f"--model-config vocab_size must be at least {ByteTokenizer.vocab_size} "
+                            "for the byte tokenizer")
+        model = AutoModelForCausalLM.from_config(model_config, attn_implementation=attn)
+        tokenizer = ByteTokenizer()
+    else:
+        model, tokenizer = _load_pretrained(config.model, attn)
+    return model.to(device=device, dtype=torch.float32), tokenizer
+
+
+def _load_pretrained(name: str, attn: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
+        raise UserError(f"model not found: {name}")
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, attn_implementation=attn, dtype=torch.float32)
+    except Exception as err:  # missing path, no network, unknown architecture: user-facing
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"could not load model '{name}': {message}") from None
+    return model, tokenizer
+
+
+def add_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise UserError("--lora needs the 'peft' package (pip install peft)") from None
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in backward (non-reentrant: works with frozen inputs and LoRA)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference

@@ -1,0 +1,30 @@
+"""The optimiser (AdamW or RMSprop) and the learning-rate schedule (warm-up, then constant, linear or cosine)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from upo.train.config import TrainConfig
+
+
+def build_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    return torch.optim.RMSprop(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+def build_scheduler(optimizer, config: TrainConfig, total_steps: int):
+    warmup = max(0, config.warmup_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if config.lr_scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if config.lr_scheduler == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,98 @@
+"""The module that computes the loss from a batch: the unit DDP/FSDP wrap.
+
+One step runs the policy's *backbone* (never its LM head) once over the chosen and rejected
+sequences together and hands the final hidden states with ``lm_head.weight`` to
+:func:`upo.fused_loss`, so ``[tokens, vocab]`` logits never exist. The reference is a frozen
+copy of the initial policy, the policy with LoRA adapters disabled, or precomputed log-probs.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+
+import upo
+from upo.heads import final_hidden_states, head_weight_and_bias, lm_head_of, logit_options
+from upo.train.data import PreferenceBatch
+
+
+def backbone_hidden(causal_lm: nn.Module, batch: PreferenceBatch) -> torch.Tensor:
+    """Final hidden states: ``[2B, T, D]`` padded, ``[N, D]`` packed."""
+    hidden = final_hidden_states(causal_lm, batch.input_ids, batch.attention_mask, batch.position_ids)
+    return hidden[0] if batch.packed else hidden
+
+
+class PreferenceModel(nn.Module):
+    """Policy (+ optional value head) whose ``forward(batch)`` returns :class:`upo.LossOutput`.
+
+    The whole loss lives inside ``forward`` so that DDP's and FSDP's hooks see every use of the
+    parameters, the LM head's included. The reference model is deliberately *not* a submodule:
+    it is frozen, must not be synchronised, sharded, optimised or saved.
+    """
+
+    def __init__(self, policy: nn.Module, value_head: nn.Module | None, reference: nn.Module | str | None,
+                 loss_kwargs: dict, backend: str, autocast_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.policy = policy
+        self.value_head = value_head
+        # A frozen model, "adapters" (LoRA disabled), "precomputed" (in the batch) or None;
+        # a plain attribute, hidden from nn.Module bookkeeping.
+        self.__dict__["reference"] = reference
+        self.loss_kwargs = loss_kwargs
+        self.backend = backend
+        self.autocast_dtype = autocast_dtype
+        self.logit_options = logit_options(policy)
+
+    def _autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+    def forward(self, batch: PreferenceBatch):
+        device = batch.input_ids.device
+        with self._autocast(device):
+            hidden = backbone_hidden(self.policy, batch)
+            weight, bias = head_weight_and_bias(lm_head_of(self.policy), hidden.dtype)
+            kwargs = dict(self.loss_kwargs)
+            kwargs.update(self._reference_kwargs(batch))
+            kwargs.update(self._aux_kwargs(batch, hidden))
+            return upo.fused_loss(hidden, weight, batch.labels, bias=bias, cu_seqlens=batch.cu_seqlens,
+                                  backend=self.backend, **self.logit_options, **kwargs)
+
+    def _reference_kwargs(self, batch: PreferenceBatch) -> dict:
+        if self.reference is None:
+            return {}
+        if self.reference == "precomputed":
+            return {"ref_chosen_logps": batch.ref_chosen_logps, "ref_rejected_logps": batch.ref_rejected_logps}
+        with torch.no_grad():
+            if self.reference == "adapters":
+                with self.policy.disable_adapter():
+                    ref_hidden = backbone_hidden(self.policy, batch)
+                head = lm_head_of(self.policy)
+            else:
+                ref_hidden = backbone_hidden(self.reference, batch)
+                head = lm_head_of(self.reference)
+            ref_weight, ref_bias = head_weight_and_bias(head, ref_hidden.dtype)
+        return {"ref_hidden": ref_hidden, "ref_weight": ref_weight.detach(),
+                "ref_bias": None if ref_bias is None else ref_bias.detach()}
+
+    def _aux_kwargs(self, batch: PreferenceBatch, hidden: torch.Tensor) -> dict:
+        kwargs: dict[str, Any] = {}
+        if batch.aux_chosen is not None:
+            kwargs["aux_rewards_chosen"] = batch.aux_chosen
+            kwargs["aux_rewards_rejected"] = batch.aux_rejected
+        if self.value_head is not None:
+            values = self.value_head(prompt_hidden(hidden, batch).detach().float()).float()
+            kwargs["values_chosen"] = values
+            kwargs["values_rejected"] = values  # same prompt, same baseline
+        return kwargs
+
+
+def prompt_hidden(hidden: torch.Tensor, batch: PreferenceBatch) -> torch.Tensor:
+    """``[B, D]``: each pair's hidden state at its last prompt token (chosen sequence)."""
+    if batch.packed:
+        return hidden[batch.prompt_last_index]
+    rows = torch.arange(batch.prompt_last_index.numel(), device=hidden.device)
+    return hidden[rows, batch.prompt_last_index]

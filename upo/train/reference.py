@@ -1,0 +1,84 @@
+"""Reference log-probs precomputed once per dataset (``--precompute-ref``) and cached on disk."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from upo.fused import sequence_logprobs
+from upo.heads import head_weight_and_bias, lm_head_of, logit_options
+from upo.train.atomic import atomic_save
+from upo.train.config import TrainConfig
+from upo.train.data import PreferenceData, collate
+from upo.train.preference_model import backbone_hidden
+from upo.train.runtime import Runtime, barrier
+
+
+def model_signature(model: nn.Module) -> str:
+    """A cheap fingerprint of the weights (per-tensor shape, sum and sum of squares)."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            values = tensor.detach().double()
+            stats = (tuple(values.shape), float(values.sum()), float((values * values).sum()))
+            digest.update(f"{name}{stats}".encode())
+    return digest.hexdigest()
+
+
+def reference_cache_path(output_dir: Path, model: nn.Module, data: PreferenceData, config: TrainConfig) -> Path:
+    """``ref_logps/<hash>.pt``, the hash covering the weights, the token ids and the length settings."""
+    digest = hashlib.sha256()
+    digest.update(model_signature(model).encode())
+    for e in data.examples:
+        digest.update(json.dumps([e.index, e.prompt_ids, e.chosen_ids, e.rejected_ids]).encode())
+    settings = [config.model, config.max_length, config.max_prompt_length, config.truncation, config.precision]
+    digest.update(json.dumps(settings).encode())
+    return output_dir / "ref_logps" / f"{digest.hexdigest()[:24]}.pt"
+
+
+@torch.no_grad()
+def compute_sequence_logps(model: nn.Module, examples: list, pad_id: int, device: torch.device,
+                           batch_size: int, backend: str, autocast_dtype: torch.dtype | None = None) -> dict:
+    """Per-example response log-prob sums and token counts of ``model`` (no grad, fp32, on CPU).
+
+    Returns ``{"chosen", "rejected", "chosen_tokens", "rejected_tokens"}``, each indexed by
+    ``example.index`` (entries of examples not given stay 0).
+    """
+    was_training = model.training
+    model.eval()
+    n = max((e.index for e in examples), default=-1) + 1
+    result = {key: torch.zeros(n) for key in ("chosen", "rejected", "chosen_tokens", "rejected_tokens")}
+    options = logit_options(model)
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        batch = collate(chunk, pad_id, packing=False).to(device)
+        autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype
+                    else contextlib.nullcontext())
+        with autocast:
+            hidden = backbone_hidden(model, batch)
+            weight, bias = head_weight_and_bias(lm_head_of(model), hidden.dtype)
+            sums, counts = sequence_logprobs(hidden, weight, batch.labels, bias=bias, backend=backend, **options)
+        idx = torch.tensor([e.index for e in chunk])
+        sums, counts = sums.float().cpu(), counts.float().cpu()
+        result["chosen"][idx], result["rejected"][idx] = sums[:len(chunk)], sums[len(chunk):]
+        result["chosen_tokens"][idx], result["rejected_tokens"][idx] = counts[:len(chunk)], counts[len(chunk):]
+    model.train(was_training)
+    return result
+
+
+def load_or_compute_reference(model, data, pad_id, config, runtime: Runtime, autocast_dtype, log) -> dict:
+    """Reference log-probs from the on-disk cache, or computed by rank 0 and written atomically."""
+    path = reference_cache_path(Path(config.output_dir), model, data, config)
+    if runtime.is_main and not path.is_file():
+        log(f"precomputing reference log-probs for {len(data)} pairs -> {path}")
+        values = compute_sequence_logps(model, data.examples, pad_id, runtime.device, config.batch_size,
+                                        config.backend, autocast_dtype)
+        atomic_save({"chosen": values["chosen"], "rejected": values["rejected"]}, path)
+    elif runtime.is_main:
+        log(f"using cached reference log-probs {path}")
+    barrier(runtime)
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,132 @@
+"""The process's device and, under ``torchrun``, its place in the process group and its wrapper.
+
+Multi-process training goes through the standard engine only: ``torchrun`` sets
+``WORLD_SIZE``, we call ``init_process_group`` and wrap the module with DDP or FSDP2;
+the collectives here are the few the loop needs.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from upo.heads import backbone_of
+from upo.train.errors import UserError
+
+
+@dataclass
+class Runtime:
+    """Device and process-group facts for this process."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(device_choice: str) -> Runtime:
+    """Pick the device and, under ``torchrun`` (WORLD_SIZE > 1), join the process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_choice == "auto":
+        device_choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_choice.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device_choice}: CUDA is not available on this machine")
+    try:
+        device = torch.device(device_choice)
+    except RuntimeError:
+        raise UserError(f"--device: unknown device '{device_choice}' (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return Runtime(device, dist.get_rank(), dist.get_world_size(), local_rank)
+    return Runtime(device)
+
+
+def teardown_runtime(runtime: Runtime) -> None:
+    if runtime.distributed:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def barrier(runtime: Runtime) -> None:
+    if runtime.distributed:
+        torch.distributed.barrier()
+
+
+def all_reduce_mean(values: dict[str, float], runtime: Runtime) -> dict[str, float]:
+    """Average named scalars across ranks (names sorted so every rank packs the same vector)."""
+    if not runtime.distributed or not values:
+        return values
+    names = sorted(values)
+    vector = torch.tensor([values[n] for n in names], dtype=torch.float64)
+    torch.distributed.all_reduce(vector)
+    return {n: float(v) / runtime.world_size for n, v in zip(names, vector)}
+
+
+def all_reduce_sum(value: float, runtime: Runtime) -> float:
+    if not runtime.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(tensor)
+    return float(tensor)
+
+
+def wrap_for_processes(module: nn.Module, runtime: Runtime, fsdp: bool, log) -> nn.Module:
+    """DDP (or FSDP2's ``fully_shard`` per decoder layer with ``fsdp``) when distributed, else ``module``."""
+    if fsdp and not runtime.distributed:
+        log("note: --fsdp has no effect in a single process")
+    if not runtime.distributed:
+        return module
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        if isinstance(module.reference, nn.Module):
+            log("note: with --fsdp every process holds a full reference copy; --precompute-ref or --lora avoid it")
+        for layer in getattr(backbone_of(module.policy), "layers", []):
+            fully_shard(layer)
+        fully_shard(module)
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+
+
+def gradient_sync(model: nn.Module, runtime: Runtime, last_micro_step: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
+    if last_micro_step or not runtime.distributed:
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        return _fsdp_no_sync(model)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
