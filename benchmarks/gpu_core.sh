@@ -24,7 +24,8 @@
 # suite 110, decide 20, each cut to leave the later steps their share of the total.
 # Narrowing (reruns, the CPU smoke test): UPO_CORE_TESTS (pytest paths, default tests/),
 # UPO_CORE_PROBE_ARGS, UPO_CORE_SUITE_ARGS (more arguments of probe_kernels.py / run_gpu.py),
-# UPO_GPU_SKIP="gpu_tests probe ..." (steps not to run).
+# UPO_CORE_PYTEST_WORKERS (pytest-xdist processes, default 4; 0: one), UPO_GPU_SKIP="gpu_tests
+# probe ..." (steps not to run). Quote globs for the inner shell: UPO_CORE_SUITE_ARGS="--cases '*/cce/*'".
 source "$(dirname "$0")/gpu_lib.sh"
 gpu_init core "${UPO_CORE_TOTAL_S:-270}" "${UPO_CORE_DRY_TOTAL_S:-600}" "$@"
 DRYFLAG=$([ "$DRY" = 1 ] && echo "--dry-run")
@@ -40,7 +41,8 @@ step env "$T_ENV" 190 "$PY benchmarks/gpu_env.py --out '$OUT'"
 
 # 2. the GPU tests (leave ~140 s for probe + suite + decide)
 XDIST=""
-$PY -c "import xdist" 2>/dev/null && XDIST="-n $NPROC"
+NPROC=${UPO_CORE_PYTEST_WORKERS:-$NPROC}  # 0: one process
+[ "$NPROC" -gt 0 ] && $PY -c "import xdist" 2>/dev/null && XDIST="-n $NPROC"
 step gpu_tests "$T_TESTS" 140 \
   "UPO_TEST_GPU=1 $PY -m pytest -q -m gpu ${UPO_CORE_TESTS:-tests/} -p no:cacheprovider $XDIST --durations=15 -rfEs 2>&1 | tee '$OUT/gpu_tests.log'"
 
