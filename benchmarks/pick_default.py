@@ -9,7 +9,7 @@
 The rule (benchmarks/NOTES.md, "How the default is decided"):
 
 1. *accurate*: for the log-probs, ``grad_hidden`` and ``grad_weight`` of the probe's fwd+bwd,
-   ``||ours - truth|| <= ||naive_bf16 - truth|| + 2e-4 ||truth||`` (truth: fp32 on the exact
+   ``||ours - truth|| <= ||naive_bf16 - truth|| + 2e-4 ||truth||`` (truth: float64 on the exactly
    upcast inputs); *lean*: extra memory <= 1 % of the naive path's (measured in the same
    probe; 224 MB at the headline if naive was not measured).
 2. the pick is the fastest variant that is accurate and lean. It replaces the library default
