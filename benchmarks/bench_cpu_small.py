@@ -1,7 +1,7 @@
 """pytest-benchmark suite: small CPU cases, fwd+bwd of DPO and UPO, every installed peer.
 
     pytest benchmarks/bench_cpu_small.py --benchmark-only --benchmark-columns=median,min,rounds
-    pytest benchmarks/bench_cpu_small.py --benchmark-only --benchmark-json=benchmarks/results/bench-small.json
+    pytest benchmarks/bench_cpu_small.py --benchmark-only --benchmark-json=bench-results/bench-small.json
 
 Not collected by the test run (``testpaths = tests``). Each benchmark first checks its loss and
 gradients against naive PyTorch (fails on disagreement), then records in ``extra_info`` the

@@ -1,80 +1,31 @@
 #!/usr/bin/env bash
-# One GPU session: carried wheels -> the GPU tests -> kernel probe -> upo-train on CUDA -> the
-# benchmark suite. Ends within ~9.5 minutes (UPO_GPU_TOTAL_S).
+# Both GPU commands in a row, for a machine of your own (not for the device tool: up to ~9 minutes
+# and 12 files, over its 8): benchmarks/gpu_core.sh into $OUT/core, then benchmarks/gpu_extra.sh
+# into $OUT/extra with ours_triton_pick = the core run's pick (decision.json's pick_env).
 #
-#   bash benchmarks/gpu_all.sh [run_gpu.py options, e.g. --quick]
+#   bash benchmarks/gpu_all.sh [--quick] [--dry-run] [--out DIR]
 #
-# Expects the peers' wheels in .whl/ (see benchmarks/README.md: liger-kernel, cut-cross-entropy,
-# trl and the trl dependencies the GPU image lacks). Logs and JSON go to $OUT (or
-# benchmarks/results): gpu_tests.log, probe.log + probe_kernels.json, gpu_train.log,
-# gpu_bench.log, gpu-<date>.json.
+# --quick: one point per sweep in the extra run. Through the device tool, call the two commands
+# separately (benchmarks/README.md).
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT="${OUT:-benchmarks/results}"
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-TOTAL=${UPO_GPU_TOTAL_S:-560}          # whole script, seconds
-start=$(date +%s)
-left() { echo $(( TOTAL - ($(date +%s) - start) )); }
-
-echo "== environment"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>/dev/null || true
-
-echo "== carried wheels"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  if timeout 40 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-       --target /tmp/site .whl/*.whl; then
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-  else
-    echo "wheel install failed: peers that need them will be reported as not installed"
-  fi
-else
-  echo "no .whl/ folder: Liger, CCE and TRL will be reported as not installed"
-fi
-timeout 60 python3 - <<'EOF' || true
-import importlib, torch, triton
-print("torch", torch.__version__, "triton", triton.__version__,
-      torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA")
-for mod in ("transformers", "trl", "liger_kernel", "cut_cross_entropy", "datasets"):
-    try:
-        m = importlib.import_module(mod)
-        print(f"  {mod} {getattr(m, '__version__', '?')}")
-    except Exception as exc:
-        print(f"  {mod}: not importable ({type(exc).__name__}: {exc})")
-EOF
-
-TESTS_S=${UPO_GPU_TESTS_S:-90}         # GPU tests, seconds
-[ "$(left)" -lt $(( TESTS_S + 200 )) ] && TESTS_S=$(( $(left) - 200 > 20 ? $(left) - 200 : 20 ))
-echo "== GPU tests (limit ${TESTS_S} s)"
-UPO_TEST_GPU=1 timeout "$TESTS_S" python3 -m pytest -q -m gpu tests/ -p no:cacheprovider \
-  2>&1 | tee "$OUT/gpu_tests.log"
-rc=${PIPESTATUS[0]}
-case $rc in
-  0) ;;
-  5) echo "(no GPU tests collected)" | tee -a "$OUT/gpu_tests.log" ;;
-  124) echo "(GPU tests stopped by their time limit)" | tee -a "$OUT/gpu_tests.log" ;;
-  *) echo "(GPU tests exited with $rc)" | tee -a "$OUT/gpu_tests.log" ;;
-esac
-
-PROBE_S=${UPO_GPU_PROBE_S:-90}        # kernel variants (forward impl x token-group budget)
-[ "$(left)" -lt $(( PROBE_S + 200 )) ] && PROBE_S=$(( $(left) - 200 > 20 ? $(left) - 200 : 20 ))
-echo "== kernel probe (limit ${PROBE_S} s)"
-timeout "$PROBE_S" python3 benchmarks/probe_kernels.py --quick 2>&1 | tee "$OUT/probe.log"
-
-TRAIN_S=${UPO_GPU_TRAIN_S:-45}         # upo-train on CUDA: padded, then packed rows
-echo "== upo-train on CUDA (limit ${TRAIN_S} s each)"
-for extra in "" "--packing"; do
-  timeout "$TRAIN_S" python3 -m upo.cli --device cuda --precision bf16 --max-steps 10 --no-progress \
-    --output-dir /tmp/upo-gpu-run $extra 2>&1 | tail -n 15 | tee -a "$OUT/gpu_train.log"
-  echo "(upo-train $extra exited with ${PIPESTATUS[0]})" | tee -a "$OUT/gpu_train.log"
+here="$(cd "$(dirname "$0")" && pwd)"
+args=() out=""
+while [ $# -gt 0 ]; do
+  case $1 in
+    --quick) export UPO_EXTRA_QUICK=1 ;;
+    --dry-run) args+=(--dry-run) ;;
+    --out) out=$2; shift ;;
+    --out=*) out=${1#--out=} ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+    *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
 done
-
-remaining=$(left)
-bench_timeout=$(( remaining < 340 ? remaining : 340 ))
-budget=$(( bench_timeout - 75 ))
-[ $budget -lt 30 ] && budget=30
-echo "== benchmarks (stop starting cases after ${budget} s, hard limit ${bench_timeout} s)"
-timeout "$bench_timeout" python3 benchmarks/run_gpu.py --budget "$budget" --grace 45 --out "$OUT" "$@" \
-  2>&1 | tee "$OUT/gpu_bench.log"
-echo "== done in $(( $(date +%s) - start )) s; files in $OUT:"
-ls -la "$OUT"
+out=${out:-${OUT:-$PWD/bench-results/all-$(date -u +%Y-%m-%d-%H%M%S)}}
+bash "$here/gpu_core.sh" "${args[@]}" --out "$out/core"
+core_rc=$?
+pick=$(${PYTHON:-python3} -c "import json, sys; print(json.load(open(sys.argv[1])).get('pick_env', ''))" "$out/core/decision.json" 2>/dev/null)
+UPO_BENCH_PICK_ENV="$pick" bash "$here/gpu_extra.sh" "${args[@]}" --out "$out/extra"
+extra_rc=$?
+echo "== gpu_all: core rc $core_rc, extra rc $extra_rc; results in $out/{core,extra}"
+exit $(( core_rc || extra_rc ))

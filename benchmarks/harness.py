@@ -87,11 +87,15 @@ def compare(out, ref, dtype: str) -> dict:
 
 
 def _full_step(step, inputs):
+    """step() -> (loss, S) becomes run() -> loss, S and both grads, under the step's ``env``
+    (peers.py: the UPO_* knobs of a variant) for forward and backward alike."""
     h, w = inputs["hidden"], inputs["weight"]
+    env = getattr(step, "env", None) or {}
 
     def run():
-        loss, S = step()
-        gh, gw = torch.autograd.grad(loss, [h, w])
+        with measure.env_vars(**env):
+            loss, S = step()
+            gh, gw = torch.autograd.grad(loss, [h, w])
         return {"loss": loss.detach(), "S": None if S is None else S.detach(), "grad_hidden": gh, "grad_weight": gw}
 
     return run

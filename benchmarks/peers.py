@@ -24,7 +24,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from benchmarks.measure import env_vars
+from benchmarks.common import format_env
 
 # name -> (label, loss kinds supported, needs CUDA)
 PEERS = {
@@ -42,13 +42,29 @@ PEERS = {
                                ("dpo", "upo"), True),
     "ours_triton_input_logits": ("upo.fused_loss backend='triton', UPO_FWD_IMPL=cublas UPO_LOGITS=input (probe)",
                                  ("dpo", "upo"), True),
+    "ours_triton_pick": ("upo.fused_loss backend='triton' under the kernel probe's pick (knobs in the note)",
+                         ("dpo", "upo"), True),
 }
 
-# Environment the probe variants of ours_triton run under (read by the kernels at each forward).
+# Environment the probe variants of ours_triton run under, for the whole fwd+bwd (the kernels read
+# UPO_FWD_IMPL / UPO_LOGITS at the forward, UPO_GROUP_MB / UPO_TILE_MB when they tile, backward too).
+# ours_triton_pick's comes from the kernel probe (run_gpu.py --pick-env, set_pick_env).
 OURS_ENV = {
     "ours_triton_cublas_fwd": {"UPO_FWD_IMPL": "cublas"},
     "ours_triton_input_logits": {"UPO_FWD_IMPL": "cublas", "UPO_LOGITS": "input"},
+    "ours_triton_pick": {},
 }
+
+
+def set_pick_env(env: dict):
+    """The knobs ``ours_triton_pick`` runs under (empty: the peer is skipped)."""
+    OURS_ENV["ours_triton_pick"] = dict(env)
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 BIG_TILES = (4096, 4096)
 
@@ -64,6 +80,8 @@ PEER_NOTES = {
                               "logsumexp epilogue instead of the fused Triton kernel",
     "ours_triton_input_logits": "not the library default: as ours_triton_cublas_fwd with the logit tiles "
                                 "rounded to bf16 by cuBLAS in both passes (the naive path's numerics)",
+    "ours_triton_pick": "not the library default: the fastest accurate, lean variant of the kernel probe "
+                        "(benchmarks/pick_default.py)",
     "ours_torch_bigtiles": f"not the library default: chunk_tokens={BIG_TILES[0]}, chunk_vocab={BIG_TILES[1]} "
                            "passed to upo_kernels.linear_logprobs, sums and loss head as for naive",
 }
@@ -150,8 +168,11 @@ def availability(peer: str, device) -> tuple[bool, str]:
     """(usable, reason-if-not) for ``peer`` on ``device`` (checked by importing, nothing run)."""
     device = torch.device(device)
     _, _, needs_cuda = PEERS[peer]
-    if needs_cuda and device.type != "cuda":
-        return False, "needs CUDA"
+    ours_triton = peer == "ours_triton" or peer in OURS_ENV
+    if needs_cuda and device.type != "cuda" and not (ours_triton and _interpreting()):
+        return False, "needs CUDA"  # ours_triton* run on CPU under TRITON_INTERPRET=1 (dry runs)
+    if peer == "ours_triton_pick" and not OURS_ENV[peer]:
+        return False, "no pick: the kernel probe's fastest accurate variant is the default, or no probe ran"
     try:
         if peer == "naive":
             pass
@@ -265,10 +286,10 @@ def _ours(inputs, loss_kind, backend, env=None):
         kwargs.update(UPO_OPTIONS, aux_rewards_chosen=a[:B], aux_rewards_rejected=a[B:])
 
     def step():
-        with env_vars(**(env or {})):  # read by the forward; its backward keeps what it read
-            return upo.fused_loss(h, W, y, **kwargs).loss, None
+        return upo.fused_loss(h, W, y, **kwargs).loss, None
 
-    return step, ""
+    step.env = dict(env or {})  # the harness sets it around forward and backward (_full_step)
+    return step, format_env(env) if env else ""
 
 
 def _ours_tiles(inputs, loss_kind, tiles=BIG_TILES):

@@ -63,26 +63,34 @@ def cpu_plan(preset="default", full=False):
 
 # ----------------------------------------------------------------------------- GPU
 GPU_HEADLINE = Shape(4, 2048, 4096, 128256, "bfloat16", ("headline", "length"))
-# Headline: every peer and our probe variants on DPO, the lean ones on UPO too. The chunked torch
-# backend (many small tiles, seconds per call on a GPU) is left to the CPU suite.
-GPU_HEADLINE_DPO = ["naive", "ours_triton", "ours_triton_cublas_fwd", "ours_triton_input_logits", "trl_chunked",
-                    "liger", "cce", "trl_selective"]
-GPU_HEADLINE_UPO = ["naive", "ours_triton", "ours_triton_input_logits", "trl_chunked"]
+# Headline DPO: every peer and our variants (the probe's pick first among them: it decides the
+# default), the slow peers after the fast ones. The chunked torch backend (many small tiles,
+# seconds per call on a GPU) is left to the CPU suite.
+GPU_HEADLINE_DPO = ["naive", "ours_triton", "ours_triton_pick", "trl_chunked", "liger", "cce",
+                    "ours_triton_cublas_fwd", "ours_triton_input_logits", "trl_selective"]
+GPU_HEADLINE_UPO = ["naive", "ours_triton", "ours_triton_pick", "ours_triton_input_logits", "trl_chunked"]
 GPU_SWEEP_PEERS = ["naive", "ours_triton", "cce", "trl_chunked"]
+GPU_PARTS = ("all", "core", "extra")
 
 
-def gpu_plan(quick=False, dry_run=False):
+def gpu_plan(quick=False, dry_run=False, part="all", pick=False):
     """GPU suite (bf16). Headline N = 16k tokens (4 pairs x 2 x 2048), D 4096, V 128256, all
     peers on DPO and the lean ones on UPO; then a length sweep (N = 4k, 32k), a vocab sweep at
     N = 8k (32000, 128256, 256000) and a hidden sweep at N = 8k (2048, 8192). ``quick``: the
-    headline, N = 32k and V = 256000. ``dry_run``: the same plan structure at tiny sizes (fp32,
-    CPU)."""
+    headline, N = 32k and V = 256000. ``part``: ``core`` is the headline DPO case alone (what
+    decides the default, benchmarks/gpu_core.sh), ``extra`` everything else (UPO at the headline,
+    the sweeps: benchmarks/gpu_extra.sh), ``all`` both. ``pick``: include ``ours_triton_pick``
+    (the kernel probe's pick). ``dry_run``: the same plan structure at tiny sizes (fp32, CPU),
+    Liger uncompiled (a CPU ``torch.compile`` takes minutes on two cores)."""
+    if part not in GPU_PARTS:
+        raise ValueError(f"part must be one of {GPU_PARTS}, got {part!r}")
     if dry_run:
         mk = lambda B, T, D, V, tags: Shape(B, T, D, V, "float32", tags)  # noqa: E731
-        head = mk(2, 64, 32, 512, ("headline", "length"))
-        length = [mk(2, t, 32, 512, ("length",)) for t in (16, 128)]
-        vocab = [mk(2, 32, 32, v, ("vocab",)) for v in (256, 512, 1024)]
-        hidden = [mk(2, 32, d, 512, ("hidden",)) for d in (16, 32, 64)]
+        # small enough for the Triton interpreter (ours_triton* run under it in a dry run)
+        head = mk(2, 32, 16, 160, ("headline", "length"))
+        length = [mk(2, t, 16, 160, ("length",)) for t in (16, 64)]
+        vocab = [mk(2, 16, 16, v, ("vocab",)) for v in (128, 160, 320)]
+        hidden = [mk(2, 16, d, 160, ("hidden",)) for d in (8, 16, 32)]
     else:
         head = GPU_HEADLINE
         length = [Shape(4, t, 4096, 128256, "bfloat16", ("length",)) for t in (512, 4096)]
@@ -91,14 +99,26 @@ def gpu_plan(quick=False, dry_run=False):
     if quick:
         length, vocab, hidden = length[-1:], vocab[-1:], []
     tagged = {s.key: s for s in merge_shapes([head] + length + vocab + hidden)}  # union of sweep tags
+
+    def peers_of(names):
+        names = [p for p in names if pick or p != "ours_triton_pick"]
+        return ["liger_eager" if dry_run and p == "liger" else p for p in names]
+
     head = tagged[head.key]
-    headline = _cases(GPU_HEADLINE_DPO, ["dpo"]) + _cases(GPU_HEADLINE_UPO, ["upo"])
+    headline = []
+    if part in ("all", "core"):
+        headline += _cases(peers_of(GPU_HEADLINE_DPO), ["dpo"])
+    if part in ("all", "extra"):
+        headline += _cases(peers_of(GPU_HEADLINE_UPO), ["upo"])
     plan = [{"shape": head, "cases": _ordered(headline, ("naive",))}]
+    if part == "core":
+        return plan
     seen = {head.key}
     for s in length + vocab + hidden:
         if s.key not in seen:
             seen.add(s.key)
-            plan.append({"shape": tagged[s.key], "cases": _ordered(_cases(GPU_SWEEP_PEERS, ["dpo"]), ("naive",))})
+            plan.append({"shape": tagged[s.key],
+                         "cases": _ordered(_cases(peers_of(GPU_SWEEP_PEERS), ["dpo"]), ("naive",))})
     return plan
 
 

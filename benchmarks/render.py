@@ -1,6 +1,6 @@
 """Render benchmark JSON files to markdown tables and PNG plots (matplotlib, Agg).
 
-    python benchmarks/render.py benchmarks/results/cpu-2026-11-27.json [more.json ...] [--out DIR]
+    python benchmarks/render.py bench-results/cpu-<date>.json [more.json ...] [--out DIR]
 
 For each JSON: ``<stem>.md`` with the environment, the acceptance verdict (CPU), one table per
 sweep, and per sweep a PNG of time and extra memory against the swept size
@@ -231,7 +231,8 @@ def render_files(paths, out_dir=None, stem=None):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="+")
-    ap.add_argument("--out", default=None, help="folder for .md and .png (default: beside each JSON)")
+    ap.add_argument("--out", default=None, help="folder for .md and .png (default: beside each JSON, i.e. where "
+                                                "the suite wrote it: ./bench-results unless asked otherwise)")
     args = ap.parse_args(argv)
     out = render_files(args.files, out_dir=args.out)
     print(out)

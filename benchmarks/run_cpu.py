@@ -6,8 +6,8 @@
 
 The acceptance case of the issue is N = 16k response tokens (4 pairs x 2 x 2048), D = 256,
 V = 32000, fp32, fwd+bwd of a DPO loss: the chunked torch backend must use <= 5 % of the
-naive path's extra memory and <= 1.2x its time. Results: ``benchmarks/results/cpu-<date>.json``
-(or ``--out``), rendered to markdown beside it.
+naive path's extra memory and <= 1.2x its time. Results: ``cpu-<date>.json`` in ``--out``, else
+``$OUT``, else ``./bench-results/`` (git-ignored), rendered to markdown beside it.
 """
 from __future__ import annotations
 
@@ -22,11 +22,10 @@ import time
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import harness, measure, plans, render  # noqa: E402
+from benchmarks import common, harness, measure, plans, render  # noqa: E402
 from benchmarks.inputs import make_inputs  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(REPO, "benchmarks", "results")
 
 
 def child_env():
@@ -68,7 +67,7 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (tests)")
     ap.add_argument("--full", action="store_true", help="UPO for the TRL peers too at the acceptance case")
     ap.add_argument("--cases", action="append", default=[], help="glob over shape/peer/loss (repeatable)")
-    ap.add_argument("--out", default=None, help="output folder (default $OUT or benchmarks/results)")
+    ap.add_argument("--out", default=None, help="output folder (default $OUT, else ./bench-results)")
     ap.add_argument("--name", default=None, help="JSON file name (default cpu-<date>.json)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per case process")
     ap.add_argument("--no-limit", action="store_true", help="skip the torch.mm matmul-limit timing")
@@ -80,8 +79,7 @@ def main(argv=None):
     timing = dict(harness.CPU_TIMING)
     if args.smoke:
         timing.update(target_s=0.05, max_reps=3)
-    out_dir = args.out or os.environ.get("OUT") or RESULTS
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = common.out_dir(args.out)
     env = harness.environment("cpu")
     name = args.name or f"cpu-{env['date'][:10]}.json"
     out_path = os.path.join(out_dir, name)
@@ -140,11 +138,7 @@ def main(argv=None):
     return doc
 
 
-def _write(doc, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1, default=str)
-    os.replace(tmp, path)
+_write = common.write_json
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@
     python benchmarks/run_gpu.py                 # full plan, stops starting cases after --budget s
     python benchmarks/run_gpu.py --quick         # headline + one point per sweep
     python benchmarks/run_gpu.py --cases ours --cases naive
-    python benchmarks/run_gpu.py --dry-run       # same code path on CPU at tiny sizes
+    python benchmarks/run_gpu.py --part core --pick-env "UPO_FWD_IMPL=cublas UPO_LOGITS=input"
+                                                 # the headline DPO case alone (benchmarks/gpu_core.sh)
+    python benchmarks/run_gpu.py --dry-run       # same code path on CPU at tiny sizes (ours_triton*
+                                                 # under TRITON_INTERPRET=1, CUDA-only peers skipped)
 
 Headline: bf16, N = 16k response tokens (4 pairs x 2 x 2048), D = 4096, V = 128256, fwd+bwd
 of DPO and UPO for every peer; then length (N = 4k, 32k), vocab (N = 8k: 32000, 128256,
@@ -11,7 +14,8 @@ of DPO and UPO for every peer; then length (N = 4k, 32k), vocab (N = 8k: 32000, 
 
 The cases run in a worker process that this driver restarts if it dies (a sticky CUDA error
 poisons a process); each case is recorded as soon as it ends, so a kill keeps what was
-measured. Results: ``$OUT/gpu-<date>.json`` if OUT is set, else ``benchmarks/results/``.
+measured. Results: ``gpu[-dry-run][-<part>]-<date>.json`` in ``--out``, else ``$OUT``, else
+``./bench-results/`` (git-ignored).
 """
 from __future__ import annotations
 
@@ -26,10 +30,9 @@ import time
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import plans, render  # noqa: E402
+from benchmarks import common, plans, render  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(REPO, "benchmarks", "results")
 STICKY = ("illegal memory access", "unspecified launch failure", "device-side assert", "CUDA error: an illegal",
           "misaligned address", "CUBLAS_STATUS_EXECUTION_FAILED", "illegal instruction")
 
@@ -43,8 +46,13 @@ def parse(argv=None):
                     help="seconds after which no new case starts (default 290)")
     ap.add_argument("--grace", type=float, default=45.0,
                     help="seconds a case may run past the budget before the worker is killed")
-    ap.add_argument("--out", default=None, help="output folder (default $OUT, else benchmarks/results)")
-    ap.add_argument("--name", default=None, help="JSON file name (default gpu-<date>.json)")
+    ap.add_argument("--part", choices=plans.GPU_PARTS, default="all",
+                    help="core: the headline DPO case; extra: UPO at the headline and the sweeps; all: both")
+    ap.add_argument("--pick-env", default=os.environ.get("UPO_BENCH_PICK_ENV", ""),
+                    help="UPO_* knobs of ours_triton_pick, e.g. 'UPO_FWD_IMPL=cublas UPO_GROUP_MB=128' "
+                         "(benchmarks/pick_default.py --print-env; default $UPO_BENCH_PICK_ENV; empty: no pick peer)")
+    ap.add_argument("--out", default=None, help="output folder (default $OUT, else ./bench-results)")
+    ap.add_argument("--name", default=None, help="JSON file name (default gpu[-dry-run][-PART]-<date>.json)")
     ap.add_argument("--max-restarts", type=int, default=3)
     # worker-only
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -54,7 +62,9 @@ def parse(argv=None):
 
 
 def get_plan(args):
-    return plans.filter_plan(plans.gpu_plan(quick=args.quick, dry_run=args.dry_run), args.cases)
+    pick = bool(common.parse_env(args.pick_env))
+    return plans.filter_plan(plans.gpu_plan(quick=args.quick, dry_run=args.dry_run, part=args.part, pick=pick),
+                             args.cases)
 
 
 # ----------------------------------------------------------------------------- worker
@@ -79,9 +89,10 @@ def _read_events(path):
 
 
 def worker(args):
-    from benchmarks import harness, measure
+    from benchmarks import harness, measure, peers
     from benchmarks.inputs import make_inputs
 
+    peers.set_pick_env(common.parse_env(args.pick_env))
     device = "cpu" if args.dry_run else "cuda"
     timing = dict(harness.GPU_TIMING)
     if args.dry_run:
@@ -175,7 +186,8 @@ def compute_reference(inputs, kind, device, skip=()):
 
 # ----------------------------------------------------------------------------- driver
 def assemble(events, plan, args, started):
-    doc = {"suite": "gpu" if not args.dry_run else "gpu-dry-run", "environment": {}, "shapes": {},
+    doc = {"suite": "gpu" if not args.dry_run else "gpu-dry-run", "part": args.part,
+           "pick_env": common.parse_env(args.pick_env), "environment": {}, "shapes": {},
            "results": [], "plan": [plans.case_key(i["shape"], *c) for i in plan for c in i["cases"]],
            "peers": {p: v[0] for p, v in plans_peers().items()}, "peer_notes": peer_notes()}
     records = {}
@@ -216,11 +228,7 @@ def peer_notes():
     return peers.PEER_NOTES
 
 
-def _write(doc, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1, default=str)
-    os.replace(tmp, path)
+_write = common.write_json
 
 
 def driver(args):
@@ -233,22 +241,24 @@ def driver(args):
         if not torch.cuda.is_available():
             print("# no CUDA device: nothing measured (use --dry-run to exercise the code on CPU)", flush=True)
             return 1
-    out_dir = args.out or os.environ.get("OUT") or (tempfile.mkdtemp(prefix="upo-dry-") if args.dry_run else RESULTS)
-    os.makedirs(out_dir, exist_ok=True)
-    name = args.name or ("gpu-dry-run" if args.dry_run else "gpu") + time.strftime("-%Y-%m-%d", time.gmtime()) + ".json"
+    common.parse_env(args.pick_env)  # a malformed pick fails here, not in the worker
+    out_dir = common.out_dir(args.out)
+    name = args.name or ("gpu" + ("-dry-run" if args.dry_run else "") + ("" if args.part == "all" else "-" + args.part)
+                         + time.strftime("-%Y-%m-%d", time.gmtime()) + ".json")
     out_path = os.path.join(out_dir, name)
     events_path = os.path.join(tempfile.mkdtemp(prefix="upo-gpu-events-"), "events.jsonl")
     total = sum(len(i["cases"]) for i in plan)
-    print(f"# GPU suite{' (dry run, CPU)' if args.dry_run else ''}: {total} cases, budget {args.budget:.0f} s; "
-          f"results -> {out_path}", flush=True)
+    print(f"# GPU suite{' (dry run, CPU)' if args.dry_run else ''}, part {args.part}: {total} cases, budget "
+          f"{args.budget:.0f} s; pick: {args.pick_env or '-'}; results -> {out_path}", flush=True)
 
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     if args.dry_run:
-        env.pop("TRITON_INTERPRET", None)
+        env["TRITON_INTERPRET"] = "1"  # ours_triton* run under the interpreter on CPU
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--events", events_path,
-           "--deadline", str(deadline), "--budget", str(args.budget)]
+           "--deadline", str(deadline), "--budget", str(args.budget), "--part", args.part,
+           "--pick-env", args.pick_env]
     for flag in ("quick", "dry_run"):
         if getattr(args, flag):
             cmd.append("--" + flag.replace("_", "-"))

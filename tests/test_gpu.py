@@ -5,7 +5,9 @@ and < 1e-4 (grads); the Triton kernels promise IEEE fp32 dots for fp32 inputs, a
 off for cuBLAS here. bf16: the Cut Cross-Entropy rule ``|ours - ref| <= |naive_bf16 - ref| + tol`` (in
 norm), naive = ``(h @ W.T)`` in bf16, ``.float().log_softmax(-1)``, gather, grads by autograd.
 Both Triton forwards (``UPO_FWD_IMPL=fused|cublas``) run the fp32 and bf16 checks; the bf16
-backward also runs with several token groups and with bf16-rounded logits (``UPO_LOGITS=input``).
+backward also runs with several token groups and with bf16-rounded logits (``UPO_LOGITS=input``),
+and with bias, logit scale and softcap in both logit modes, so every kernel variant compiles here
+(benchmarks/gpu_core.sh runs this file first on a GPU).
 Memory: peak extra memory of the fused forward+backward is < 5% of the naive path's at
 N=8192, D=2048, V=128256 and <= 1% at the headline N=16384, D=4096, V=128256 (bf16).
 Budget: about a minute on one H100.
@@ -199,6 +201,31 @@ def test_bf16_token_groups_no_worse_than_naive(fwd_impl):
     """5 token groups: grad_weight is summed in bf16 over the groups' products (5 roundings)."""
     inp = make_inputs(4096, 1024, 32003, dtype=torch.bfloat16, device="cuda", ignore_frac=0.2)
     check_no_worse_than_naive(functools.partial(linear_logprobs, chunk_tokens=832), inp, "triton")
+
+
+@pytest.mark.parametrize("logits", ["fp32", "input"])
+def test_bf16_bias_scale_softcap_no_worse_than_naive(fwd_impl, logits, monkeypatch):
+    """The remaining bf16 kernel variants: bias, logit scale and softcap through both forwards and
+    both logit modes, with 3 token groups; the same rule against a naive bf16 path with the same head."""
+    monkeypatch.setenv("UPO_LOGITS", logits)
+    scale, cap = 0.8, 30.0
+    inp = make_inputs(1000, 512, 32003, dtype=torch.bfloat16, device="cuda", ignore_frac=0.2, bias=True)
+    up = torch.randn(1000, generator=gen(inp.seed + 1)).cuda()
+    ref = reference_token_outputs(inp, up, logit_scale=scale, softcap=cap)
+    ours = run_token_fn(functools.partial(linear_logprobs, chunk_tokens=384), inp, up, backend="triton",
+                        logit_scale=scale, softcap=cap)
+    h, w, b = leaf(inp.hidden), leaf(inp.weight), leaf(inp.bias)
+    keep = inp.labels != -100
+    z = (h @ w.t() + b).float() * scale
+    z = cap * torch.tanh(z / cap)
+    lp = z.log_softmax(-1).gather(-1, torch.where(keep, inp.labels, 0)[:, None])[:, 0]
+    torch.where(keep, lp, torch.zeros_like(lp)).backward(up)
+    naive = (lp.detach() * keep, h.grad, w.grad, b.grad)
+    for name, o, nv, r in zip(("log-probs", "grad_hidden", "grad_weight", "grad_bias"), ours, naive, ref):
+        assert torch.isfinite(o).all(), f"{name}: non-finite (seed={inp.seed})"
+        e_ours, e_naive = (o.double() - r).norm().item(), (nv.double() - r).norm().item()
+        tol = 2e-4 * r.norm().item()
+        assert e_ours <= e_naive + tol, f"{name}: ours {e_ours:.3e} > naive {e_naive:.3e} + {tol:.1e} (seed={inp.seed})"
 
 
 # ----------------------------------------------------------------------------- memory
