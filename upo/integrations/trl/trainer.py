@@ -1,0 +1,223 @@
+"""``UPOTrainer``: TRL's ``DPOTrainer`` with the log-probs from upo's kernels and the loss from ``upo``.
+
+Everything of ``DPOTrainer`` is kept (data preparation, collator, PEFT and its adapters-off
+reference, ``precompute_ref_log_probs``, gradient checkpointing, evaluation, logging, saving)
+except how the loss is computed: the policy's and the reference's *final hidden states* go with
+the LM head's weight to ``upo.fused_loss`` / ``upo.sequence_logprobs`` (logits never exist),
+and every loss ``upo.loss`` has is available. What is replaced, and why, is in docs/trl.md.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from accelerate.utils import is_peft_model
+from datasets import IterableDataset
+from trl import DPOTrainer
+from trl.data_utils import extract_prompt
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import use_adapter
+
+import upo
+from upo.heads import final_hidden_states, head_weight_and_bias, lm_head_of, logit_options
+from upo.integrations.trl.batch import AuxRewardCollator, aux_rewards, last_prompt_index, next_token_labels
+from upo.integrations.trl.config import UPOConfig, plan_loss, setting
+from upo.integrations.trl.forward import causal_lm_of, run_inside_forward
+from upo.integrations.trl.rewards import AUX_COLUMNS, CHOSEN_COLUMN, AuxRewards
+from upo.integrations.trl.value_head import ATTRIBUTE, attach_value_head, load_value_head_into, save_value_head
+
+
+class UPOTrainer(DPOTrainer):
+    """``DPOTrainer`` whose loss is ``upo.fused_loss``; takes ``UPOConfig`` and ``aux_reward_funcs``.
+
+    Args: those of ``trl.DPOTrainer``, plus ``aux_reward_funcs``: names of upo's rewards
+    (``"readability"``, ``"length:-0.1"``, ``"column:NAME"`` for a dataset column) or callables
+    called like GRPO's reward functions (``f(prompts=[...], completions=[...], **columns) ->
+    list[float]``), scored once per example while the datasets are prepared.
+    """
+
+    _tag_names = ["trl", "dpo", "upo"]
+
+    def __init__(self, model, ref_model=None, args=None, data_collator=None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
+                 optimizers=(None, None), quantization_config=None, peft_config=None, aux_reward_funcs=None):
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
+            args = UPOConfig(f"{name.rstrip('/').split('/')[-1]}-UPO")
+        self._aux_rewards = AuxRewards(aux_reward_funcs)
+        self._plan = plan_loss(args, len(self._aux_rewards), self._aux_rewards.explicit_weights)
+        self._value_head = None
+        _refuse_unsupported_inputs(model, train_dataset, peft_config)
+        if self._plan.use_value_head and optimizers[0] is not None:
+            raise ValueError("optimizers=(optimizer, ...) cannot train UPO's value head, which the trainer creates "
+                             "after the optimizer was built; pass optimizer_cls_and_kwargs instead, or set "
+                             "use_value_head=False")
+        super().__init__(model=model, ref_model=ref_model, args=args, data_collator=data_collator,
+                         train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
+                         compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
+                         quantization_config=quantization_config, peft_config=peft_config)
+        if self.aux_loss_enabled:
+            raise ValueError("the MoE router auxiliary loss is not computed by UPOTrainer; set "
+                             "router_aux_loss_coef=0.0 to train without it")
+        if self._plan.uses_aux_rewards:
+            self.data_collator = AuxRewardCollator(self.data_collator)
+        if self._plan.use_value_head:
+            self._value_head = attach_value_head(causal_lm_of(self.model))
+
+    # -- data: aux rewards scored once per example, kept through the collator
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if len(self._aux_rewards):
+            dataset = self._with_aux_rewards(dataset, args, dataset_name)
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    def _with_aux_rewards(self, dataset, args, dataset_name):
+        if isinstance(dataset, IterableDataset):
+            raise ValueError(f"aux_reward_funcs need a map-style Dataset (the {dataset_name} dataset is an "
+                             "IterableDataset): rewards are scored once per example before training")
+        if all(name in dataset.column_names for name in AUX_COLUMNS):  # already scored, or given by the user
+            width = len(dataset[0][CHOSEN_COLUMN]) if len(dataset) else len(self._aux_rewards)
+            if width != len(self._aux_rewards):
+                raise ValueError(f"the {dataset_name} dataset's {CHOSEN_COLUMN} column holds {width} rewards "
+                                 f"per example, aux_reward_funcs has {len(self._aux_rewards)}")
+            return dataset
+        if "prompt" not in dataset.column_names:  # implicit prompt: TRL's own extraction, done first
+            dataset = dataset.map(extract_prompt, num_proc=args.dataset_num_proc,
+                                  desc=f"Extracting prompt from {dataset_name} dataset")
+        return dataset.map(self._aux_rewards.score, batched=True, with_indices=True, num_proc=args.dataset_num_proc,
+                           desc=f"Scoring auxiliary rewards of {dataset_name} dataset")
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self._plan.uses_aux_rewards:
+            self._signature_columns += [name for name in AUX_COLUMNS if name not in self._signature_columns]
+
+    # -- log-probs from upo's kernels on the final hidden states
+
+    def _sequence_sums(self, labels: torch.Tensor):
+        """A forward body: the reference's summed completion log-probs ``(2B,)``."""
+        backend = self._plan.backend
+
+        def reference_sums(causal_lm, input_ids, attention_mask):
+            hidden = final_hidden_states(causal_lm, input_ids=input_ids, attention_mask=attention_mask)
+            weight, bias = head_weight_and_bias(lm_head_of(causal_lm), hidden.dtype)
+            return upo.sequence_logprobs(hidden, weight, labels.to(hidden.device), bias=bias, backend=backend,
+                                         allow_empty=True, **logit_options(causal_lm))[0]
+
+        return reference_sums
+
+    def _policy_loss(self, labels: torch.Tensor, prompt_index: torch.Tensor, loss_inputs: dict):
+        """A forward body: the policy's hidden states, the value head, then ``upo.fused_loss``."""
+        plan = self._plan
+
+        def policy_loss(causal_lm, input_ids, attention_mask):
+            hidden = final_hidden_states(causal_lm, input_ids=input_ids, attention_mask=attention_mask)
+            weight, bias = head_weight_and_bias(lm_head_of(causal_lm), hidden.dtype)
+            kwargs = dict(loss_inputs)
+            if plan.use_value_head:
+                rows = torch.arange(prompt_index.numel(), device=hidden.device)
+                prompt_hidden = hidden[rows, prompt_index.to(hidden.device)]
+                kwargs["values_chosen"] = getattr(causal_lm, ATTRIBUTE)(prompt_hidden).float()
+            return upo.fused_loss(hidden, weight, labels.to(hidden.device), bias=bias, backend=plan.backend,
+                                  **logit_options(causal_lm), **kwargs)
+
+        return policy_loss
+
+    def compute_ref_log_probs(self, model, inputs):
+        """Reference sums ``(B,)`` for chosen and rejected, from upo's kernels (also used by precompute)."""
+        labels = next_token_labels(inputs["input_ids"], inputs["completion_mask"])
+        adapter_context = contextlib.nullcontext()
+        if self.ref_model is None and is_peft_model(self.model):  # the reference is the policy, adapters off
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            adapter_context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+              adapter_context, self.accelerator.autocast()):
+            sums = run_inside_forward(model, self._sequence_sums(labels), inputs["input_ids"],
+                                      inputs["attention_mask"])
+        return sums.chunk(2, dim=0)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        completion_mask = inputs["completion_mask"]
+        loss_inputs = dict(self._plan.kwargs, **aux_rewards(inputs))
+        if self._plan.needs_reference:
+            if self.precompute_ref_logps:
+                ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+            else:
+                reference = self.model if self.ref_model is None else self.ref_model
+                ref_chosen, ref_rejected = self.compute_ref_log_probs(reference, inputs)
+            loss_inputs.update(ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected)
+        body = self._policy_loss(next_token_labels(input_ids, completion_mask), last_prompt_index(completion_mask),
+                                 loss_inputs)
+        output = run_inside_forward(model, body, input_ids, attention_mask)
+        self._record_metrics(mode, output, attention_mask)
+        if return_outputs:  # only for compute_metrics: TRL also runs a plain forward for the logits here
+            with torch.no_grad():
+                outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            return output.loss, outputs
+        return output.loss
+
+    def _record_metrics(self, mode: str, output, attention_mask: torch.Tensor) -> None:
+        """TRL's metric names (``rewards/*``, ``logps/*``, token statistics) plus upo's, averaged over ranks."""
+        metrics = dict(output.metrics)
+        if len(output.terms) > 1:  # each term's batch mean before weighting
+            metrics.update({f"loss/{name}": float(term.detach()) for name, term in output.terms.items()})
+        if self.accelerator.num_processes > 1:
+            names = sorted(metrics)
+            values = torch.tensor([[metrics[name] for name in names]], device=self.accelerator.device)
+            metrics = dict(zip(names, self.accelerator.gather(values).mean(dim=0).tolist()))
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(value)
+        if mode == "train":
+            tokens = self.accelerator.gather_for_metrics(attention_mask.sum()).sum().item()
+            self._total_train_tokens += tokens // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+    # -- the value head: its own learning rate, saved and restored beside the model
+
+    def create_optimizer(self, model=None):
+        head = self._value_head
+        if head is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        head.requires_grad_(False)  # keeps it out of the model's parameter groups
+        try:
+            optimizer = super().create_optimizer(model)
+        finally:
+            head.requires_grad_(True)
+        optimizer.add_param_group({"params": list(head.parameters()), "lr": setting(self.args, "value_lr"),
+                                   "weight_decay": 0.0})
+        return optimizer
+
+    def _save(self, output_dir=None, state_dict=None):
+        # First: save_pretrained drops the head's keys from a given state_dict in place.
+        if self._value_head is not None and self.args.should_save:
+            source = self._value_head if state_dict is None else state_dict
+            save_value_head(source, output_dir if output_dir is not None else self.args.output_dir)
+        super()._save(output_dir, state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self._value_head is not None and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            load_value_head_into(self._value_head, resume_from_checkpoint)
+
+    def _load_best_model(self):
+        super()._load_best_model()
+        if self._value_head is not None and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            load_value_head_into(self._value_head, self.state.best_model_checkpoint)
+
+
+def _refuse_unsupported_inputs(model: Any, train_dataset: Any, peft_config: Any) -> None:
+    """What UPOTrainer cannot do yet, refused before any data is prepared."""
+    if train_dataset is not None and not isinstance(train_dataset, IterableDataset):
+        sample = train_dataset[0] if len(train_dataset) else {}
+        if "image" in sample or "images" in sample:
+            raise ValueError("vision datasets are not supported by UPOTrainer yet (the loss reads a text "
+                             "model's final hidden states)")
+    configs = [peft_config] if peft_config is not None else []
+    if is_peft_model(model):
+        configs.append(model.active_peft_config)
+    if any(getattr(config, "is_prompt_learning", False) for config in configs):
+        raise ValueError("prompt-learning PEFT methods (prefix/prompt tuning) are not supported by UPOTrainer: "
+                         "they change the inputs of the backbone; use LoRA")
