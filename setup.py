@@ -29,7 +29,10 @@ setup(
             "hypothesis",
             "peft",
             "datasets",
+            "trl==1.16.0",  # the tests of upo.integrations.trl
         ],
+        # UPOTrainer overrides DPOTrainer internals: pinned to the TRL releases it is tested with
+        "trl": ["trl>=1.16,<1.17"],
         "bench": ["liger-kernel", "trl"],
         "gpu": ["flash-attn"],
     },

@@ -14,13 +14,14 @@ PACKAGES = ("upo", "upo_kernels")
 
 def test_library_imports_without_the_training_application():
     code = ("import json, sys, upo, upo.losses, upo.rewards, upo.heads, upo_kernels; "
-            "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('upo', 'transformers')))))")
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('upo', 'transformers', 'trl')))))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
     loaded = json.loads(result.stdout)
     assert "upo.losses" in loaded and "upo_kernels" in loaded
     assert not [m for m in loaded if m == "upo.train" or m.startswith("upo.train.")], loaded
     assert not [m for m in loaded if m.startswith("transformers")], loaded
+    assert not [m for m in loaded if m == "trl" or m.startswith(("trl.", "upo.integrations"))], loaded
 
 
 def test_training_application_package_is_cheap_to_import():
