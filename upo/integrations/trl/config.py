@@ -196,6 +196,8 @@ def dry_run(plan: LossPlan, n_rewards: int) -> None:
     if plan.needs_reference:
         ref, _ = upo.sequence_logprobs(0.5 * hidden, weight, labels, backend="torch")[:2]
         inputs.update(ref_chosen_logps=ref[:pairs], ref_rejected_logps=ref[pairs:])
+        if "ld_alpha" in plan.kwargs:  # as the trainer passes them: the weighted sums are their own shared part
+            inputs.update(ref_chosen_shared_logps=ref[:pairs], ref_rejected_shared_logps=ref[pairs:])
     if n_rewards:
         inputs.update(aux_rewards_chosen=torch.rand(pairs, n_rewards, generator=gen),
                       aux_rewards_rejected=torch.rand(pairs, n_rewards, generator=gen))

@@ -21,7 +21,13 @@ from trl.trainer.utils import use_adapter
 
 import upo
 from upo.heads import final_hidden_states, head_weight_and_bias, lm_head_of, logit_options
-from upo.integrations.trl.batch import AuxRewardCollator, aux_rewards, last_prompt_index, next_token_labels
+from upo.integrations.trl.batch import (
+    AuxRewardCollator,
+    aux_rewards,
+    last_prompt_index,
+    next_token_labels,
+    shared_prefix_labels,
+)
 from upo.integrations.trl.config import UPOConfig, plan_loss, setting
 from upo.integrations.trl.forward import causal_lm_of, run_inside_forward
 from upo.integrations.trl.rewards import AUX_COLUMNS, CHOSEN_COLUMN, AuxRewards
@@ -96,14 +102,19 @@ class UPOTrainer(DPOTrainer):
     # -- log-probs from upo's kernels on the final hidden states
 
     def _sequence_sums(self, labels: torch.Tensor):
-        """A forward body: the reference's summed completion log-probs ``(2B,)``."""
-        backend = self._plan.backend
+        """A forward body: the reference's summed completion log-probs ``(2B,)``, LD-weighted as TRL's."""
+        backend, ld_alpha = self._plan.backend, self._plan.kwargs.get("ld_alpha")
 
         def reference_sums(causal_lm, input_ids, attention_mask):
             hidden = final_hidden_states(causal_lm, input_ids=input_ids, attention_mask=attention_mask)
             weight, bias = head_weight_and_bias(lm_head_of(causal_lm), hidden.dtype)
-            return upo.sequence_logprobs(hidden, weight, labels.to(hidden.device), bias=bias, backend=backend,
-                                         allow_empty=True, **logit_options(causal_lm))[0]
+            options = dict(bias=bias, backend=backend, allow_empty=True, **logit_options(causal_lm))
+            sums = upo.sequence_logprobs(hidden, weight, labels.to(hidden.device), **options)[0]
+            if ld_alpha is None:
+                return sums
+            shared = upo.sequence_logprobs(hidden, weight, shared_prefix_labels(labels).to(hidden.device),
+                                           **options)[0]
+            return shared + ld_alpha * (sums - shared)
 
         return reference_sums
 
@@ -149,6 +160,10 @@ class UPOTrainer(DPOTrainer):
                 reference = self.model if self.ref_model is None else self.ref_model
                 ref_chosen, ref_rejected = self.compute_ref_log_probs(reference, inputs)
             loss_inputs.update(ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected)
+            if "ld_alpha" in loss_inputs:
+                # The reference sums are LD-weighted already (TRL's contract of compute_ref_log_probs, and what
+                # precompute caches): as their own shared part, upo's shared + a * (S - shared) leaves them as they are.
+                loss_inputs.update(ref_chosen_shared_logps=ref_chosen, ref_rejected_shared_logps=ref_rejected)
         body = self._policy_loss(next_token_labels(input_ids, completion_mask), last_prompt_index(completion_mask),
                                  loss_inputs)
         output = run_inside_forward(model, body, input_ids, attention_mask)
