@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
-from datasets import IterableDataset
+from datasets import Dataset, IterableDataset
 from trl import DPOTrainer
 from trl.data_utils import extract_prompt
 from trl.models.utils import disable_gradient_checkpointing
@@ -225,7 +225,7 @@ class UPOTrainer(DPOTrainer):
 
 def _refuse_unsupported_inputs(model: Any, train_dataset: Any, peft_config: Any) -> None:
     """What UPOTrainer cannot do yet, refused before any data is prepared."""
-    if train_dataset is not None and not isinstance(train_dataset, IterableDataset):
+    if isinstance(train_dataset, Dataset):
         sample = train_dataset[0] if len(train_dataset) else {}
         if "image" in sample or "images" in sample:
             raise ValueError("vision datasets are not supported by UPOTrainer yet (the loss reads a text "
