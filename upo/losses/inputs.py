@@ -127,29 +127,37 @@ class VectorChecker:
     def values(self, value: Any, argument: str) -> Tensor | None:
         return None if value is None else self._vector(value, argument)
 
-    def aux_rewards(self, chosen: Any, rejected: Any) -> tuple[Tensor | None, Tensor | None]:
+    def matrix(self, value: Any, argument: str, what: str = "K") -> Tensor | None:
+        """A detached ``[B]`` (one column) or ``[B, K]`` input in the compute dtype."""
+        if value is None:
+            return None
+        given = self._tensor(value).detach()
+        tensor = given.unsqueeze(-1) if given.ndim == 1 else given
+        if tensor.ndim != 2 or tensor.shape[0] != self.batch or tensor.shape[1] == 0:
+            raise ValueError(
+                f"{argument} must have shape ({self.batch},) or ({self.batch}, {what}), got {tuple(given.shape)}"
+            )
+        tensor = tensor.to(device=self.device, dtype=self.dtype)
+        check_finite(tensor, argument)
+        return tensor
+
+    def matrix_pair(self, chosen: Any, rejected: Any, names: tuple[str, str]) -> tuple[Tensor | None, Tensor | None]:
+        """The chosen and rejected inputs ``names``: both or neither, as matrices of one shape."""
         if chosen is None and rejected is None:
             return None, None
         if chosen is None or rejected is None:
-            missing = "aux_rewards_chosen" if chosen is None else "aux_rewards_rejected"
-            raise ValueError(f"{missing} is missing: give aux rewards for both chosen and rejected")
-        matrices = []
-        for value, argument in ((chosen, "aux_rewards_chosen"), (rejected, "aux_rewards_rejected")):
-            given = self._tensor(value).detach()
-            tensor = given.unsqueeze(-1) if given.ndim == 1 else given
-            if tensor.ndim != 2 or tensor.shape[0] != self.batch or tensor.shape[1] == 0:
-                raise ValueError(
-                    f"{argument} must have shape ({self.batch},) or ({self.batch}, K), got {tuple(given.shape)}"
-                )
-            tensor = tensor.to(device=self.device, dtype=self.dtype)
-            check_finite(tensor, argument)
-            matrices.append(tensor)
+            missing = names[0] if chosen is None else names[1]
+            raise ValueError(f"{missing} is missing: give {names[0]} and {names[1]}, or neither")
+        matrices = [self.matrix(chosen, names[0]), self.matrix(rejected, names[1])]
         if matrices[0].shape != matrices[1].shape:
             raise ValueError(
-                f"aux_rewards_chosen {tuple(matrices[0].shape)} and aux_rewards_rejected "
-                f"{tuple(matrices[1].shape)} must have the same shape"
+                f"{names[0]} {tuple(matrices[0].shape)} and {names[1]} {tuple(matrices[1].shape)} "
+                "must have the same shape"
             )
         return matrices[0], matrices[1]
+
+    def aux_rewards(self, chosen: Any, rejected: Any) -> tuple[Tensor | None, Tensor | None]:
+        return self.matrix_pair(chosen, rejected, ("aux_rewards_chosen", "aux_rewards_rejected"))
 
 
 def check_requirements(name: str, spec: LossSpec, supplied: Mapping[str, Tensor | None]) -> None:
