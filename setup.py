@@ -29,6 +29,9 @@ setup(
             "hypothesis",
             "peft",
             "datasets",
+            # tests/test_trl_parity.py runs TRL 1.16's own DPOTrainer._compute_loss against upo.loss;
+            # its dependencies (accelerate, datasets, transformers) are already here, torch is not pinned
+            "trl==1.16.0",
         ],
         "bench": ["liger-kernel", "trl"],
         "gpu": ["flash-attn"],

@@ -20,12 +20,12 @@ F64 = torch.float64
 
 # ---------------------------------------------------------------- elementary pieces
 def sigmoid(x):
-    return 1.0 / (1.0 + torch.exp(-x))
+    return torch.exp(log_sigmoid(x))
 
 
 def log_sigmoid(x):
-    # log(1 / (1 + e^-x)); inputs in the tests stay far from float64 overflow.
-    return -torch.log1p(torch.exp(-x))
+    # log(1 / (1 + e^-x)) = min(x, 0) - log(1 + e^-|x|): no overflow for the large |x| of forward_kl scores
+    return torch.minimum(x, torch.zeros_like(x)) - torch.log1p(torch.exp(-x.abs()))
 
 
 def log_ratios(b):
@@ -94,7 +94,8 @@ def sigmoid_norm_loss(b, beta, eps):
 def exo_pair_loss(b, beta, eps):
     x = beta * score_margin(b)
     p_w, p_l = sigmoid(x), sigmoid(-x)
-    return p_w * (torch.log(p_w) - math.log(1 - eps)) + p_l * (torch.log(p_l) - math.log(eps))
+    # log p via log_sigmoid: p = 0 times a finite log is 0 (log(0) would make 0 * -inf)
+    return p_w * (log_sigmoid(x) - math.log(1 - eps)) + p_l * (log_sigmoid(-x) - math.log(eps))
 
 
 def nca_pair_loss(b, beta, eps):
@@ -127,7 +128,8 @@ def apo_down_loss(b, beta, eps):
 def discopop_loss(b, beta, eps, discopop_tau=0.05):
     x = beta * score_margin(b)
     m = sigmoid(x / discopop_tau)
-    return -log_sigmoid(x) * (1 - m) + torch.exp(-x) * m
+    # m * exp(-x) = exp(log m - x): TRL's literal product is inf * 0 for x << 0 (forward_kl scores)
+    return -log_sigmoid(x) * (1 - m) + torch.exp(log_sigmoid(x / discopop_tau) - x)
 
 
 def _rank_logistic(beta, eps, z):

@@ -534,13 +534,7 @@ BAD_SETTINGS = [
     ("f_divergence_type", dict(loss_type="mrpo", f_divergence_type="forward_kl")),
     ("f_alpha_divergence_coef", dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=NAN)),
     ("f_alpha_divergence_coef", dict(f_alpha_divergence_coef="half")),
-    ("ld_alpha", dict(ld_alpha=-0.1)),
-    ("ld_alpha", dict(ld_alpha=1.5)),
-    ("ld_alpha", dict(ld_alpha=NAN)),
-    ("ld_alpha", dict(ld_alpha="half")),
     ("chosen_shared_logps", dict(ld_alpha=0.5)),
-    ("use_weighting", dict(loss_type="aot", use_weighting=True)),
-    ("use_weighting", dict(loss_type=["sigmoid", "aot_unpaired"], use_weighting=True)),
     ("use_weighting", dict(use_weighting="yes")),
     ("chosen_wpo_weights", dict(use_weighting=True)),
     ("extra_ref_chosen_logps", dict(loss_type="mrpo")),
@@ -577,6 +571,14 @@ BAD_BATCH_SETTINGS = [
     ("chosen_shared_logps", lambda b: _batch_inputs(b, *SHARED)),  # given, but ld_alpha is off
     ("ref_rejected_shared_logps", lambda b: dict(ld_alpha=0.2, **_batch_inputs(b, *SHARED, *REF_SHARED))
      | {"ref_rejected_shared_logps": b["R_r_shared"] * NAN}),
+    # the argument's own message, not a later one about a missing input
+    ("ld_alpha must lie in", lambda b: dict(ld_alpha=-0.1, **_batch_inputs(b, *SHARED, *REF_SHARED))),
+    ("ld_alpha must lie in", lambda b: dict(ld_alpha=1.5, **_batch_inputs(b, *SHARED, *REF_SHARED))),
+    ("ld_alpha must lie in", lambda b: dict(ld_alpha=NAN, **_batch_inputs(b, *SHARED, *REF_SHARED))),
+    ("ld_alpha must be a number", lambda b: dict(ld_alpha="half", **_batch_inputs(b, *SHARED, *REF_SHARED))),
+    ("use_weighting .*'aot'", lambda b: dict(loss_type="aot", use_weighting=True, **_batch_inputs(b, *WPO))),
+    ("use_weighting .*'aot_unpaired'", lambda b: dict(loss_type=["sigmoid", "aot_unpaired"], use_weighting=True,
+                                                      **_batch_inputs(b, *WPO))),
     ("rejected_wpo_weights", lambda b: dict(use_weighting=True, chosen_wpo_weights=b["w_c"])),
     ("rejected_wpo_weights", lambda b: dict(use_weighting=True, chosen_wpo_weights=b["w_c"],
                                             rejected_wpo_weights=-b["w_r"])),
@@ -597,8 +599,8 @@ BAD_BATCH_SETTINGS = [
 ]
 
 
-@pytest.mark.parametrize("argument, build", BAD_BATCH_SETTINGS, ids=[f"{a}-{i}" for i, (a, _) in
-                                                                     enumerate(BAD_BATCH_SETTINGS)])
+@pytest.mark.parametrize("argument, build", BAD_BATCH_SETTINGS,
+                         ids=[f"{a.split()[0]}-{i}" for i, (a, _) in enumerate(BAD_BATCH_SETTINGS)])
 def test_bad_batch_option_names_the_argument(argument, build):
     batch = make_batch(0)
     kwargs = {"loss_type": "sigmoid", **build(batch)}
