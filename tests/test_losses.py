@@ -574,7 +574,7 @@ BAD_BATCH_SETTINGS = [
     # the argument's own message, not a later one about a missing input
     ("ld_alpha must lie in", lambda b: dict(ld_alpha=-0.1, **_batch_inputs(b, *SHARED, *REF_SHARED))),
     ("ld_alpha must lie in", lambda b: dict(ld_alpha=1.5, **_batch_inputs(b, *SHARED, *REF_SHARED))),
-    ("ld_alpha must lie in", lambda b: dict(ld_alpha=NAN, **_batch_inputs(b, *SHARED, *REF_SHARED))),
+    ("ld_alpha must be finite", lambda b: dict(ld_alpha=NAN, **_batch_inputs(b, *SHARED, *REF_SHARED))),
     ("ld_alpha must be a number", lambda b: dict(ld_alpha="half", **_batch_inputs(b, *SHARED, *REF_SHARED))),
     ("use_weighting .*'aot'", lambda b: dict(loss_type="aot", use_weighting=True, **_batch_inputs(b, *WPO))),
     ("use_weighting .*'aot_unpaired'", lambda b: dict(loss_type=["sigmoid", "aot_unpaired"], use_weighting=True,

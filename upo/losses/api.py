@@ -24,13 +24,13 @@ from torch import Tensor
 from upo.losses.inputs import (
     VectorChecker,
     batch_size,
+    check_f_divergence,
     check_hyperparameters,
     check_options,
     check_requirements,
     compute_dtype,
     resolve_loss_types,
 )
-from upo.losses.f_divergence import check_f_divergence
 from upo.losses.metrics import reward_metrics, to_float
 from upo.losses.registry import LossContext, loss_spec
 from upo.losses.token_weighting import ld_weighted, wpo_pair_weights

@@ -6,9 +6,6 @@ of ``rho`` itself; ``reverse_kl`` (the default) is ``f'(rho) = rho``, i.e. plain
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -34,26 +31,3 @@ def f_scores(logratios: Tensor, f_divergence_type: str, coef: float) -> Tensor:
         exponent = torch.clamp((coef - 1.0) * logratios, max=_ALPHA_EXPONENT_MAX)
         return torch.expm1(exponent) / (coef - 1.0)
     raise ValueError(f"f_divergence_type must be one of {', '.join(F_DIVERGENCES)}, got {f_divergence_type!r}")
-
-
-def check_f_divergence(f_divergence_type: Any, coef: Any, names: Sequence[str], specs: Sequence[Any]) -> float:
-    """Validate the pair; a non-default type only with losses whose spec accepts it. Returns the coefficient."""
-    if f_divergence_type not in F_DIVERGENCES:
-        raise ValueError(f"f_divergence_type must be one of {', '.join(F_DIVERGENCES)}, got {f_divergence_type!r}")
-    try:
-        coef = float(coef)
-    except (TypeError, ValueError):
-        raise ValueError(f"f_alpha_divergence_coef must be a number, got {coef!r}") from None
-    if not math.isfinite(coef):
-        raise ValueError(f"f_alpha_divergence_coef must be finite, got {coef}")
-    if f_divergence_type != "reverse_kl":
-        refused = [name for name, spec in zip(names, specs) if not spec.f_divergence]
-        if refused:
-            from upo.losses.registry import available_losses, loss_spec
-
-            accepted = sorted({loss_spec(n).name for n in available_losses() if loss_spec(n).f_divergence})
-            raise ValueError(
-                f"f_divergence_type={f_divergence_type!r} is only supported for the loss types {accepted}; "
-                f"{refused} use(s) the raw log-ratios: use f_divergence_type='reverse_kl' with them"
-            )
-    return coef

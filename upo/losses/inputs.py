@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from upo.losses.registry import LossSpec, loss_spec, option_readers
+from upo.losses.f_divergence import F_DIVERGENCES
+from upo.losses.registry import LossSpec, available_losses, loss_spec, option_readers
 
 
 def resolve_loss_types(loss_type: Any, loss_weights: Any) -> tuple[list[str], list[float]]:
@@ -62,6 +63,32 @@ def check_hyperparameters(beta: Any, label_smoothing: Any) -> tuple[float, float
     if not (0.0 <= label_smoothing < 0.5):
         raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
     return beta, label_smoothing
+
+
+def finite_number(value: Any, argument: str, what: str = "a number") -> float:
+    """``value`` as a finite float, or a ``ValueError`` naming ``argument``."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{argument} must be {what}, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{argument} must be finite, got {number}")
+    return number
+
+
+def check_f_divergence(f_divergence_type: Any, coef: Any, names: list[str], specs: list[LossSpec]) -> float:
+    """A known type, a finite coefficient, and a non-default type only with losses that take it."""
+    if f_divergence_type not in F_DIVERGENCES:
+        raise ValueError(f"f_divergence_type must be one of {', '.join(F_DIVERGENCES)}, got {f_divergence_type!r}")
+    coef = finite_number(coef, "f_alpha_divergence_coef")
+    refused = [name for name, spec in zip(names, specs) if not spec.f_divergence]
+    if f_divergence_type != "reverse_kl" and refused:
+        accepted = sorted({loss_spec(name).name for name in available_losses() if loss_spec(name).f_divergence})
+        raise ValueError(
+            f"f_divergence_type={f_divergence_type!r} is only supported for the loss types {accepted}; "
+            f"{refused} use(s) the raw log-ratios: use f_divergence_type='reverse_kl' with them"
+        )
+    return coef
 
 
 def compute_dtype(*tensors: Tensor | None) -> torch.dtype:

@@ -6,13 +6,12 @@ them from the kernels.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor
 
-from upo.losses.inputs import VectorChecker
+from upo.losses.inputs import VectorChecker, finite_number
 
 # each log-prob sum -> the argument holding its part over the pair's shared tokens
 SHARED_PART = {
@@ -44,11 +43,8 @@ def ld_weighted(
     if ld_alpha is None:
         _refuse_unused(shared, "ld_alpha is None (LD-DPO is off)")
         return dict(sums)
-    try:
-        ld_alpha = float(ld_alpha)
-    except (TypeError, ValueError):
-        raise ValueError(f"ld_alpha must be a number in [0, 1] or None, got {ld_alpha!r}") from None
-    if not (math.isfinite(ld_alpha) and 0.0 <= ld_alpha <= 1.0):
+    ld_alpha = finite_number(ld_alpha, "ld_alpha", "a number in [0, 1] or None")
+    if not 0.0 <= ld_alpha <= 1.0:
         raise ValueError(f"ld_alpha must lie in [0, 1], got {ld_alpha}")
     weighted = dict(sums)
     for sum_name, shared_name in SHARED_PART.items():
