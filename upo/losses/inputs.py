@@ -154,7 +154,7 @@ class VectorChecker:
     def values(self, value: Any, argument: str) -> Tensor | None:
         return None if value is None else self._vector(value, argument)
 
-    def matrix(self, value: Any, argument: str, what: str = "K") -> Tensor | None:
+    def matrix(self, value: Any, argument: str) -> Tensor | None:
         """A detached ``[B]`` (one column) or ``[B, K]`` input in the compute dtype."""
         if value is None:
             return None
@@ -162,7 +162,7 @@ class VectorChecker:
         tensor = given.unsqueeze(-1) if given.ndim == 1 else given
         if tensor.ndim != 2 or tensor.shape[0] != self.batch or tensor.shape[1] == 0:
             raise ValueError(
-                f"{argument} must have shape ({self.batch},) or ({self.batch}, {what}), got {tuple(given.shape)}"
+                f"{argument} must have shape ({self.batch},) or ({self.batch}, K), got {tuple(given.shape)}"
             )
         tensor = tensor.to(device=self.device, dtype=self.dtype)
         check_finite(tensor, argument)
