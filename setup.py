@@ -29,7 +29,7 @@ setup(
             "hypothesis",
             "peft",
             "datasets",
-            "trl==1.16.0",  # the tests of upo.integrations.trl
+            "trl==1.16.0",  # tests of upo.integrations.trl and of upo.loss against TRL's own _compute_loss
         ],
         # UPOTrainer overrides DPOTrainer internals: pinned to the TRL releases it is tested with
         "trl": ["trl>=1.16,<1.17"],

@@ -83,10 +83,25 @@ def test_missing_reward_column(tmp_path, capsys):
     (["--beta", "0"], "--beta"),
     (["--model-config", "{not json"], "--model-config"),
     (["--resume", "/nonexistent/checkpoint-000001.pt"], "checkpoint not found"),
+    (["--loss-type", "apo_zero", "--f-divergence-type", "forward_kl"], "f_divergence_type='forward_kl'"),
+    (["--f-divergence-type", "kl"], "--f-divergence-type"),
+    (["--loss-type", "exo_pair"], "label_smoothing must be > 0"),
+    (["--ld-alpha", "1.5"], "--ld-alpha"),
+    (["--loss-type", "aot_unpaired", "--use-weighting"], "use_weighting (WPO) is not available"),
+    (["--loss-type", "mrpo"], "extra_ref_chosen_logps"),
 ])
 def test_bad_flags(tmp_path, capsys, flags, fragment):
     code, _, err = run_main(micro_args(tmp_path, *flags), capsys)
     assert_one_line_error(code, err, fragment)
+
+
+@pytest.mark.parametrize("flags, flag", [(["--use-weighting"], "--use-weighting"),
+                                         (["--ld-alpha", "0.5"], "--ld-alpha")])
+def test_per_token_options_train_or_say_which_flag_cannot(tmp_path, capsys, flags, flag):
+    """WPO and LD-DPO need per-token data from upo.fused_loss: a run, or one line naming the flag."""
+    code, _, err = run_main(micro_args(tmp_path, "--loss-type", "sigmoid", *flags), capsys)
+    if code != 0:
+        assert_one_line_error(code, err, flag)
 
 
 def test_missing_model_is_a_user_error(tmp_path, capsys):
@@ -107,6 +122,22 @@ def test_config_file_then_flags(tmp_path):
     assert parse_config(["--loss-type", "sigmoid,upo"]).loss_type == ["sigmoid", "upo"]
 
 
+def test_trl_options_reach_the_loss(tmp_path):
+    from upo.train.objective import loss_kwargs_from_config
+
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("f-divergence-type: alpha_divergence\nf_alpha_divergence_coef: 0.3\nld_alpha: 0.25\n")
+    config = parse_config(["--config", str(config_file), "--use-weighting", "--loss-type", "ipo", "sft"])
+    kwargs = loss_kwargs_from_config(config, None)
+    assert {key: kwargs[key] for key in ("f_divergence_type", "f_alpha_divergence_coef", "ld_alpha", "use_weighting",
+                                         "loss_type")} == {
+        "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3, "ld_alpha": 0.25,
+        "use_weighting": True, "loss_type": ["ipo", "sft"]}
+    defaults = loss_kwargs_from_config(parse_config([]), [1.0])
+    assert (defaults["f_divergence_type"], defaults["f_alpha_divergence_coef"], defaults["ld_alpha"],
+            defaults["use_weighting"]) == ("reverse_kl", 0.5, None, False)  # TRL 1.16's DPOConfig defaults
+
+
 def test_unknown_config_key(tmp_path):
     config_file = tmp_path / "run.yaml"
     config_file.write_text("betta: 0.3\n")
@@ -119,7 +150,8 @@ def test_help_lists_the_flags():
     result = subprocess.run([sys.executable, "-m", "upo.train", "--help"], capture_output=True, text=True, env=env,
                             timeout=60)
     assert result.returncode == 0
-    for flag in ("--loss-type", "--aux-reward", "--packing", "--precompute-ref", "--resume", "--fsdp", "--lora"):
+    for flag in ("--loss-type", "--aux-reward", "--packing", "--precompute-ref", "--resume", "--fsdp", "--lora",
+                 "--f-divergence-type", "--f-alpha-divergence-coef", "--ld-alpha", "--use-weighting"):
         assert flag in result.stdout
 
 

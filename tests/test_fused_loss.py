@@ -25,6 +25,12 @@ def loss_kwargs_for(loss_type, b, seed, *, with_values=True):
     """Per-loss arguments: aux rewards (and values) for ``upo``; a beta giving O(1) margins."""
     names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     kw = dict(loss_type=loss_type, beta=0.1)
+    if "exo_pair" in names:  # log(eps): needs label_smoothing > 0
+        kw["label_smoothing"] = 1e-3
+    if "mrpo" in names:  # one further reference model
+        g = gen(seed + 11)
+        kw["extra_ref_chosen_logps"] = -(1 + 40 * torch.rand(b, 1, generator=g)).to(DEVICE)
+        kw["extra_ref_rejected_logps"] = -(1 + 40 * torch.rand(b, 1, generator=g)).to(DEVICE)
     if any(upo.loss_spec(n).needs_aux_rewards for n in names):
         g = gen(seed + 7)
         kw["aux_rewards_chosen"] = torch.randn(b, 2, generator=g).to(DEVICE)

@@ -10,8 +10,12 @@ import upo.losses as L
 
 PROFILE = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-REFERENCE_LOSSES = sorted(set(oracle.ORACLES) - oracle.REFERENCE_FREE)
+# mrpo needs extra references, alpha_dpo two pairs (batch statistics), exo_pair label_smoothing > 0
+NEEDS_MORE = {"mrpo", "alpha_dpo", "exo_pair"}
+REFERENCE_LOSSES = sorted(set(oracle.ORACLES) - oracle.REFERENCE_FREE - NEEDS_MORE)
 PAIRWISE_LOSSES = REFERENCE_LOSSES + ["simpo", "orpo"]
+# functions of the log-ratios alone (aot sorts S_c - S_r and R_c - R_r separately)
+LOG_RATIO_LOSSES = sorted(set(REFERENCE_LOSSES) - {"aot"})
 
 
 def floats(low, high):
@@ -95,12 +99,16 @@ def test_sigmoid_loss_is_log2_at_zero_margin(batch, beta, eps):
 
 @PROFILE
 @given(batch=batches(), beta=betas, eps=smoothings)
-def test_sigmoid_antisymmetry(batch, beta, eps):
+def test_cdpo_antisymmetry_and_sigmoid_ignores_smoothing(batch, beta, eps):
     # -(1-e) ls(x) - e ls(-x) minus the same at -x equals -(1-2e) x.
-    out, _ = run(batch, "sigmoid", beta=beta, label_smoothing=eps)
-    flipped, _ = run(swapped(batch), "sigmoid", beta=beta, label_smoothing=eps)
+    out, _ = run(batch, "cdpo", beta=beta, label_smoothing=eps)
+    flipped, _ = run(swapped(batch), "cdpo", beta=beta, label_smoothing=eps)
     margin = (batch["S_c"] - batch["R_c"]) - (batch["S_r"] - batch["R_r"])
     torch.testing.assert_close(out.losses - flipped.losses, -(1 - 2 * eps) * beta * margin)
+    # TRL 1.16's sigmoid reads no label smoothing: it is cdpo at eps = 0
+    smoothed, _ = run(batch, "sigmoid", beta=beta, label_smoothing=eps)
+    plain, _ = run(batch, "cdpo", beta=beta)
+    torch.testing.assert_close(smoothed.losses, plain.losses)
 
 
 @PROFILE
@@ -118,7 +126,8 @@ BOUNDS = {
     "hinge": (0.0, None), "ipo": (0.0, None), "sppo_hard": (0.0, None), "exo_pair": (0.0, None),
     "nca_pair": (0.0, None), "bco_pair": (0.0, None), "sigmoid": (0.0, None), "robust": (None, None),
     "apo_zero": (0.0, 2.0), "apo_down": (0.0, 2.0), "kto": (0.0, 1.0), "discopop": (0.0, None),
-    "simpo": (0.0, None), "orpo": (0.0, None), "nll": (0.0, None),
+    "simpo": (0.0, None), "orpo": (0.0, None), "nll": (0.0, None), "cdpo": (0.0, None), "sigmoid_norm": (0.0, None),
+    "aot": (0.0, None), "aot_unpaired": (0.0, None), "minor_dpo": (0.0, None), "sft": (0.0, None),
 }
 
 
@@ -135,7 +144,7 @@ def test_loss_ranges(batch, beta, eps, name):
 
 
 @PROFILE
-@given(batch=batches(), beta=betas, shift=floats(-20, 20), name=st.sampled_from(REFERENCE_LOSSES))
+@given(batch=batches(), beta=betas, shift=floats(-20, 20), name=st.sampled_from(LOG_RATIO_LOSSES))
 def test_reference_losses_depend_on_log_ratios_only(batch, beta, shift, name):
     # Adding the same constant to S and R of a response leaves its log-ratio unchanged.
     moved = dict(batch, S_c=batch["S_c"] - abs(shift), R_c=batch["R_c"] - abs(shift), S_r=batch["S_r"] - 1.0,
@@ -156,7 +165,8 @@ def test_simpo_depends_on_mean_logp_difference_only(batch, beta, shift):
 
 @PROFILE
 @given(batch=batches(), beta=betas, eps=smoothings,
-       name=st.sampled_from(["sigmoid", "robust", "simpo", "bco_pair", "apo_zero", "kto", "orpo"]))
+       name=st.sampled_from(["sigmoid", "robust", "simpo", "bco_pair", "apo_zero", "kto", "orpo", "minor_dpo",
+                             "sigmoid_norm", "cdpo"]))
 def test_gradients_raise_chosen_and_lower_rejected(batch, beta, eps, name):
     # Label smoothing gives sigmoid/simpo a finite optimum, past which they pull the margin back
     # (robust stays monotone for any eps); nca_pair does so by design once sigma(beta rho_c) > 2/3.
@@ -169,12 +179,66 @@ def test_gradients_raise_chosen_and_lower_rejected(batch, beta, eps, name):
 
 @PROFILE
 @given(batch=batches(), beta=betas, weights=st.lists(floats(-2, 2), min_size=3, max_size=3),
-       names=st.lists(st.sampled_from(sorted(oracle.ORACLES)), min_size=3, max_size=3, unique=True))
+       names=st.lists(st.sampled_from(sorted(set(oracle.ORACLES) - NEEDS_MORE)), min_size=3, max_size=3, unique=True))
 def test_combination_is_linear_in_its_terms(batch, beta, weights, names):
     combined, _ = run(batch, names, loss_weights=weights, beta=beta)
     expected = sum(w * run(batch, name, beta=beta)[0].losses for name, w in zip(names, weights))
     torch.testing.assert_close(combined.losses, expected, rtol=1e-9, atol=1e-9)
     assert set(combined.terms) == set(names)
+
+
+# ------------------------------------------------------------------ TRL 1.16's additions and the seed's variants
+@PROFILE
+@given(batch=batches(), length=st.integers(1, 64))
+def test_sft_equals_per_response_nll_at_equal_chosen_lengths(batch, length):
+    batch = dict(batch, n_c=torch.full_like(batch["n_c"], float(length)))
+    sft, _ = run(batch, "sft")
+    nll, _ = run(batch, "nll")
+    torch.testing.assert_close(sft.loss, nll.loss, rtol=1e-12, atol=1e-12)
+
+
+@PROFILE
+@given(batch=batches(), beta=betas)
+def test_minor_dpo_stops_the_reject_penalty_below_the_reference(batch, beta):
+    out, leaves = run(batch, "minor_dpo", grad=True, beta=beta)
+    out.loss.backward()
+    below = batch["S_r"] < batch["R_r"]
+    assert (leaves["S_r"].grad[below] == 0).all()
+    above = dict(batch, R_r=batch["S_r"] - (batch["R_r"] - batch["S_r"]).abs() - 0.1)  # every rho_r > 0
+    minor, _ = run(above, "minor_dpo", beta=beta)
+    dpo, _ = run(above, "sigmoid", beta=beta)
+    torch.testing.assert_close(minor.losses, dpo.losses, rtol=1e-12, atol=1e-12)
+
+
+@PROFILE
+@given(batch=batches(), beta=betas, spread=floats(-0.5, 0.5), eta=floats(0.0, 1.0))
+def test_mrpo_reduces_to_dpo_on_its_primary_reference(batch, beta, spread, eta):
+    extra = {"extra_ref_chosen_logps": batch["R_c"] * (1 + spread),
+             "extra_ref_rejected_logps": batch["R_r"] * (1 - spread)}
+    dpo, _ = run(batch, "sigmoid", beta=beta)
+    primary_only, _ = run(batch, "mrpo", beta=beta, mrpo_weights=[1.0, 0.0], mrpo_eta=eta, **extra)
+    no_room, _ = run(batch, "mrpo", beta=beta, mrpo_eta=0.0, **extra)  # eta 0 clips every extra onto R_p
+    torch.testing.assert_close(primary_only.losses, dpo.losses, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(no_room.losses, dpo.losses, rtol=1e-9, atol=1e-12)
+
+
+@PROFILE
+@given(batch=batches(), beta=betas, ratio=floats(0.0, 2.0))
+def test_alpha_dpo_without_adaptive_margin_is_simpo(batch, beta, ratio):
+    alpha, _ = run(batch, "alpha_dpo", beta=beta, margin_alpha=0.0, gamma_beta_ratio=ratio, margin_mean=0.0,
+                   margin_std=1.0)
+    simpo, _ = run(batch, "simpo", beta=beta, gamma_beta_ratio=ratio)
+    torch.testing.assert_close(alpha.losses, simpo.losses, rtol=1e-9, atol=1e-12)
+
+
+@PROFILE
+@given(batch=batches(), beta=betas, name=st.sampled_from(["aot", "aot_unpaired"]), data=st.data())
+def test_aot_loss_ignores_the_order_of_pairs(batch, beta, name, data):
+    order = torch.tensor(data.draw(st.permutations(range(len(batch["S_c"])))))
+    shuffled = {key: value[order] for key, value in batch.items()}
+    out, _ = run(batch, name, beta=beta)
+    moved, _ = run(shuffled, name, beta=beta)
+    torch.testing.assert_close(out.loss, moved.loss, rtol=1e-12, atol=1e-12)
 
 
 # ------------------------------------------------------------------ UPO

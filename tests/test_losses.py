@@ -1,9 +1,8 @@
-"""upo.losses against independent float64 formulas (tests/loss_oracle.py), input checks, TRL parity.
+"""upo.losses against independent float64 formulas (tests/loss_oracle.py), input checks, TRL CPO/ORPO parity.
 
 Inputs are fresh each run: two fixed seeds plus one drawn at import (shown in the test id;
 set UPO_TEST_SEED to replay it).
 """
-import collections
 import math
 import os
 import random
@@ -25,14 +24,30 @@ F32_LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
 F32_GRAD_TOL = dict(rtol=1e-4, atol=1e-6)
 
 
-def make_batch(seed, dtype=torch.float32, **kwargs):
+def make_batch(seed, dtype=torch.float32, extra_columns=1, **kwargs):
+    """random_batch plus MRPO's extra references E_c, E_r (other losses ignore them)."""
     print(f"inputs from seed {seed} (UPO_TEST_SEED={RUN_SEED} replays this run)")  # shown on failure
-    return oracle.random_batch(torch.Generator().manual_seed(seed), dtype=dtype, **kwargs)
+    generator = torch.Generator().manual_seed(seed)
+    batch = oracle.random_batch(generator, dtype=dtype, **kwargs)
+    return oracle.token_statistics(generator, oracle.extra_references(generator, batch, extra_columns))
+
+
+LEAVES = ("S_c", "S_r", "v_c", "S_c_shared", "S_r_shared")
 
 
 def call_loss(batch, loss_type, *, values=False, reference=True, lengths=True, **kwargs):
-    """upo.loss on a batch dict; S_c, S_r (and v_c) become fresh leaves so grads can be read."""
-    leaves = {key: batch[key].detach().clone().requires_grad_(key in ("S_c", "S_r", "v_c")) for key in batch}
+    """upo.loss on a batch dict; S_c, S_r (v_c, shared sums) become fresh leaves so grads can be read."""
+    leaves = {key: batch[key].detach().clone().requires_grad_(key in LEAVES) for key in batch}
+    given = [("E_c", "extra_ref_chosen_logps"), ("E_r", "extra_ref_rejected_logps")] if reference else []
+    if kwargs.get("ld_alpha") is not None:
+        given += [("S_c_shared", "chosen_shared_logps"), ("S_r_shared", "rejected_shared_logps")]
+        if reference:
+            given += [("R_c_shared", "ref_chosen_shared_logps"), ("R_r_shared", "ref_rejected_shared_logps")]
+    if kwargs.get("use_weighting"):
+        given += [("w_c", "chosen_wpo_weights"), ("w_r", "rejected_wpo_weights")]
+    for key, argument in given:
+        if key in leaves:
+            kwargs.setdefault(argument, leaves[key])
     out = L.loss(
         leaves["S_c"],
         leaves["S_r"],
@@ -49,17 +64,35 @@ def call_loss(batch, loss_type, *, values=False, reference=True, lengths=True, *
     return out, leaves
 
 
-def oracle_loss(batch, name, *, beta=0.1, label_smoothing=0.0, values=False, **options):
+def oracle_loss(batch, name, *, beta=0.1, label_smoothing=0.0, values=False, f=None, ld_alpha=None, wpo=False,
+                **options):
     b64 = oracle.as_float64(batch)
     if name == "upo":
         options["use_values"] = values
-    per_pair = oracle.ORACLES[name](b64, beta, label_smoothing, **options)
-    return per_pair, b64
+    inputs = dict(b64, f=f) if f else b64
+    inputs = oracle.with_ld(inputs, ld_alpha) if ld_alpha is not None else inputs
+    per_pair = oracle.ORACLES[name](inputs, beta, label_smoothing, **options)
+    return (oracle.with_wpo(per_pair, b64) if wpo else per_pair), b64
 
 
-def assert_matches_oracle(batch, name, dtype, *, beta=0.1, label_smoothing=0.0, values=False, **options):
-    out, leaves = call_loss(batch, name, beta=beta, label_smoothing=label_smoothing, values=values, **options)
-    expected, b64 = oracle_loss(batch, name, beta=beta, label_smoothing=label_smoothing, values=values, **options)
+def batch_options(f=None, ld_alpha=None, wpo=False):
+    """upo.loss keyword arguments for TRL's batch options; the batch keys they read are filled in by call_loss."""
+    kwargs = {}
+    if f:
+        kwargs.update(f_divergence_type=f[0], f_alpha_divergence_coef=f[1])
+    if ld_alpha is not None:
+        kwargs.update(ld_alpha=ld_alpha)
+    if wpo:
+        kwargs.update(use_weighting=True)
+    return kwargs
+
+
+def assert_matches_oracle(batch, name, dtype, *, beta=0.1, label_smoothing=0.0, values=False, f=None, ld_alpha=None,
+                          wpo=False, reference=True, **options):
+    out, leaves = call_loss(batch, name, beta=beta, label_smoothing=label_smoothing, values=values,
+                            reference=reference, **batch_options(f, ld_alpha, wpo), **options)
+    expected, b64 = oracle_loss(batch, name, beta=beta, label_smoothing=label_smoothing, values=values, f=f,
+                                ld_alpha=ld_alpha, wpo=wpo, **options)
     loss_tol = F64_TOL if dtype == torch.float64 else F32_LOSS_TOL
     grad_tol = F64_TOL if dtype == torch.float64 else F32_GRAD_TOL
 
@@ -70,7 +103,8 @@ def assert_matches_oracle(batch, name, dtype, *, beta=0.1, label_smoothing=0.0, 
 
     out.loss.backward()
     expected.mean().backward()
-    for key in ("S_c", "S_r") + (("v_c",) if values else ()):
+    for key in ("S_c", "S_r") + (("v_c",) if values else ()) + (("S_c_shared", "S_r_shared") if ld_alpha is not None
+                                                                 else ()):
         got, want = leaves[key].grad, b64[key].grad  # None: the loss does not depend on it
         got = torch.zeros(len(leaves[key]), dtype=torch.float64) if got is None else got.double()
         want = torch.zeros_like(got) if want is None else want
@@ -83,16 +117,29 @@ def assert_matches_oracle(batch, name, dtype, *, beta=0.1, label_smoothing=0.0, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("name", ALL_LOSSES)
 def test_loss_matches_float64_oracle(name, dtype, seed):
-    assert_matches_oracle(make_batch(seed, dtype), name, dtype)
+    eps = 1e-3 if name in oracle.NEEDS_SMOOTHING else 0.0
+    assert_matches_oracle(make_batch(seed, dtype), name, dtype, label_smoothing=eps)
 
 
 OPTION_CASES = [
-    ("sigmoid", dict(label_smoothing=0.2, beta=0.5)),
+    ("sigmoid", dict(label_smoothing=0.2, beta=0.5)),  # ignored, as TRL 1.16
+    ("cdpo", dict(label_smoothing=0.2, beta=0.5)),
     ("robust", dict(label_smoothing=0.3, beta=0.3)),
     ("exo_pair", dict(label_smoothing=0.1)),
     ("hinge", dict(beta=1.0)),
     ("ipo", dict(beta=0.05)),
+    ("sigmoid_norm", dict(beta=2.0)),
+    ("aot", dict(label_smoothing=0.1, beta=0.3)),
+    ("aot_unpaired", dict(label_smoothing=0.25)),
     ("bco_pair", dict(bco_delta=0.3)),
+    ("bco_pair", dict(bco_delta="batch_mean")),
+    ("minor_dpo", dict(beta=0.5)),
+    ("alpha_dpo", dict(margin_alpha=0.05, gamma_beta_ratio=0.15, beta=2.5, label_smoothing=0.1)),
+    ("alpha_dpo", dict(margin_mean=0.3, margin_std=2.0, beta=10.0)),
+    ("mrpo", dict(mrpo_eta=0.3, beta=0.5)),
+    ("mrpo", dict(mrpo_eta=0.05, mrpo_eta_mode="fixed")),
+    ("mrpo", dict(mrpo_weights=[0.3, 0.7])),
+    ("mrpo", dict(mrpo_weights=[2.0, 0.0], mrpo_eta=1.0)),
     ("discopop", dict(discopop_tau=0.5, beta=0.3)),
     ("simpo", dict(gamma=1.3, beta=2.0)),
     ("simpo", dict(gamma_beta_ratio=0.5, beta=2.0, label_smoothing=0.1)),
@@ -114,6 +161,89 @@ OPTION_CASES = [
 @pytest.mark.parametrize("name, options", OPTION_CASES, ids=[f"{n}-{'-'.join(o)}" for n, o in OPTION_CASES])
 def test_loss_options_match_oracle(name, options, dtype, seed):
     assert_matches_oracle(make_batch(seed, dtype), name, dtype, **options)
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=lambda s: f"seed{s}" if s in (0, 1) else "seed-fresh")
+@pytest.mark.parametrize("weights", [[0.2, 0.5, 0.3], [1.0, 1.0, 2.0]], ids=["normalised", "unnormalised"])
+def test_mrpo_with_several_extra_references(weights, seed):
+    batch = make_batch(seed, torch.float64, extra_columns=2)
+    assert_matches_oracle(batch, "mrpo", torch.float64, mrpo_weights=weights, mrpo_eta=0.2)
+
+
+F_DIVERGENCES = [("forward_kl", 0.5), ("js_divergence", 0.5), ("alpha_divergence", 0.3),
+                 ("alpha_divergence", 1.6), ("alpha_divergence", 1.0)]
+F_LOSSES = sorted(oracle.F_DIVERGENCE_LOSSES - {"rpo"})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("f", F_DIVERGENCES, ids=lambda f: f"{f[0]}-{f[1]}")
+@pytest.mark.parametrize("name", F_LOSSES)
+def test_f_divergence_matches_oracle(name, f, dtype):
+    eps = 0.1 if name in ("robust", "exo_pair", "cdpo") else 0.0
+    assert_matches_oracle(make_batch(RUN_SEED, dtype), name, dtype, f=f, label_smoothing=eps)
+
+
+def test_f_divergence_metrics_use_raw_log_ratios():
+    batch = make_batch(RUN_SEED, torch.float64)
+    plain, _ = call_loss(batch, "sigmoid")
+    forward, _ = call_loss(batch, "sigmoid", f_divergence_type="forward_kl")
+    assert plain.metrics == {key: value for key, value in forward.metrics.items()}
+    assert not torch.allclose(plain.loss, forward.loss)
+
+
+LD_WPO_CASES = [
+    ("sigmoid", dict(ld_alpha=0.5)),
+    ("ipo", dict(ld_alpha=0.0)),
+    ("sft", dict(ld_alpha=0.3)),  # reads the unweighted sums
+    ("simpo", dict(ld_alpha=0.7, reference=False)),
+    ("aot", dict(ld_alpha=0.2, label_smoothing=0.1)),
+    ("alpha_dpo", dict(ld_alpha=0.4)),
+    ("kto", dict(ld_alpha=0.9)),
+    ("upo", dict(ld_alpha=0.5, reference=False)),
+    ("sigmoid", dict(wpo=True)),
+    ("sft", dict(wpo=True)),  # TRL 1.16 crashes on this pair; upo weights it like any term
+    ("ipo", dict(wpo=True, ld_alpha=0.6)),
+    ("minor_dpo", dict(wpo=True)),
+    ("mrpo", dict(wpo=True)),
+    ("discopop", dict(wpo=True, ld_alpha=0.5, f=("js_divergence", 0.5))),
+    ("orpo", dict(wpo=True, reference=False)),
+]
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=lambda s: f"seed{s}" if s in (0, 1) else "seed-fresh")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("name, options", LD_WPO_CASES, ids=[f"{n}-{'-'.join(o)}" for n, o in LD_WPO_CASES])
+def test_ld_alpha_and_wpo_match_oracle(name, options, dtype, seed):
+    assert_matches_oracle(make_batch(seed, dtype), name, dtype, **options)
+
+
+def test_ld_alpha_one_and_unit_wpo_weights_change_nothing():
+    batch = make_batch(RUN_SEED, torch.float64)
+    names = ["sigmoid", "ipo", "sft", "bco_pair"]
+    plain, _ = call_loss(batch, names)
+    ld_one, _ = call_loss(batch, names, ld_alpha=1.0)
+    ones = torch.ones_like(batch["S_c"])
+    unit, _ = call_loss(batch, names, use_weighting=True, chosen_wpo_weights=ones, rejected_wpo_weights=ones)
+    for other in (ld_one, unit):
+        torch.testing.assert_close(other.losses, plain.losses, **F64_TOL)
+        assert other.metrics == pytest.approx(plain.metrics)
+
+
+def test_ld_alpha_metrics_use_weighted_sums():
+    batch = make_batch(RUN_SEED, torch.float64)
+    out, _ = call_loss(batch, "sigmoid", ld_alpha=0.25, beta=0.2)
+    ld = oracle.with_ld(oracle.as_float64(batch), 0.25)
+    assert out.metrics["logps/chosen"] == pytest.approx(ld["S_c"].mean().item())
+    assert out.metrics["rewards/rejected"] == pytest.approx((0.2 * (ld["S_r"] - ld["R_r"])).mean().item())
+
+
+def test_wpo_weights_are_detached():
+    batch = make_batch(RUN_SEED, torch.float64)
+    weight = batch["w_c"].clone().requires_grad_(True)
+    out = L.loss(batch["S_c"].requires_grad_(True), batch["S_r"], batch["R_c"], batch["R_r"], use_weighting=True,
+                 chosen_wpo_weights=weight, rejected_wpo_weights=batch["w_r"])
+    out.loss.backward()
+    assert weight.grad is None and batch["S_c"].grad is not None
 
 
 def test_upo_omega_max_actually_clamps():
@@ -395,6 +525,21 @@ BAD_SETTINGS = [
     ("beta_aux", dict(loss_type="upo", beta_aux=0.0)),
     ("omega_max", dict(loss_type="upo", omega_max=-2.0)),
     ("upo_lambda", dict(loss_type="upo", upo_lambda=INF)),
+    ("label_smoothing", dict(loss_type="exo_pair")),  # log(0), as TRL 1.16
+    ("bco_delta", dict(loss_type="bco_pair", bco_delta="running_mean")),
+    ("f_divergence_type", dict(f_divergence_type="kl")),
+    ("f_divergence_type", dict(loss_type="apo_zero", f_divergence_type="forward_kl")),
+    ("f_divergence_type", dict(loss_type=["sigmoid", "kto"], f_divergence_type="js_divergence")),
+    ("f_divergence_type", dict(loss_type=["ipo", "aot"], f_divergence_type="alpha_divergence")),
+    ("f_divergence_type", dict(loss_type="mrpo", f_divergence_type="forward_kl")),
+    ("f_alpha_divergence_coef", dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=NAN)),
+    ("f_alpha_divergence_coef", dict(f_alpha_divergence_coef="half")),
+    ("chosen_shared_logps", dict(ld_alpha=0.5)),
+    ("use_weighting", dict(use_weighting="yes")),
+    ("chosen_wpo_weights", dict(use_weighting=True)),
+    ("extra_ref_chosen_logps", dict(loss_type="mrpo")),
+    ("margin_std", dict(loss_type="alpha_dpo", margin_std=0.0)),
+    ("margin_alpha", dict(loss_type="alpha_dpo", margin_alpha=INF)),
 ]
 
 
@@ -406,6 +551,80 @@ def test_bad_setting_names_the_argument(argument, kwargs):
         L.loss(batch["S_c"], batch["S_r"], batch["R_c"], batch["R_r"], chosen_lengths=batch["n_c"],
                rejected_lengths=batch["n_r"], aux_rewards_chosen=batch["a_c"], aux_rewards_rejected=batch["a_r"],
                **kwargs)
+
+
+def _batch_inputs(batch, *keys):
+    return {argument: batch[key] for key, argument in keys}
+
+
+SHARED = (("S_c_shared", "chosen_shared_logps"), ("S_r_shared", "rejected_shared_logps"))
+REF_SHARED = (("R_c_shared", "ref_chosen_shared_logps"), ("R_r_shared", "ref_rejected_shared_logps"))
+WPO = (("w_c", "chosen_wpo_weights"), ("w_r", "rejected_wpo_weights"))
+EXTRA = (("E_c", "extra_ref_chosen_logps"), ("E_r", "extra_ref_rejected_logps"))
+
+BAD_BATCH_SETTINGS = [
+    ("ref_chosen_shared_logps", lambda b: dict(ld_alpha=0.5, **_batch_inputs(b, *SHARED))),
+    ("rejected_shared_logps", lambda b: dict(ld_alpha=0.5, chosen_shared_logps=b["S_c_shared"],
+                                             **_batch_inputs(b, *REF_SHARED))),
+    ("chosen_shared_logps", lambda b: dict(ld_alpha=0.5, **_batch_inputs(b, *SHARED, *REF_SHARED))
+     | {"chosen_shared_logps": b["S_c_shared"][:3]}),
+    ("chosen_shared_logps", lambda b: _batch_inputs(b, *SHARED)),  # given, but ld_alpha is off
+    ("ref_rejected_shared_logps", lambda b: dict(ld_alpha=0.2, **_batch_inputs(b, *SHARED, *REF_SHARED))
+     | {"ref_rejected_shared_logps": b["R_r_shared"] * NAN}),
+    # the argument's own message, not a later one about a missing input
+    ("ld_alpha must lie in", lambda b: dict(ld_alpha=-0.1, **_batch_inputs(b, *SHARED, *REF_SHARED))),
+    ("ld_alpha must lie in", lambda b: dict(ld_alpha=1.5, **_batch_inputs(b, *SHARED, *REF_SHARED))),
+    ("ld_alpha must be finite", lambda b: dict(ld_alpha=NAN, **_batch_inputs(b, *SHARED, *REF_SHARED))),
+    ("ld_alpha must be a number", lambda b: dict(ld_alpha="half", **_batch_inputs(b, *SHARED, *REF_SHARED))),
+    ("use_weighting .*'aot'", lambda b: dict(loss_type="aot", use_weighting=True, **_batch_inputs(b, *WPO))),
+    ("use_weighting .*'aot_unpaired'", lambda b: dict(loss_type=["sigmoid", "aot_unpaired"], use_weighting=True,
+                                                      **_batch_inputs(b, *WPO))),
+    ("rejected_wpo_weights", lambda b: dict(use_weighting=True, chosen_wpo_weights=b["w_c"])),
+    ("rejected_wpo_weights", lambda b: dict(use_weighting=True, chosen_wpo_weights=b["w_c"],
+                                            rejected_wpo_weights=-b["w_r"])),
+    ("chosen_wpo_weights", lambda b: _batch_inputs(b, *WPO)),  # given, but use_weighting is off
+    ("extra_ref_rejected_logps", lambda b: dict(loss_type="mrpo", extra_ref_chosen_logps=b["E_c"])),
+    ("extra_ref_chosen_logps", lambda b: dict(loss_type="mrpo", extra_ref_chosen_logps=b["E_c"][:4],
+                                              extra_ref_rejected_logps=b["E_r"])),
+    ("extra_ref_chosen_logps", lambda b: dict(loss_type="mrpo", extra_ref_chosen_logps=torch.cat([b["E_c"]] * 2, 1),
+                                              extra_ref_rejected_logps=b["E_r"])),
+    ("mrpo_weights", lambda b: dict(loss_type="mrpo", extra_ref_chosen_logps=torch.cat([b["E_c"]] * 2, 1),
+                                    extra_ref_rejected_logps=torch.cat([b["E_r"]] * 2, 1))),
+    ("mrpo_weights", lambda b: dict(loss_type="mrpo", mrpo_weights=[0.5, 0.3, 0.2], **_batch_inputs(b, *EXTRA))),
+    ("mrpo_weights", lambda b: dict(loss_type="mrpo", mrpo_weights=[1.0, -0.5], **_batch_inputs(b, *EXTRA))),
+    ("mrpo_weights", lambda b: dict(loss_type="mrpo", mrpo_weights=[0.0, 0.0], **_batch_inputs(b, *EXTRA))),
+    ("mrpo_eta_mode", lambda b: dict(loss_type="mrpo", mrpo_eta_mode="wide", **_batch_inputs(b, *EXTRA))),
+    ("mrpo_eta", lambda b: dict(loss_type="mrpo", mrpo_eta=-0.1, **_batch_inputs(b, *EXTRA))),
+    ("ld_alpha", lambda b: dict(loss_type="mrpo", ld_alpha=0.5, **_batch_inputs(b, *EXTRA, *SHARED, *REF_SHARED))),
+]
+
+
+@pytest.mark.parametrize("argument, build", BAD_BATCH_SETTINGS,
+                         ids=[f"{a.split()[0]}-{i}" for i, (a, _) in enumerate(BAD_BATCH_SETTINGS)])
+def test_bad_batch_option_names_the_argument(argument, build):
+    batch = make_batch(0)
+    kwargs = {"loss_type": "sigmoid", **build(batch)}
+    with pytest.raises(ValueError, match=argument):
+        L.loss(batch["S_c"], batch["S_r"], batch["R_c"], batch["R_r"], chosen_lengths=batch["n_c"],
+               rejected_lengths=batch["n_r"], **kwargs)
+
+
+def test_alpha_dpo_needs_two_pairs_or_given_statistics():
+    batch = make_batch(0, batch=1)
+    args = (batch["S_c"], batch["S_r"], batch["R_c"], batch["R_r"])
+    lengths = dict(chosen_lengths=batch["n_c"], rejected_lengths=batch["n_r"])
+    with pytest.raises(ValueError, match="margin_std"):
+        L.loss(*args, loss_type="alpha_dpo", **lengths)
+    assert torch.isfinite(L.loss(*args, loss_type="alpha_dpo", margin_mean=0.0, margin_std=1.0, **lengths).loss)
+
+
+def test_f_divergence_error_lists_the_accepted_losses():
+    batch = make_batch(0)
+    with pytest.raises(ValueError) as error:
+        L.loss(batch["S_c"], batch["S_r"], batch["R_c"], batch["R_r"], loss_type="nca_pair",
+               f_divergence_type="forward_kl")
+    for name in ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft", "nca_pair"):
+        assert name in str(error.value)
 
 
 def test_unknown_loss_message_lists_known_losses():
@@ -435,9 +654,8 @@ def trl_trainers():
             from trl import CPOTrainer, ORPOTrainer
         except ImportError:
             pytest.skip(f"TRL CPO/ORPO trainers not importable: {error}")
-    from trl import DPOTrainer
 
-    return SimpleNamespace(cpo=CPOTrainer, orpo=ORPOTrainer, dpo=DPOTrainer)
+    return SimpleNamespace(cpo=CPOTrainer, orpo=ORPOTrainer)
 
 
 def test_simpo_matches_trl_cpo(trl_trainers):
@@ -469,61 +687,4 @@ def test_orpo_matches_trl(trl_trainers):
     assert out.metrics["rewards/chosen"] == pytest.approx(trl_chosen.mean().item(), **float32)
 
 
-DPO_PARITY = [
-    ("sigmoid", {}, 0.0), ("robust", {}, 0.1), ("hinge", {}, 0.0), ("ipo", {}, 0.0), ("exo_pair", {}, 0.1),
-    ("nca_pair", {}, 0.0), ("bco_pair", {"bco_delta": 0.0}, 0.0), ("sppo_hard", {}, 0.0), ("apo_zero", {}, 0.0),
-    ("apo_down", {}, 0.0), ("discopop", {}, 0.0),
-]
-
-
-def _trl_dpo_loss(dpo_trainer, batch, name, beta, eps):
-    """Run TRL's own ``DPOTrainer._compute_loss`` on a stub model whose per-token log-probs sum to S.
-
-    TRL >= 1.0 inlines the loss formulas there, so this checks them, not a copy. Every
-    response gets its n tokens at the end of the row; the whole log-prob sits on the last one.
-    """
-    lengths = torch.cat([batch["n_c"], batch["n_r"]]).long()
-    rows, width = len(lengths), int(lengths.max()) + 2
-    positions = torch.arange(width)
-    completion_mask = (positions >= width - lengths[:, None]).long()
-    log_probs = torch.zeros(rows, width - 1, dtype=torch.float64)
-    log_probs[:, -1] = torch.cat([batch["S_c"], batch["S_r"]])
-    zeros = torch.zeros(rows, width - 1)
-
-    def model(**kwargs):
-        return SimpleNamespace(log_probs=log_probs, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
-
-    identity = lambda tensor: tensor  # noqa: E731 - single-process gather
-    trainer = SimpleNamespace(
-        model=SimpleNamespace(training=True), aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
-        f_divergence_type="reverse_kl", loss_types=[name], loss_weights=[1.0], beta=beta, label_smoothing=eps,
-        args=SimpleNamespace(discopop_tau=0.05), use_weighting=False, _total_train_tokens=0, _tp_size=1,
-        accelerator=SimpleNamespace(device=torch.device("cpu"), gather=identity, gather_for_metrics=identity),
-        _metrics={"train": collections.defaultdict(list), "eval": collections.defaultdict(list)},
-    )
-    inputs = {
-        "input_ids": torch.zeros(rows, width, dtype=torch.long),
-        "attention_mask": torch.ones(rows, width, dtype=torch.long),
-        "completion_mask": completion_mask, "ref_chosen_logps": batch["R_c"], "ref_rejected_logps": batch["R_r"],
-    }
-    loss = dpo_trainer._compute_loss(trainer, model, inputs, return_outputs=False)
-    return loss, {key: values[-1] for key, values in trainer._metrics["train"].items()}
-
-
-@pytest.mark.parametrize("name, options, eps", DPO_PARITY, ids=[case[0] for case in DPO_PARITY])
-def test_dpo_family_matches_trl(trl_trainers, name, options, eps):
-    if not hasattr(trl_trainers.dpo, "_compute_loss"):
-        pytest.skip("this TRL has no DPOTrainer._compute_loss")
-    batch = make_batch(RUN_SEED, torch.float64)
-    try:
-        trl_loss, trl_metrics = _trl_dpo_loss(trl_trainers.dpo, batch, name, 0.1, eps)
-    except (AttributeError, TypeError, KeyError) as error:
-        pytest.skip(f"DPOTrainer._compute_loss of this TRL needs more trainer state: {error!r}")
-    out, _ = call_loss(batch, name, beta=0.1, label_smoothing=eps, **options)
-    # TRL builds exo_pair's epsilon as a float32 tensor, so its log(eps) carries float32 rounding.
-    tolerance = dict(rtol=1e-6, atol=1e-9) if name == "exo_pair" else F64_TOL
-    torch.testing.assert_close(out.loss, trl_loss.double(), **tolerance)
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen"):
-        assert out.metrics[key] == pytest.approx(trl_metrics[key], rel=1e-9, abs=1e-12), key
-    # TRL takes the accuracy through float32; ours stays in the compute dtype.
-    assert out.metrics["rewards/accuracies"] == pytest.approx(trl_metrics["rewards/accuracies"], rel=1e-6)
+# The DPO family against TRL 1.16's DPOTrainer._compute_loss: tests/test_trl_parity.py.

@@ -5,15 +5,18 @@ with :func:`register_loss` (the math of each: ``docs/losses.md``)::
 
     api.py             loss(), LossOutput: validate inputs, run the selected terms, weight them
     registry.py        LossContext, LossSpec, register_loss, available_losses, loss_spec
-    dpo.py             reference-based DPO family (sigmoid, robust, hinge, ipo, exo_pair, ...)
-    reference_free.py  simpo, orpo, nll / rpo
+    dpo.py             reference-based DPO family (sigmoid, robust, hinge, ipo, exo_pair, aot, ...)
+    reference_free.py  simpo, orpo, nll / rpo, sft
     kto.py             kto
     upo.py             upo: advantage-weighted likelihood on designer rewards + value loss
+    variants.py        minor_dpo, alpha_dpo, mrpo
+    f_divergence.py    f_divergence_type scores
+    token_weighting.py ld_alpha (LD-DPO) and use_weighting (WPO)
 """
 from upo.losses.api import LossOutput, loss
 from upo.losses.registry import LossContext, LossSpec, available_losses, loss_spec, register_loss
 
 # Importing a family registers its losses.
-from upo.losses import dpo, kto, reference_free, upo  # noqa: E402,F401  isort: skip
+from upo.losses import dpo, kto, reference_free, upo, variants  # noqa: E402,F401  isort: skip
 
 __all__ = ["LossContext", "LossOutput", "LossSpec", "available_losses", "loss", "loss_spec", "register_loss"]

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from upo.losses.registry import LossSpec, loss_spec, option_readers
+from upo.losses.f_divergence import F_DIVERGENCES
+from upo.losses.registry import LossSpec, available_losses, loss_spec, option_readers
 
 
 def resolve_loss_types(loss_type: Any, loss_weights: Any) -> tuple[list[str], list[float]]:
@@ -62,6 +63,32 @@ def check_hyperparameters(beta: Any, label_smoothing: Any) -> tuple[float, float
     if not (0.0 <= label_smoothing < 0.5):
         raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
     return beta, label_smoothing
+
+
+def finite_number(value: Any, argument: str, what: str = "a number") -> float:
+    """``value`` as a finite float, or a ``ValueError`` naming ``argument``."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{argument} must be {what}, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{argument} must be finite, got {number}")
+    return number
+
+
+def check_f_divergence(f_divergence_type: Any, coef: Any, names: list[str], specs: list[LossSpec]) -> float:
+    """A known type, a finite coefficient, and a non-default type only with losses that take it."""
+    if f_divergence_type not in F_DIVERGENCES:
+        raise ValueError(f"f_divergence_type must be one of {', '.join(F_DIVERGENCES)}, got {f_divergence_type!r}")
+    coef = finite_number(coef, "f_alpha_divergence_coef")
+    refused = [name for name, spec in zip(names, specs) if not spec.f_divergence]
+    if f_divergence_type != "reverse_kl" and refused:
+        accepted = sorted({loss_spec(name).name for name in available_losses() if loss_spec(name).f_divergence})
+        raise ValueError(
+            f"f_divergence_type={f_divergence_type!r} is only supported for the loss types {accepted}; "
+            f"{refused} use(s) the raw log-ratios: use f_divergence_type='reverse_kl' with them"
+        )
+    return coef
 
 
 def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
@@ -127,29 +154,37 @@ class VectorChecker:
     def values(self, value: Any, argument: str) -> Tensor | None:
         return None if value is None else self._vector(value, argument)
 
-    def aux_rewards(self, chosen: Any, rejected: Any) -> tuple[Tensor | None, Tensor | None]:
+    def matrix(self, value: Any, argument: str) -> Tensor | None:
+        """A detached ``[B]`` (one column) or ``[B, K]`` input in the compute dtype."""
+        if value is None:
+            return None
+        given = self._tensor(value).detach()
+        tensor = given.unsqueeze(-1) if given.ndim == 1 else given
+        if tensor.ndim != 2 or tensor.shape[0] != self.batch or tensor.shape[1] == 0:
+            raise ValueError(
+                f"{argument} must have shape ({self.batch},) or ({self.batch}, K), got {tuple(given.shape)}"
+            )
+        tensor = tensor.to(device=self.device, dtype=self.dtype)
+        check_finite(tensor, argument)
+        return tensor
+
+    def matrix_pair(self, chosen: Any, rejected: Any, names: tuple[str, str]) -> tuple[Tensor | None, Tensor | None]:
+        """The chosen and rejected inputs ``names``: both or neither, as matrices of one shape."""
         if chosen is None and rejected is None:
             return None, None
         if chosen is None or rejected is None:
-            missing = "aux_rewards_chosen" if chosen is None else "aux_rewards_rejected"
-            raise ValueError(f"{missing} is missing: give aux rewards for both chosen and rejected")
-        matrices = []
-        for value, argument in ((chosen, "aux_rewards_chosen"), (rejected, "aux_rewards_rejected")):
-            given = self._tensor(value).detach()
-            tensor = given.unsqueeze(-1) if given.ndim == 1 else given
-            if tensor.ndim != 2 or tensor.shape[0] != self.batch or tensor.shape[1] == 0:
-                raise ValueError(
-                    f"{argument} must have shape ({self.batch},) or ({self.batch}, K), got {tuple(given.shape)}"
-                )
-            tensor = tensor.to(device=self.device, dtype=self.dtype)
-            check_finite(tensor, argument)
-            matrices.append(tensor)
+            missing = names[0] if chosen is None else names[1]
+            raise ValueError(f"{missing} is missing: give {names[0]} and {names[1]}, or neither")
+        matrices = [self.matrix(chosen, names[0]), self.matrix(rejected, names[1])]
         if matrices[0].shape != matrices[1].shape:
             raise ValueError(
-                f"aux_rewards_chosen {tuple(matrices[0].shape)} and aux_rewards_rejected "
-                f"{tuple(matrices[1].shape)} must have the same shape"
+                f"{names[0]} {tuple(matrices[0].shape)} and {names[1]} {tuple(matrices[1].shape)} "
+                "must have the same shape"
             )
         return matrices[0], matrices[1]
+
+    def aux_rewards(self, chosen: Any, rejected: Any) -> tuple[Tensor | None, Tensor | None]:
+        return self.matrix_pair(chosen, rejected, ("aux_rewards_chosen", "aux_rewards_rejected"))
 
 
 def check_requirements(name: str, spec: LossSpec, supplied: Mapping[str, Tensor | None]) -> None:

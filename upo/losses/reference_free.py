@@ -1,4 +1,4 @@
-"""Losses without a reference model: SimPO, ORPO, and the NLL (RPO) term (docs/losses.md).
+"""Losses without a reference model: SimPO, ORPO, the NLL (RPO) term and TRL's ``sft`` (docs/losses.md).
 
 ``Sbar = S / n`` is a response's token-mean log-prob; ``eps`` = ``label_smoothing``.
 """
@@ -10,7 +10,8 @@ from upo.losses.registry import NO_METRICS, LossContext, register_loss
 _SIMPO_DEFAULT_GAMMA = 0.5  # TRL CPOConfig.simpo_gamma
 
 
-@register_loss("simpo", needs_reference=False, needs_lengths=True, options={"gamma": None, "gamma_beta_ratio": None})
+@register_loss("simpo", needs_reference=False, needs_lengths=True, options={"gamma": None, "gamma_beta_ratio": None},
+               f_divergence=True)
 def _simpo_loss(ctx: LossContext):
     """SimPO: ``-(1-eps) ls(beta (Sbar_c - Sbar_r) - gamma) - eps ls(-(...))``.
 
@@ -34,7 +35,7 @@ def _simpo_loss(ctx: LossContext):
 _ORPO_MAX_MEAN_LOGP = -1e-6
 
 
-@register_loss("orpo", needs_reference=False, needs_lengths=True, options={"orpo_lambda": None})
+@register_loss("orpo", needs_reference=False, needs_lengths=True, options={"orpo_lambda": None}, f_divergence=True)
 def _orpo_loss(ctx: LossContext):
     """ORPO: ``-Sbar_c - lambda ls(log_odds)``; lambda = ``orpo_lambda``, default ``beta`` (TRL)."""
     weight = ctx.beta if ctx.options["orpo_lambda"] is None else ctx.float_option("orpo_lambda", nonnegative=True)
@@ -54,9 +55,18 @@ def _orpo_loss(ctx: LossContext):
     return nll - weight * log_sigmoid_odds, metrics
 
 
-@register_loss("nll", needs_reference=False, needs_lengths="chosen", options={"alpha": 1.0}, aliases=("rpo",))
+@register_loss("nll", needs_reference=False, needs_lengths="chosen", options={"alpha": 1.0}, aliases=("rpo",),
+               f_divergence=True)
 def _nll_loss(ctx: LossContext):
     """NLL / RPO term: ``alpha * (-Sbar_c)``, meant to be combined with a preference loss."""
-    # Per-response token-mean NLL averaged over pairs (TRL averages over all chosen tokens;
-    # the two agree when the chosen responses have equal lengths).
+    # Per-response token-mean NLL averaged over pairs, as the RPO paper; TRL's ``sft`` (below)
+    # averages over all chosen tokens. The two agree when the chosen responses have equal lengths.
     return ctx.float_option("alpha") * -ctx.chosen_mean_logps, NO_METRICS
+
+
+@register_loss("sft", needs_reference=False, needs_lengths="chosen", f_divergence=True)
+def _sft_loss(ctx: LossContext):
+    """TRL 1.16's ``sft``: ``-sum_i S_c,i / sum_i n_c,i``, one token-mean NLL for the batch, per pair."""
+    # Plain S_c even with ld_alpha (TRL reads the unweighted per-token log-probs here).
+    chosen = ctx.chosen_logps if ctx.unweighted_chosen_logps is None else ctx.unweighted_chosen_logps
+    return (-chosen.sum() / ctx.chosen_lengths.sum()).expand_as(chosen), NO_METRICS

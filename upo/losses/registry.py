@@ -2,7 +2,7 @@
 
 A loss is one function ``fn(ctx) -> (per_pair_loss [B], extra_metrics)`` registered with
 :func:`register_loss` in the file of its family (``dpo.py``, ``reference_free.py``, ``kto.py``,
-``upo.py``). The math of every registered loss is in ``docs/losses.md``.
+``upo.py``, ``variants.py``). The math of every registered loss is in ``docs/losses.md``.
 """
 from __future__ import annotations
 
@@ -14,12 +14,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from upo.losses.f_divergence import f_scores
+
 __all__ = ["LossContext", "LossSpec", "available_losses", "loss_spec", "register_loss"]
 
 
 @dataclass
 class LossContext:
-    """Everything a registered loss may read; tensors are [B] in the compute dtype."""
+    """Everything a registered loss may read; tensors are [B] in the compute dtype.
+
+    With ``ld_alpha`` the log-prob sums (policy and reference) are the LD-DPO weighted ones;
+    ``unweighted_chosen_logps`` keeps the plain ``S_c`` (TRL's ``sft`` reads it).
+    """
 
     name: str
     chosen_logps: Tensor  # S_c
@@ -35,6 +41,12 @@ class LossContext:
     beta: float
     label_smoothing: float
     options: dict[str, Any] = field(default_factory=dict)  # this loss's options, defaults filled
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    ld_alpha: float | None = None  # LD-DPO's weight, already applied to the sums above
+    unweighted_chosen_logps: Tensor | None = None  # S_c without LD weighting (None: chosen_logps)
+    extra_ref_chosen_logps: Tensor | None = None  # [B, K] further reference models (MRPO), detached
+    extra_ref_rejected_logps: Tensor | None = None
 
     @property
     def chosen_logratios(self) -> Tensor:
@@ -48,6 +60,20 @@ class LossContext:
     def margin(self) -> Tensor:
         """h = (S_c - R_c) - (S_r - R_r)."""
         return self.chosen_logratios - self.rejected_logratios
+
+    @property
+    def chosen_scores(self) -> Tensor:
+        """f'(rho_c) for ``f_divergence_type`` (rho_c itself for the default ``reverse_kl``)."""
+        return f_scores(self.chosen_logratios, self.f_divergence_type, self.f_alpha_divergence_coef)
+
+    @property
+    def rejected_scores(self) -> Tensor:
+        return f_scores(self.rejected_logratios, self.f_divergence_type, self.f_alpha_divergence_coef)
+
+    @property
+    def score_margin(self) -> Tensor:
+        """d = f'(rho_c) - f'(rho_r): TRL's ``delta_score``, equal to the margin h under ``reverse_kl``."""
+        return self.chosen_scores - self.rejected_scores
 
     @property
     def chosen_mean_logps(self) -> Tensor:
@@ -78,7 +104,11 @@ class LossContext:
     def scalar_option(self, key: str, like: Tensor) -> Tensor:
         """A user-given scalar option (float or tensor) as a detached 0-d tensor in ``like``'s dtype."""
         # dtype given up front: a Python float must not pass through float32 on its way to float64.
-        value = torch.as_tensor(self.options[key], dtype=like.dtype, device=like.device).detach()
+        try:
+            value = torch.as_tensor(self.options[key], dtype=like.dtype, device=like.device).detach()
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"option {key} of loss {self.name!r} must be one finite number, "
+                             f"got {self.options[key]!r}") from None
         if value.numel() != 1 or not bool(torch.isfinite(value).all()):
             raise ValueError(f"option {key} of loss {self.name!r} must be one finite number, got {self.options[key]!r}")
         return value.reshape(())
@@ -98,6 +128,8 @@ class LossSpec:
     needs_lengths: bool | str  # False, True (both sides) or "chosen"
     needs_aux_rewards: bool
     options: Mapping[str, Any]  # option name -> default
+    f_divergence: bool = False  # takes a non-default f_divergence_type (reads the scores, or no reference)
+    weighting: bool = True  # takes WPO's per-pair weights (False for the sorting aot losses)
 
 
 _REGISTRY: dict[str, LossSpec] = {}
@@ -111,17 +143,22 @@ def register_loss(
     needs_aux_rewards: bool = False,
     options: Mapping[str, Any] | None = None,
     aliases: Sequence[str] = (),
+    f_divergence: bool = False,
+    weighting: bool = True,
 ) -> Callable[[LossFn], LossFn]:
     """Decorator adding ``fn(ctx) -> (per_pair_loss [B], extra_metrics)`` under ``name``.
 
     ``options`` declares every option the loss reads with its default; :func:`upo.loss`
-    rejects option names no selected loss declares, so typos fail loudly.
+    rejects option names no selected loss declares, so typos fail loudly. ``f_divergence``:
+    the loss accepts a non-default ``f_divergence_type`` (it reads ``ctx.score_margin`` or the
+    scores, or no reference at all); ``weighting=False``: it refuses ``use_weighting`` (WPO).
     """
     if needs_lengths not in (False, True, "chosen"):
         raise ValueError(f"needs_lengths must be False, True or 'chosen', got {needs_lengths!r}")
 
     def decorator(fn: LossFn) -> LossFn:
-        spec = LossSpec(name, fn, needs_reference, needs_lengths, needs_aux_rewards, dict(options or {}))
+        spec = LossSpec(name, fn, needs_reference, needs_lengths, needs_aux_rewards, dict(options or {}),
+                        f_divergence, weighting)
         for key in (name, *aliases):
             if key in _REGISTRY:
                 raise ValueError(f"loss {key!r} is already registered")

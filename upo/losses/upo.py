@@ -66,7 +66,7 @@ def _expectile_loss(residual: Tensor, tau: float) -> Tensor:
     return weight * residual**2
 
 
-@register_loss("upo", needs_reference=False, needs_aux_rewards=True, options=_UPO_OPTIONS)
+@register_loss("upo", needs_reference=False, needs_aux_rewards=True, options=_UPO_OPTIONS, f_divergence=True)
 def _upo_loss(ctx: LossContext):
     upo_lambda = ctx.float_option("upo_lambda")
     beta_aux = ctx.float_option("beta_aux", positive=True)

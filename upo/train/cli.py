@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss-weights", nargs="+", type=float, metavar="W", help="one weight per --loss-type")
     g.add_argument("--beta", type=float, help="preference temperature beta" + _default("beta"))
     g.add_argument("--label-smoothing", type=float, help="label smoothing eps" + _default("label_smoothing"))
+    g.add_argument("--f-divergence-type", choices=["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"],
+                   help="f-divergence of the DPO-style losses (TRL's)" + _default("f_divergence_type"))
+    g.add_argument("--f-alpha-divergence-coef", type=float,
+                   help="coefficient of alpha_divergence" + _default("f_alpha_divergence_coef"))
+    g.add_argument("--ld-alpha", type=float, help="LD-DPO: weight in [0, 1] of the tokens past the pair's shorter "
+                   "response (default: off)")
+    g.add_argument("--use-weighting", action="store_true", help="WPO: weight each pair by its responses' "
+                   "probability under the policy (TRL's use_weighting)")
     g.add_argument("--aux-reward", action="append", metavar="SPEC",
                    help="auxiliary reward for 'upo', repeatable: NAME:WEIGHT (readability, length, lexicon) or "
                    "column:COLUMN:WEIGHT; the first use replaces the default" + _default("aux_reward"))

@@ -33,6 +33,10 @@ class TrainConfig:
     loss_weights: list[float] | None = None
     beta: float = 0.1
     label_smoothing: float = 0.0
+    f_divergence_type: str = "reverse_kl"  # TRL 1.16's DPOConfig names and defaults
+    f_alpha_divergence_coef: float = 0.5
+    ld_alpha: float | None = None
+    use_weighting: bool = False
     aux_reward: list[str] = field(default_factory=lambda: list(DEFAULT_AUX_REWARDS))
     upo_lambda: float = 1.0
     beta_aux: float = 1.0
@@ -84,6 +88,7 @@ class TrainConfig:
 CHOICES = {
     "truncation": ("keep_end", "keep_start"),
     "baseline": ("value", "pair_mean", "batch_mean"),
+    "f_divergence_type": ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
     "optimizer": ("adamw", "rmsprop"),
     "lr_scheduler": ("constant", "linear", "cosine"),
     "precision": ("fp32", "bf16"),
@@ -156,6 +161,8 @@ def validate(config: TrainConfig) -> None:
         raise UserError(f"--beta must be > 0, got {config.beta}")
     if not 0.0 <= config.label_smoothing < 0.5:
         raise UserError(f"--label-smoothing must be in [0, 0.5), got {config.label_smoothing}")
+    if config.ld_alpha is not None and not 0.0 <= config.ld_alpha <= 1.0:
+        raise UserError(f"--ld-alpha must be in [0, 1], got {config.ld_alpha}")
     if not 0.0 < config.expectile < 1.0:
         raise UserError(f"--expectile must be in (0, 1), got {config.expectile}")
     if not (config.beta_aux > 0 and config.omega_max > 0):

@@ -14,6 +14,10 @@ def loss_kwargs_from_config(config: TrainConfig, reward_weights: list[float] | N
         "loss_type": list(config.loss_type) if len(config.loss_type) > 1 else config.loss_type[0],
         "beta": config.beta,
         "label_smoothing": config.label_smoothing,
+        "f_divergence_type": config.f_divergence_type,
+        "f_alpha_divergence_coef": config.f_alpha_divergence_coef,
+        "ld_alpha": config.ld_alpha,
+        "use_weighting": config.use_weighting,
     }
     if config.loss_weights is not None:
         kwargs["loss_weights"] = list(config.loss_weights)
@@ -23,6 +27,39 @@ def loss_kwargs_from_config(config: TrainConfig, reward_weights: list[float] | N
         if reward_weights:
             kwargs["aux_weights"] = list(reward_weights)
     return kwargs
+
+
+def check_loss_options(config: TrainConfig, reward_weights: list[float] | None) -> None:
+    """One ``upo.fused_loss`` call on a tiny synthetic batch: bad loss settings (an f-divergence with a loss
+    that cannot take it, exo_pair without label smoothing, mrpo's missing references, an option the fused
+    path does not feed) become a one-line ``UserError`` before any model or data is loaded."""
+    import torch
+
+    pairs, length, width, vocab = 2, 5, 4, 7
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2 * pairs, length, width, generator=generator)
+    labels = torch.full((2 * pairs, length), -100)
+    for row in range(2 * pairs):  # responses of different lengths
+        labels[row, row % 3:] = torch.randint(0, vocab, (length - row % 3,), generator=generator)
+    extra: dict[str, Any] = {}
+    if needs_reference(config.loss_type):
+        extra["ref_hidden"] = hidden + 0.1 * torch.randn(hidden.shape, generator=generator)
+    if uses_aux_objective(config.loss_type):
+        columns = len(reward_weights or [1.0])
+        extra["aux_rewards_chosen"] = torch.randn(pairs, columns, generator=generator)
+        extra["aux_rewards_rejected"] = torch.randn(pairs, columns, generator=generator)
+        extra["values_chosen"] = torch.zeros(pairs)
+    try:
+        upo.fused_loss(hidden, torch.randn(vocab, width, generator=generator), labels, backend="torch",
+                       **loss_kwargs_from_config(config, reward_weights), **extra)
+    except ValueError as err:
+        message = str(err)
+        if "extra_ref_chosen_logps" in message:
+            message += " (mrpo needs several reference models; upo-train has one: call upo.loss or upo.fused_loss)"
+        for flag, needed in (("--use-weighting", "wpo_weights"), ("--ld-alpha", "shared_logps")):
+            if needed in message:
+                message = f"{flag} needs per-token data that this upo.fused_loss does not compute ({message})"
+        raise UserError(f"loss settings: {message}") from None
 
 
 def check_loss_names(loss_types: list[str]) -> None:

@@ -31,8 +31,8 @@ from upo.train.final_model import save_final_model
 from upo.train.metrics import (MetricMean, metrics_log_up_to, peak_memory_bytes, postfix, reward_metrics,
                                scalar_metrics)
 from upo.train.models import add_lora, enable_activation_checkpointing, frozen_copy, load_policy_and_tokenizer
-from upo.train.objective import (build_reward, check_loss_names, loss_kwargs_from_config, needs_reference,
-                                 uses_aux_objective)
+from upo.train.objective import (build_reward, check_loss_names, check_loss_options, loss_kwargs_from_config,
+                                 needs_reference, uses_aux_objective)
 from upo.train.optim import build_optimizer, build_scheduler
 from upo.train.plot import plot_history
 from upo.train.preference_model import PreferenceModel
@@ -91,6 +91,7 @@ class Trainer:
         self.reward = build_reward(self.config.aux_reward) if uses_aux_objective(loss_types) else None
         if uses_aux_objective(loss_types) and self.reward is None:
             raise UserError("loss type 'upo' needs at least one --aux-reward (e.g. readability:1.0)")
+        check_loss_options(self.config, list(self.reward.weights) if self.reward else None)
 
     def _prepare_data(self) -> None:
         config = self.config
