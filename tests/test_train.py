@@ -94,7 +94,8 @@ def test_upo_raises_the_implicit_reward_of_readable_responses(tmp_path):
                   lr=2e-3)
     correlations = {}
     for name, loss_type in (("off", ["sigmoid"]), ("on", ["sigmoid", "upo"])):
-        trainer = make_trainer(tmp_path / name, loss_type=loss_type, aux_reward=["readability:1.0"], **common)
+        rewards = dict(aux_reward=["readability:1.0"]) if "upo" in loss_type else {}
+        trainer = make_trainer(tmp_path / name, loss_type=loss_type, **common, **rewards)
         train_steps(trainer, 30)
         correlations[name] = _implicit_reward_vs_readability(trainer, rows)
     # The trainer's own eval metric measures the same thing.

@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 from upo.heads import UnsupportedModelError
-from upo.train.config import PRETRAINED_LR, TINY_MODEL_LR, TrainConfig, build_config, load_config_file
-from upo.train.errors import UserError
+from upo.train.config import PRETRAINED_LR, TINY_MODEL_LR, TrainConfig, build_config
+from upo.train.config_file import alias_help, load_config_file
+from upo.train.errors import EXIT_USER_ERROR, UserError
 
 PROG = "upo-train"
-EXIT_USER_ERROR = 2
 _DEFAULTS = TrainConfig()
 
 
@@ -44,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
         "Multi-process: torchrun --nproc-per-node N -m upo.train ...",
         argument_default=argparse.SUPPRESS,  # only flags the user gives override the config file
     )
-    p.add_argument("--config", help="YAML or JSON file of settings (keys as the flags, '-' or '_')")
+    p.add_argument("--config", help="YAML or JSON file of settings: keys as the flags ('-' or '_'), values "
+                   "parsed as the flags' (booleans: true/false, yes/no, on/off; null keeps the default), or "
+                   f"TRL DPOConfig names: {alias_help()} (per_device_train_batch_size is multiplied by "
+                   "the number of processes)")
 
     g = p.add_argument_group("model and data")
     g.add_argument("--model", help="local path or Hugging Face id for AutoModelForCausalLM "
@@ -58,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-length", type=int, help="max tokens of prompt + response" + _default("max_length"))
     g.add_argument("--max-prompt-length", type=int,
                    help="max prompt tokens; longer prompts are truncated (default: half of --max-length)")
+    g.add_argument("--max-completion-length", type=int,
+                   help="max tokens of each response (default: what --max-length leaves after the prompt)")
     g.add_argument("--truncation", choices=["keep_end", "keep_start"],
                    help="which end of an over-long prompt to keep" + _default("truncation"))
 
@@ -110,24 +115,38 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("outputs")
     g.add_argument("--output-dir", help="metrics.jsonl, summary.json, plot.png, checkpoints/, model/"
                    + _default("output_dir"))
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over in an --output-dir that holds another run, removing its files "
+                   "(without it, such a dir is refused; ref_logps/ is kept)")
     g.add_argument("--resume", metavar="PATH|auto",
                    help="continue from a checkpoint file (or a folder holding checkpoints/), or 'auto' = the "
                    "latest in --output-dir (a fresh start if there is none)")
     g.add_argument("--eval-every", type=int, help="evaluate on the held-out split every N steps"
                    + _default("eval_every"))
-    g.add_argument("--eval-fraction", type=float, help="held-out fraction of the pairs" + _default("eval_fraction"))
+    g.add_argument("--eval-fraction", type=float, help="held-out fraction of the pairs, when the eval pairs "
+                   "come from --dataset itself" + _default("eval_fraction"))
+    g.add_argument("--eval-dataset", help="held-out pairs from another file or dataset (then every --dataset "
+                   "pair trains); default: --dataset's --eval-split if it has one, else --eval-fraction of it")
+    g.add_argument("--eval-split", help="split of a Hugging Face --dataset (or --eval-dataset) to evaluate on"
+                   + _default("eval_split"))
+    g.add_argument("--eval-max-pairs", type=int, help="evaluate on at most the first N held-out pairs "
+                   "(default: all)")
     g.add_argument("--save-every", type=int, help="checkpoint every N steps" + _default("save_every"))
     g.add_argument("--keep-checkpoints", type=int, help="checkpoints kept" + _default("keep_checkpoints"))
+    g.add_argument("--max-skipped-batches", type=int,
+                   help="skip up to N batches whose loss or gradient is NaN/inf (no update; counted in "
+                   "summary.json) instead of stopping at the first" + _default("max_skipped_batches"))
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 
 
 def parse_config(argv: list[str] | None) -> TrainConfig:
-    """Flags over the config file over the defaults."""
-    flags = vars(build_parser().parse_args(argv))
+    """Flags over the config file over the defaults; the file's values go through the flags' parser."""
+    parser = build_parser()
+    flags = vars(parser.parse_args(argv))
     config_path = flags.pop("config", None)
-    file_settings = load_config_file(config_path) if config_path else {}
-    return build_config(file_settings, flags)
+    file_settings, sources = load_config_file(config_path, parser) if config_path else ({}, {})
+    return build_config(file_settings, flags, sources)
 
 
 def _format_duration(seconds: float) -> str:
@@ -155,8 +174,9 @@ def format_summary(summary: dict, wall_seconds: float) -> str:
     ]
     if evaluation:
         lines.append(line("eval", evaluation))
-    if summary.get("truncated_prompts"):
-        lines.append(f"  truncated prompts: {summary['truncated_prompts']}")
+    if summary.get("truncated_prompts") or summary.get("truncated_responses"):
+        lines.append(f"  truncated: {summary['truncated_prompts']} prompts, {summary['truncated_responses']} "
+                     f"responses (of {summary['train_pairs'] + summary['eval_pairs']} pairs)")
     lines.append(f"  outputs: {out}/ (metrics.jsonl, summary.json, plot.png, checkpoints/, model/)")
     return "\n".join(line for line in lines if line)
 
@@ -175,9 +195,9 @@ def _limit_threads_for_tiny_models(config: TrainConfig, device) -> None:
         torch.set_num_threads(1)
 
 
-def _report_error(message: str) -> None:
+def _report(message: str, error: bool = True) -> None:
     message = " ".join(str(message).split())  # always exactly one line
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    print(f"{PROG}: {'error: ' if error else ''}{message}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,10 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_request:  # --help
         return int(exit_request.code or 0)
     except (UserError, UnsupportedModelError) as err:
-        _report_error(str(err))
+        _report(str(err))
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        _report_error("interrupted; continue from the last checkpoint with --resume auto")
+        _report("interrupted; continue from the last checkpoint with --resume auto")
         return 130
     finally:
         if runtime is not None:
