@@ -3,7 +3,8 @@
 With no arguments it trains a tiny byte-level Llama on the shipped preference data with
 DPO + UPO (readability as the auxiliary reward) and writes ``./upo-output``.
 Settings come from the defaults, then ``--config FILE`` (YAML or JSON), then flags.
-User mistakes end with one line ``upo-train: error: ...`` on stderr and exit status 2.
+User mistakes end with one line ``upo-train: error: ...`` on stderr and exit status 2; a stop
+signal ends it after a checkpoint with 128 + the signal number (:data:`EXIT_CODES`).
 """
 from __future__ import annotations
 
@@ -15,9 +16,13 @@ from pathlib import Path
 from upo.heads import UnsupportedModelError
 from upo.train.config import PRETRAINED_LR, TINY_MODEL_LR, TrainConfig, build_config
 from upo.train.config_file import alias_help, load_config_file
-from upo.train.errors import EXIT_USER_ERROR, UserError
+from upo.train.errors import EXIT_USER_ERROR, RunStopped, StopNow, UserError
+from upo.train.signals import StopRequests
 
 PROG = "upo-train"
+EXIT_CODES = {0: "finished", 1: "a bug in upo (with a traceback)", EXIT_USER_ERROR: "a user mistake, or a "
+              "non-finite loss (one line)", 130: "stopped by SIGINT", 138: "stopped by SIGUSR1",
+              143: "stopped by SIGTERM (checkpoint written; continue with --resume auto)"}
 _DEFAULTS = TrainConfig()
 
 
@@ -41,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Preference alignment (DPO family + UPO) with a fused loss that never builds logits. "
         "Without arguments: a tiny byte-level Llama trained on the shipped data in about a minute on CPU.",
         epilog="Settings: defaults < --config file < flags. "
-        "Multi-process: torchrun --nproc-per-node N -m upo.train ...",
+        "Multi-process: torchrun --nproc-per-node N -m upo.train ... "
+        "Exit status: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + ". "
+        "SIGTERM, SIGINT and SIGUSR1 finish the current step, write a checkpoint and exit; a second one "
+        "exits at once.",
         argument_default=argparse.SUPPRESS,  # only flags the user gives override the config file
     )
     p.add_argument("--config", help="YAML or JSON file of settings: keys as the flags ('-' or '_'), values "
@@ -177,6 +185,8 @@ def format_summary(summary: dict, wall_seconds: float) -> str:
     if summary.get("truncated_prompts") or summary.get("truncated_responses"):
         lines.append(f"  truncated: {summary['truncated_prompts']} prompts, {summary['truncated_responses']} "
                      f"responses (of {summary['train_pairs'] + summary['eval_pairs']} pairs)")
+    if summary.get("skipped_batches"):
+        lines.append(f"  skipped batches (non-finite loss or gradient): {summary['skipped_batches']}")
     lines.append(f"  outputs: {out}/ (metrics.jsonl, summary.json, plot.png, checkpoints/, model/)")
     return "\n".join(line for line in lines if line)
 
@@ -205,23 +215,33 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     runtime = None
     try:
-        config = parse_config(sys.argv[1:] if argv is None else list(argv))
-        # Heavy imports (transformers) only once the flags are known to parse.
-        from upo.train.runtime import setup_runtime
-        from upo.train.trainer import Trainer
+        with StopRequests(defer=False):  # outside the loop a stop signal ends the run at once, with a line
+            config = parse_config(sys.argv[1:] if argv is None else list(argv))
+            # Heavy imports (transformers) only once the flags are known to parse.
+            from upo.train.runtime import setup_runtime
+            from upo.train.trainer import Trainer
 
-        runtime = setup_runtime(config.device)
-        _limit_threads_for_tiny_models(config, runtime.device)
-        summary = Trainer(config, runtime).train()
-        if runtime.is_main:
-            print(format_summary(summary, time.perf_counter() - started), flush=True)
-        return 0
+            runtime = setup_runtime(config.device)
+            _limit_threads_for_tiny_models(config, runtime.device)
+            summary = Trainer(config, runtime).train()
+            if runtime.is_main:
+                print(format_summary(summary, time.perf_counter() - started), flush=True)
+            return 0
     except SystemExit as exit_request:  # --help
         return int(exit_request.code or 0)
     except (UserError, UnsupportedModelError) as err:
-        _report(str(err))
+        if not getattr(err, "reported_by_main", False):
+            _report(str(err))
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
+    except RunStopped as stop:
+        if runtime is None or runtime.is_main:
+            _report(str(stop), error=False)
+        return stop.exit_code
+    except StopNow as stop:
+        _report(f"stopped at once by {stop.signal_name}, without a checkpoint of the current step; "
+                "continue from the last checkpoint with --resume auto")
+        return stop.exit_code
+    except KeyboardInterrupt:  # Ctrl-C where signals cannot be caught (not the main thread)
         _report("interrupted; continue from the last checkpoint with --resume auto")
         return 130
     finally:
