@@ -91,8 +91,12 @@ def test_help_lists_the_flags():
     result = subprocess.run([sys.executable, "-m", "upo.train", "--help"], capture_output=True, text=True,
                             env=subprocess_env(), timeout=60)
     assert result.returncode == 0
-    for flag in ("--loss-type", "--aux-reward", "--packing", "--precompute-ref", "--resume", "--fsdp", "--lora"):
+    for flag in ("--loss-type", "--aux-reward", "--packing", "--precompute-ref", "--resume", "--fsdp", "--lora",
+                 "--overwrite", "--max-skipped-batches", "--eval-dataset", "--eval-max-pairs", "learning_rate=lr"):
         assert flag in result.stdout
+    help_text = " ".join(result.stdout.split())
+    for code in ("130 stopped by SIGINT", "138 stopped by SIGUSR1", "143 stopped by SIGTERM"):
+        assert code in help_text
 
 
 # ------------------------------------------------------------------ a tiny run through main()
