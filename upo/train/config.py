@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from upo.train.errors import SettingError
@@ -99,10 +99,6 @@ CHOICES = {
     "precision": ("fp32", "bf16"),
     "backend": ("auto", "triton", "torch"),
 }
-
-
-def field_names() -> set[str]:
-    return {f.name for f in fields(TrainConfig)}
 
 
 def flag(name: str) -> str:

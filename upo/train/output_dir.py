@@ -123,7 +123,7 @@ def _check_one_run(folder: Path, config: TrainConfig, resume_path: Path | None, 
                         "with --overwrite (instead of --resume), or choose another --output-dir")
     if resume_path is not None:
         raise UserError(f"--output-dir {folder} holds another run ({what}); resuming {resume_path} there would "
-                        "mix the two: choose another --output-dir, or add --overwrite to replace that run")
+                        "mix the two: choose another (or an empty) --output-dir")
     raise UserError(f"--output-dir {folder} already holds a run ({what}); continue it with --resume auto, "
                     "or replace it with --overwrite")
 

@@ -41,10 +41,6 @@ class StopRequests:
         self.announce = announce
         self._previous: dict[int, object] = {}
 
-    @property
-    def requested(self) -> bool:
-        return self.signum != 0
-
     def __enter__(self) -> "StopRequests":
         if threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
@@ -53,7 +49,8 @@ class StopRequests:
 
     def __exit__(self, *exc) -> None:
         for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
+            # None: a handler installed outside Python, which cannot be put back; the default is the closest.
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
