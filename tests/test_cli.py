@@ -1,6 +1,5 @@
 """upo-train's command line: configuration precedence, outputs, and one-line errors for user mistakes."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,39 +7,12 @@ from pathlib import Path
 import pytest
 
 import upo
-from helpers import MICRO_MODEL, one_thread  # noqa: F401  (fixture used by pytestmark)
-from upo.train.cli import main, parse_config
+from train_helpers import MICRO, assert_one_line_error, micro_args, run_main, subprocess_env, write_jsonl
+from helpers import one_thread  # noqa: F401  (fixture used by pytestmark)
+from upo.train.cli import parse_config
 from upo.train.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-MICRO = json.dumps(MICRO_MODEL)
-REPO_ROOT = Path(upo.__file__).resolve().parent.parent
-
-
-def micro_args(tmp_path, *extra):
-    return ["--model-config", MICRO, "--output-dir", str(tmp_path / "out"), "--max-steps", "1", "--batch-size", "2",
-            "--max-examples", "8", "--backend", "torch", "--device", "cpu", "--no-progress", *extra]
-
-
-def run_main(argv, capsys):
-    code = main(argv)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-def assert_one_line_error(code, err, *fragments):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("upo-train: error: ")
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 # ------------------------------------------------------------------ bad input
@@ -112,9 +84,10 @@ def test_missing_model_is_a_user_error(tmp_path, capsys):
 # ------------------------------------------------------------------ configuration
 def test_config_file_then_flags(tmp_path):
     config_file = tmp_path / "run.yaml"
-    config_file.write_text("beta: 0.3\nlr: 0.01\nloss-type: [ipo]\naux_reward: ['length:-0.1']\n")
+    config_file.write_text("beta: 0.3\nlr: 0.01\nloss-type: [ipo, upo]\naux_reward: ['length:-0.1']\n")
     config = parse_config(["--config", str(config_file), "--lr", "0.02"])
-    assert (config.beta, config.lr, config.loss_type, config.aux_reward) == (0.3, 0.02, ["ipo"], ["length:-0.1"])
+    assert (config.beta, config.lr, config.loss_type, config.aux_reward) == (0.3, 0.02, ["ipo", "upo"],
+                                                                              ["length:-0.1"])
     json_file = tmp_path / "run.json"
     json_file.write_text(json.dumps({"batch_size": 4, "packing": True}))
     config = parse_config(["--config", str(json_file), "--aux-reward", "readability:1", "--aux-reward", "length:-0.1"])
@@ -141,18 +114,21 @@ def test_trl_options_reach_the_loss(tmp_path):
 def test_unknown_config_key(tmp_path):
     config_file = tmp_path / "run.yaml"
     config_file.write_text("betta: 0.3\n")
-    with pytest.raises(UserError, match="unknown setting.*betta"):
+    with pytest.raises(UserError, match="line 1: betta: unknown setting .did you mean beta"):
         parse_config(["--config", str(config_file)])
 
 
 def test_help_lists_the_flags():
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    result = subprocess.run([sys.executable, "-m", "upo.train", "--help"], capture_output=True, text=True, env=env,
-                            timeout=60)
+    result = subprocess.run([sys.executable, "-m", "upo.train", "--help"], capture_output=True, text=True,
+                            env=subprocess_env(), timeout=60)
     assert result.returncode == 0
     for flag in ("--loss-type", "--aux-reward", "--packing", "--precompute-ref", "--resume", "--fsdp", "--lora",
-                 "--f-divergence-type", "--f-alpha-divergence-coef", "--ld-alpha", "--use-weighting"):
+                 "--f-divergence-type", "--f-alpha-divergence-coef", "--ld-alpha", "--use-weighting",
+                 "--overwrite", "--max-skipped-batches", "--eval-dataset", "--eval-max-pairs", "learning_rate=lr"):
         assert flag in result.stdout
+    help_text = " ".join(result.stdout.split())
+    for code in ("130 stopped by SIGINT", "138 stopped by SIGUSR1", "143 stopped by SIGTERM"):
+        assert code in help_text
 
 
 # ------------------------------------------------------------------ a tiny run through main()
@@ -163,7 +139,7 @@ def test_main_truncates_long_prompts_and_writes_outputs(tmp_path, capsys):
     code, out, err = run_main(micro_args(tmp_path, "--dataset", data, "--max-length", "64", "--eval-fraction",
                                          "0.25", "--truncation", "keep_start"), capsys)
     assert code == 0, err
-    assert "truncated prompts: 4" in out
+    assert "truncated: 4 prompts, 0 responses (of 8 pairs)" in out
     output = tmp_path / "out"
     summary = json.loads((output / "summary.json").read_text())
     assert summary["truncated_prompts"] == 4 and summary["steps"] == 1

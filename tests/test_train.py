@@ -5,31 +5,13 @@ import random
 import pytest
 import torch
 
-from helpers import MICRO_MODEL, one_thread  # noqa: F401  (fixture used by pytestmark)
-from upo.train.config import build_config
-from upo.train.data import default_dataset_path
+from helpers import one_thread  # noqa: F401  (fixture used by pytestmark)
+from train_helpers import make_trainer, parameters, train_steps
 from upo.rewards import readability
-from upo.train.runtime import setup_runtime
+from upo.train.data import default_dataset_path
 from upo.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def micro_config(tmp_path, **overrides):
-    settings = dict(output_dir=str(tmp_path / "out"), model_config=MICRO_MODEL, max_examples=16, batch_size=4,
-                    max_steps=4, eval_fraction=0.0, backend="torch", device="cpu", progress=False,
-                    warmup_steps=0, save_every=1000, eval_every=1000)
-    settings.update(overrides)
-    return build_config({}, settings)
-
-
-def make_trainer(tmp_path, **overrides) -> Trainer:
-    config = micro_config(tmp_path, **overrides)
-    return Trainer(config, setup_runtime("cpu"), log=lambda message: None)
-
-
-def train_steps(trainer: Trainer, steps: int) -> list[dict]:
-    return [trainer.train_step() for _ in range(steps)]
 
 
 def swapped_preferences(path, n: int, seed: int = 0):
@@ -94,7 +76,8 @@ def test_upo_raises_the_implicit_reward_of_readable_responses(tmp_path):
                   lr=2e-3)
     correlations = {}
     for name, loss_type in (("off", ["sigmoid"]), ("on", ["sigmoid", "upo"])):
-        trainer = make_trainer(tmp_path / name, loss_type=loss_type, aux_reward=["readability:1.0"], **common)
+        rewards = dict(aux_reward=["readability:1.0"]) if "upo" in loss_type else {}
+        trainer = make_trainer(tmp_path / name, loss_type=loss_type, **common, **rewards)
         train_steps(trainer, 30)
         correlations[name] = _implicit_reward_vs_readability(trainer, rows)
     # The trainer's own eval metric measures the same thing.
@@ -104,10 +87,6 @@ def test_upo_raises_the_implicit_reward_of_readable_responses(tmp_path):
 
 
 # ------------------------------------------------------------------ resume
-def _parameters(trainer: Trainer) -> dict:
-    return {name: p.detach().clone() for name, p in trainer.module.named_parameters()}
-
-
 def test_resume_continues_bit_for_bit(tmp_path):
     settings = dict(max_steps=6, lr_scheduler="constant", warmup_steps=2, save_every=3)
     straight = make_trainer(tmp_path / "a", **settings)
@@ -116,12 +95,12 @@ def test_resume_continues_bit_for_bit(tmp_path):
     first = make_trainer(tmp_path / "b", **settings)
     train_steps(first, 3)
     first.save_checkpoint()
-    del first
+    first.close()  # the output dir's lock: a Trainer holds it until train() ends or close()
     resumed = make_trainer(tmp_path / "b", resume="auto", **settings)
     assert resumed.state.step == 3
     resumed.train()
 
-    expected, actual = _parameters(straight), _parameters(resumed)
+    expected, actual = parameters(straight), parameters(resumed)
     assert expected.keys() == actual.keys()
     for name in expected:
         assert torch.equal(expected[name], actual[name]), name
@@ -188,11 +167,13 @@ def test_precomputed_reference_equals_on_the_fly(tmp_path):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-5)
     # A second run with the same model, data and lengths reuses the cache.
     before = cache[0].stat().st_mtime_ns
+    precomputed.close()
     again = make_trainer(tmp_path / "b", precompute_ref=True)
     assert cache[0].stat().st_mtime_ns == before
     assert torch.equal(again.ref_logps["chosen"], precomputed.ref_logps["chosen"])
     # Other length settings give another cache entry.
-    make_trainer(tmp_path / "b", precompute_ref=True, max_length=96)
+    again.close()
+    make_trainer(tmp_path / "b", precompute_ref=True, max_length=96).close()
     assert len(list((tmp_path / "b" / "out" / "ref_logps").glob("*.pt"))) == 2
 
 

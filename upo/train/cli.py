@@ -3,7 +3,8 @@
 With no arguments it trains a tiny byte-level Llama on the shipped preference data with
 DPO + UPO (readability as the auxiliary reward) and writes ``./upo-output``.
 Settings come from the defaults, then ``--config FILE`` (YAML or JSON), then flags.
-User mistakes end with one line ``upo-train: error: ...`` on stderr and exit status 2.
+User mistakes end with one line ``upo-train: error: ...`` on stderr and exit status 2; a stop
+signal ends it after a checkpoint with 128 + the signal number (:data:`EXIT_CODES`).
 """
 from __future__ import annotations
 
@@ -13,11 +14,15 @@ import time
 from pathlib import Path
 
 from upo.heads import UnsupportedModelError
-from upo.train.config import PRETRAINED_LR, TINY_MODEL_LR, TrainConfig, build_config, load_config_file
-from upo.train.errors import UserError
+from upo.train.config import PRETRAINED_LR, TINY_MODEL_LR, TrainConfig, build_config
+from upo.train.config_file import alias_help, load_config_file
+from upo.train.errors import EXIT_USER_ERROR, RunStopped, StopNow, UserError
+from upo.train.signals import StopRequests
 
 PROG = "upo-train"
-EXIT_USER_ERROR = 2
+EXIT_CODES = {0: "finished", 1: "a bug in upo (with a traceback)", EXIT_USER_ERROR: "a user mistake, or a "
+              "non-finite loss (one line)", 130: "stopped by SIGINT", 138: "stopped by SIGUSR1",
+              143: "stopped by SIGTERM (checkpoint written; continue with --resume auto)"}
 _DEFAULTS = TrainConfig()
 
 
@@ -41,10 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Preference alignment (DPO family + UPO) with a fused loss that never builds logits. "
         "Without arguments: a tiny byte-level Llama trained on the shipped data in about a minute on CPU.",
         epilog="Settings: defaults < --config file < flags. "
-        "Multi-process: torchrun --nproc-per-node N -m upo.train ...",
+        "Multi-process: torchrun --nproc-per-node N -m upo.train ... "
+        "Exit status: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + ". "
+        "SIGTERM, SIGINT and SIGUSR1 finish the current step, write a checkpoint and exit; a second one "
+        "exits at once.",
         argument_default=argparse.SUPPRESS,  # only flags the user gives override the config file
     )
-    p.add_argument("--config", help="YAML or JSON file of settings (keys as the flags, '-' or '_')")
+    p.add_argument("--config", help="YAML or JSON file of settings: keys as the flags ('-' or '_'), values "
+                   "parsed as the flags' (booleans: true/false, yes/no, on/off; null keeps the default), or "
+                   f"TRL DPOConfig names: {alias_help()} (per_device_train_batch_size is multiplied by "
+                   "the number of processes)")
 
     g = p.add_argument_group("model and data")
     g.add_argument("--model", help="local path or Hugging Face id for AutoModelForCausalLM "
@@ -58,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-length", type=int, help="max tokens of prompt + response" + _default("max_length"))
     g.add_argument("--max-prompt-length", type=int,
                    help="max prompt tokens; longer prompts are truncated (default: half of --max-length)")
+    g.add_argument("--max-completion-length", type=int,
+                   help="max tokens of each response (default: what --max-length leaves after the prompt)")
     g.add_argument("--truncation", choices=["keep_end", "keep_start"],
                    help="which end of an over-long prompt to keep" + _default("truncation"))
 
@@ -118,24 +131,38 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("outputs")
     g.add_argument("--output-dir", help="metrics.jsonl, summary.json, plot.png, checkpoints/, model/"
                    + _default("output_dir"))
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over in an --output-dir that holds another run, removing its files "
+                   "(without it, such a dir is refused; ref_logps/ is kept)")
     g.add_argument("--resume", metavar="PATH|auto",
                    help="continue from a checkpoint file (or a folder holding checkpoints/), or 'auto' = the "
                    "latest in --output-dir (a fresh start if there is none)")
     g.add_argument("--eval-every", type=int, help="evaluate on the held-out split every N steps"
                    + _default("eval_every"))
-    g.add_argument("--eval-fraction", type=float, help="held-out fraction of the pairs" + _default("eval_fraction"))
+    g.add_argument("--eval-fraction", type=float, help="held-out fraction of the pairs, when the eval pairs "
+                   "come from --dataset itself" + _default("eval_fraction"))
+    g.add_argument("--eval-dataset", help="held-out pairs from another file or dataset (then every --dataset "
+                   "pair trains); default: --dataset's --eval-split if it has one, else --eval-fraction of it")
+    g.add_argument("--eval-split", help="split of a Hugging Face --dataset (or --eval-dataset) to evaluate on"
+                   + _default("eval_split"))
+    g.add_argument("--eval-max-pairs", type=int, help="evaluate on at most the first N held-out pairs "
+                   "(default: all)")
     g.add_argument("--save-every", type=int, help="checkpoint every N steps" + _default("save_every"))
     g.add_argument("--keep-checkpoints", type=int, help="checkpoints kept" + _default("keep_checkpoints"))
+    g.add_argument("--max-skipped-batches", type=int,
+                   help="skip up to N batches whose loss or gradient is NaN/inf (no update; counted in "
+                   "summary.json) instead of stopping at the first" + _default("max_skipped_batches"))
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 
 
 def parse_config(argv: list[str] | None) -> TrainConfig:
-    """Flags over the config file over the defaults."""
-    flags = vars(build_parser().parse_args(argv))
+    """Flags over the config file over the defaults; the file's values go through the flags' parser."""
+    parser = build_parser()
+    flags = vars(parser.parse_args(argv))
     config_path = flags.pop("config", None)
-    file_settings = load_config_file(config_path) if config_path else {}
-    return build_config(file_settings, flags)
+    file_settings, sources = load_config_file(config_path, parser) if config_path else ({}, {})
+    return build_config(file_settings, flags, sources)
 
 
 def _format_duration(seconds: float) -> str:
@@ -163,8 +190,11 @@ def format_summary(summary: dict, wall_seconds: float) -> str:
     ]
     if evaluation:
         lines.append(line("eval", evaluation))
-    if summary.get("truncated_prompts"):
-        lines.append(f"  truncated prompts: {summary['truncated_prompts']}")
+    if summary.get("truncated_prompts") or summary.get("truncated_responses"):
+        lines.append(f"  truncated: {summary['truncated_prompts']} prompts, {summary['truncated_responses']} "
+                     f"responses (of {summary['train_pairs'] + summary['eval_pairs']} pairs)")
+    if summary.get("skipped_batches"):
+        lines.append(f"  skipped batches (non-finite loss or gradient): {summary['skipped_batches']}")
     lines.append(f"  outputs: {out}/ (metrics.jsonl, summary.json, plot.png, checkpoints/, model/)")
     return "\n".join(line for line in lines if line)
 
@@ -183,9 +213,9 @@ def _limit_threads_for_tiny_models(config: TrainConfig, device) -> None:
         torch.set_num_threads(1)
 
 
-def _report_error(message: str) -> None:
+def _report(message: str, error: bool = True) -> None:
     message = " ".join(str(message).split())  # always exactly one line
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    print(f"{PROG}: {'error: ' if error else ''}{message}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,24 +223,34 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     runtime = None
     try:
-        config = parse_config(sys.argv[1:] if argv is None else list(argv))
-        # Heavy imports (transformers) only once the flags are known to parse.
-        from upo.train.runtime import setup_runtime
-        from upo.train.trainer import Trainer
+        with StopRequests(defer=False):  # outside the loop a stop signal ends the run at once, with a line
+            config = parse_config(sys.argv[1:] if argv is None else list(argv))
+            # Heavy imports (transformers) only once the flags are known to parse.
+            from upo.train.runtime import setup_runtime
+            from upo.train.trainer import Trainer
 
-        runtime = setup_runtime(config.device)
-        _limit_threads_for_tiny_models(config, runtime.device)
-        summary = Trainer(config, runtime).train()
-        if runtime.is_main:
-            print(format_summary(summary, time.perf_counter() - started), flush=True)
-        return 0
+            runtime = setup_runtime(config.device)
+            _limit_threads_for_tiny_models(config, runtime.device)
+            summary = Trainer(config, runtime).train()
+            if runtime.is_main:
+                print(format_summary(summary, time.perf_counter() - started), flush=True)
+            return 0
     except SystemExit as exit_request:  # --help
         return int(exit_request.code or 0)
     except (UserError, UnsupportedModelError) as err:
-        _report_error(str(err))
+        if not getattr(err, "reported_by_main", False):
+            _report(str(err))
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        _report_error("interrupted; continue from the last checkpoint with --resume auto")
+    except RunStopped as stop:
+        if runtime is None or runtime.is_main:
+            _report(str(stop), error=False)
+        return stop.exit_code
+    except StopNow as stop:
+        _report(f"stopped at once by {stop.signal_name}, without a checkpoint of the current step; "
+                "continue from the last checkpoint with --resume auto")
+        return stop.exit_code
+    except KeyboardInterrupt:  # Ctrl-C where signals cannot be caught (not the main thread)
+        _report("interrupted; continue from the last checkpoint with --resume auto")
         return 130
     finally:
         if runtime is not None:

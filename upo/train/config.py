@@ -1,13 +1,17 @@
-"""Training configuration: one dataclass, filled from defaults, then a YAML/JSON file, then flags."""
+"""Training configuration: one dataclass, filled from defaults, then a YAML/JSON file, then flags; validated.
+
+The file is read by ``config_file.py`` through the flags' own parser; here the merged settings
+become a :class:`TrainConfig` and every range is checked, a bad value naming the flag (and, when
+it came from the file, the file and line).
+"""
 from __future__ import annotations
 
 import dataclasses
-import json
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+import math
+from dataclasses import dataclass, field
 from typing import Any
 
-from upo.train.errors import UserError
+from upo.train.errors import SettingError
 
 # The default run: the tiny byte-level Llama on the shipped data, DPO + UPO (readability).
 DEFAULT_AUX_REWARDS = ("readability:1.0",)
@@ -27,6 +31,7 @@ class TrainConfig:
     max_examples: int | None = None
     max_length: int = 384
     max_prompt_length: int | None = None
+    max_completion_length: int | None = None
     truncation: str = "keep_end"
     # objective
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid", "upo"])
@@ -67,11 +72,16 @@ class TrainConfig:
     seed: int = 0
     # bookkeeping
     output_dir: str = "./upo-output"
+    overwrite: bool = False
     resume: str | None = None
     eval_every: int = 50
     eval_fraction: float = 0.1
+    eval_dataset: str | None = None  # None: the dataset's eval_split if it has one, else eval_fraction of it
+    eval_split: str = "test"
+    eval_max_pairs: int | None = None
     save_every: int = 100
     keep_checkpoints: int = 2
+    max_skipped_batches: int = 0
     progress: bool = True
 
     def to_dict(self) -> dict:
@@ -96,38 +106,21 @@ CHOICES = {
 }
 
 
-def field_names() -> set[str]:
-    return {f.name for f in fields(TrainConfig)}
+def flag(name: str) -> str:
+    """``max_length`` -> ``--max-length``."""
+    return "--" + name.replace("_", "-")
 
 
-def load_config_file(path: str) -> dict:
-    """Settings from a YAML or JSON file (keys may use ``-`` or ``_``)."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise UserError(f"config file not found: {path}")
-    text = file.read_text(encoding="utf-8")
-    try:
-        if file.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as err:  # parse errors are user errors
-        raise UserError(f"could not parse config file {path}: {str(err).splitlines()[0]}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"config file {path} must hold a mapping of settings")
-    settings = {key.replace("-", "_"): value for key, value in data.items()}
-    unknown = sorted(set(settings) - field_names())
-    if unknown:
-        raise UserError(f"unknown setting(s) in {path}: {', '.join(unknown)}")
-    return settings
+# Settings only the UPO objective reads: given without 'upo' in --loss-type they would do nothing.
+UPO_SETTINGS = ("aux_reward", "upo_lambda", "beta_aux", "omega_max", "expectile", "baseline")
 
 
-def build_config(file_settings: dict, flag_settings: dict) -> TrainConfig:
-    """Defaults, then the config file, then flags (flags win); values are normalised and checked."""
+def build_config(file_settings: dict, flag_settings: dict, sources: dict[str, str] | None = None) -> TrainConfig:
+    """Defaults, then the config file, then flags (flags win); values are normalised and checked.
+
+    ``sources`` says where each file setting came from (``run.yaml line 3``): an error about a
+    setting the file gave names it.
+    """
     merged = {**file_settings, **flag_settings}
     for key in ("loss_type", "aux_reward"):
         if isinstance(merged.get(key), str):
@@ -137,39 +130,80 @@ def build_config(file_settings: dict, flag_settings: dict) -> TrainConfig:
     if isinstance(merged.get("loss_weights"), (int, float)):
         merged["loss_weights"] = [merged["loss_weights"]]
     config = TrainConfig(**merged)
-    validate(config)
+    try:
+        validate(config, given=set(merged))
+    except SettingError as err:
+        where = (sources or {}).get(err.setting) if err.setting not in flag_settings else None
+        if where:
+            raise SettingError(err.setting, f"{where}: {err}") from None
+        raise
     return config
 
 
-def validate(config: TrainConfig) -> None:
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# (setting, smallest value): integers, and integers that may also be None (unset).
+AT_LEAST = {"max_length": 2, "batch_size": 1, "grad_accum": 1, "eval_every": 1, "save_every": 1,
+            "keep_checkpoints": 1, "warmup_steps": 0, "lora_r": 1, "lora_alpha": 1, "max_skipped_batches": 0}
+OPTIONAL_AT_LEAST = {"max_steps": 1, "max_examples": 1, "max_prompt_length": 1, "max_completion_length": 1,
+                     "eval_max_pairs": 1}
+# (setting, test, what the test means): finite numbers in a range; lr may be None (its default).
+NUMBER_RANGES = {
+    "beta": (lambda v: v > 0, "> 0"),
+    "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    "upo_lambda": (lambda v: True, ""),  # any finite weight, as upo.loss takes
+    "beta_aux": (lambda v: v > 0, "> 0"),
+    "omega_max": (lambda v: v > 0, "> 0"),
+    "expectile": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "max_grad_norm": (lambda v: v >= 0, ">= 0 (0 disables clipping)"),
+    "epochs": (lambda v: v > 0, "> 0"),
+    "eval_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "lr": (lambda v: v > 0, "> 0"),
+    "ld_alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "f_alpha_divergence_coef": (lambda v: True, ""),  # upo.loss checks it against the divergence
+}
+OPTIONAL_NUMBERS = ("lr", "ld_alpha")  # None: the default for the kind of model / LD-DPO off
+
+
+def validate(config: TrainConfig, given: set[str] = frozenset()) -> None:
+    """Every setting's type and range; ``given``: the settings the user set (file or flags)."""
     for name, allowed in CHOICES.items():
         value = getattr(config, name)
         if value not in allowed:
-            raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got '{value}'")
-    positive = ("max_length", "batch_size", "grad_accum", "eval_every", "save_every")
-    for name in positive:
-        if int(getattr(config, name)) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    if config.max_steps is not None and config.max_steps < 1:
-        raise UserError("--max-steps must be at least 1")
-    if config.max_prompt_length is not None and config.max_prompt_length < 1:
-        raise UserError("--max-prompt-length must be at least 1")
-    if config.loss_weights is not None and len(config.loss_weights) != len(config.loss_type):
-        raise UserError(f"--loss-weights has {len(config.loss_weights)} value(s) for "
-                        f"{len(config.loss_type)} loss type(s)")
-    if not config.beta > 0:
-        raise UserError(f"--beta must be > 0, got {config.beta}")
-    if not 0.0 <= config.label_smoothing < 0.5:
-        raise UserError(f"--label-smoothing must be in [0, 0.5), got {config.label_smoothing}")
-    if config.ld_alpha is not None and not 0.0 <= config.ld_alpha <= 1.0:
-        raise UserError(f"--ld-alpha must be in [0, 1], got {config.ld_alpha}")
-    if not 0.0 < config.expectile < 1.0:
-        raise UserError(f"--expectile must be in (0, 1), got {config.expectile}")
-    if not (config.beta_aux > 0 and config.omega_max > 0):
-        raise UserError("--beta-aux and --omega-max must be > 0")
-    if config.max_grad_norm < 0:
-        raise UserError("--max-grad-norm must be >= 0 (0 disables clipping)")
-    if config.lr is not None and not config.lr > 0:
-        raise UserError(f"--lr must be > 0, got {config.lr}")
+            raise SettingError(name, f"{flag(name)} must be one of {', '.join(allowed)}, got '{value}'")
+    for table, optional in ((AT_LEAST, False), (OPTIONAL_AT_LEAST, True)):
+        for name, least in table.items():
+            value = getattr(config, name)
+            if optional and value is None:
+                continue
+            if not _is_int(value) or value < least:
+                raise SettingError(name, f"{flag(name)} must be an integer >= {least}, got {value!r}")
+    for name, (in_range, meaning) in NUMBER_RANGES.items():
+        value = getattr(config, name)
+        if name in OPTIONAL_NUMBERS and value is None:
+            continue
+        if not (_is_number(value) and math.isfinite(value) and in_range(value)):
+            bound = f" {meaning}" if meaning else ""
+            raise SettingError(name, f"{flag(name)} must be a finite number{bound}, got {value!r}")
     if not config.loss_type:
-        raise UserError("--loss-type needs at least one loss name")
+        raise SettingError("loss_type", "--loss-type needs at least one loss name")
+    if config.loss_weights is not None:
+        if len(config.loss_weights) != len(config.loss_type):
+            raise SettingError("loss_weights", f"--loss-weights has {len(config.loss_weights)} value(s) for "
+                               f"{len(config.loss_type)} loss type(s)")
+        if not all(_is_number(w) and math.isfinite(w) for w in config.loss_weights):
+            raise SettingError("loss_weights", f"--loss-weights must be finite numbers, got {config.loss_weights}")
+    if "upo" not in config.loss_type:
+        for name in UPO_SETTINGS:
+            if name in given:
+                raise SettingError(name, f"{flag(name)} only applies with 'upo' in --loss-type "
+                                   f"(got: {' '.join(config.loss_type)})")
+    if config.overwrite and config.resume is not None:
+        raise SettingError("overwrite", "--overwrite starts the run over and --resume continues it: give one of them")

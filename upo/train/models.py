@@ -53,9 +53,14 @@ def tiny_llama_config(overrides: Any = None):
     settings = dict(TINY_LLAMA)
     settings.update(_parse_model_config(overrides))
     try:
-        return LlamaConfig(**settings)
+        config = LlamaConfig(**settings)
     except Exception as err:
-        raise UserError(f"invalid --model-config: {str(err).splitlines()[0]}") from None
+        raise UserError(f"invalid --model-config: {' '.join(str(err).split())}") from None
+    # LlamaConfig keeps unknown keys as attributes nothing reads: a typo would go unnoticed.
+    unknown = sorted(set(config.to_dict()) - set(LlamaConfig().to_dict()))
+    if unknown:
+        raise UserError(f"--model-config: unknown LlamaConfig setting(s): {', '.join(unknown)}")
+    return config
 
 
 def _parse_model_config(value: Any) -> dict:

@@ -98,6 +98,6 @@ def build_reward(specs: list[str]):
 
     try:
         return rewards.CombinedReward.from_specs(list(specs))
-    except (KeyError, ValueError) as err:
-        message = err.args[0] if err.args else str(err)
-        raise UserError(f"bad --aux-reward: {message}") from None
+    except (KeyError, ValueError, OSError) as err:  # OSError: a lexicon file that is missing or unreadable
+        message = err.args[0] if err.args and isinstance(err.args[0], str) else str(err)
+        raise UserError(f"bad --aux-reward {' '.join(specs)}: {message}") from None

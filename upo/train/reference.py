@@ -73,6 +73,9 @@ def compute_sequence_logps(model: nn.Module, examples: list, pad_id: int, device
 def load_or_compute_reference(model, data, pad_id, config, runtime: Runtime, autocast_dtype, log) -> dict:
     """Reference log-probs from the on-disk cache, or computed by rank 0 and written atomically."""
     path = reference_cache_path(Path(config.output_dir), model, data, config)
+    if runtime.is_main and path.is_file() and not _cache_is_readable(path, len(data)):
+        log(f"note: the cached reference log-probs {path} are unreadable (a damaged file): computing them again")
+        path.unlink()
     if runtime.is_main and not path.is_file():
         log(f"precomputing reference log-probs for {len(data)} pairs -> {path}")
         values = compute_sequence_logps(model, data.examples, pad_id, runtime.device, config.batch_size,
@@ -82,3 +85,14 @@ def load_or_compute_reference(model, data, pad_id, config, runtime: Runtime, aut
         log(f"using cached reference log-probs {path}")
     barrier(runtime)
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _cache_is_readable(path: Path, num_examples: int) -> bool:
+    """A cache file that loads and holds one chosen and one rejected value per example (it is only a cache:
+    a damaged one is recomputed, not an error)."""
+    try:
+        values = torch.load(path, map_location="cpu", weights_only=True)
+        return all(isinstance(values.get(side), torch.Tensor) and tuple(values[side].shape) == (num_examples,)
+                   for side in ("chosen", "rejected"))
+    except Exception:
+        return False

@@ -41,12 +41,11 @@ def setup_runtime(device_choice: str) -> Runtime:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_choice == "auto":
         device_choice = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_choice.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device_choice}: CUDA is not available on this machine")
     try:
         device = torch.device(device_choice)
     except RuntimeError:
         raise UserError(f"--device: unknown device '{device_choice}' (use auto, cpu, cuda or cuda:N)") from None
+    check_device_available(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
     if device.type == "cuda":
@@ -58,6 +57,26 @@ def setup_runtime(device_choice: str) -> Runtime:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         return Runtime(device, dist.get_rank(), dist.get_world_size(), local_rank)
     return Runtime(device)
+
+
+def check_device_available(device: torch.device) -> None:
+    """A device this machine has: ``--device mps`` without Metal, or ``cuda:3`` on a 2-GPU machine, is refused."""
+    if device.type == "cpu":
+        return
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise UserError(f"--device {device}: no {device.type} device on this machine (use auto or cpu)")
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and count is not None and device.index >= count():
+        raise UserError(f"--device {device}: this machine has {count()} {device.type} device(s)")
+
+
+def check_backend(backend: str, device: torch.device) -> None:
+    """The Triton kernels need CUDA tensors (or the Triton interpreter, which the CPU tests use)."""
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError(f"--backend triton needs a CUDA device (this run is on {device}); use --backend torch "
+                        "or auto")
 
 
 def teardown_runtime(runtime: Runtime) -> None:
@@ -81,6 +100,24 @@ def all_reduce_mean(values: dict[str, float], runtime: Runtime) -> dict[str, flo
     vector = torch.tensor([values[n] for n in names], dtype=torch.float64)
     torch.distributed.all_reduce(vector)
     return {n: float(v) / runtime.world_size for n, v in zip(names, vector)}
+
+
+def all_reduce_max(values: list[float], runtime: Runtime) -> list[float]:
+    """Each value's maximum over the ranks: one tiny all-reduce, so that every rank decides alike."""
+    if not runtime.distributed:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+def broadcast_from_main(value, runtime: Runtime):
+    """Rank 0's ``value`` (any picklable object) on every rank."""
+    if not runtime.distributed:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_reduce_sum(value: float, runtime: Runtime) -> float:

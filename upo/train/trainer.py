@@ -1,8 +1,10 @@
 """The training loop behind ``upo-train``: set-up, one optimiser step, evaluation, checkpoints, outputs.
 
 The global batch is split across ranks (``torchrun``: DDP, or FSDP2 with ``--fsdp``); rank 0
-writes every output. The pieces live beside this file: data/, models.py, objective.py,
-preference_model.py, reference.py, checkpoints.py, optim.py, metrics.py, plot.py.
+writes every output. The pieces live beside this file: output_dir.py (the claimed, locked
+folder), run_data.py and data/, models.py, objective.py, preference_model.py, reference.py,
+checkpoints.py, optim.py, signals.py (stop requests), divergence.py (non-finite steps),
+evaluation.py, metrics.py, plot.py.
 """
 from __future__ import annotations
 
@@ -13,32 +15,32 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 import upo
 from upo.heads import lm_head_of
 from upo.train.atomic import atomic_write_text
-from upo.train.checkpoints import (changed_settings, read_checkpoint, resolve_resume, rng_state, set_rng_state,
-                                   trainable_state, write_checkpoint)
+from upo.train.checkpoints import restore_training_state, trainable_state, training_state_payload, write_checkpoint
 from upo.train.config import TrainConfig
-from upo.train.data import (DataPosition, PairSampler, PreferenceBatch, PreferenceData, TokenizeSettings,
-                            build_preference_data, collate, load_records, pad_token_id, split_train_eval)
-from upo.train.errors import UserError
-from upo.train.evaluation import implicit_reward_correlation, policy_and_reference_logps
+from upo.train.data import DataPosition, PairSampler, PreferenceBatch, collate, pad_token_id
+from upo.train.divergence import DivergenceGuard, is_non_finite_error, non_finite_problem
+from upo.train.errors import RunStopped, UserError
+from upo.train.evaluation import evaluate_pairs, implicit_and_aux_rewards, pearson, policy_and_reference_logps
 from upo.train.final_model import save_final_model
-from upo.train.metrics import (MetricMean, metrics_log_up_to, peak_memory_bytes, postfix, reward_metrics,
-                               scalar_metrics)
+from upo.train.metrics import MetricMean, peak_memory_bytes, postfix, reward_metrics, run_summary, scalar_metrics
 from upo.train.models import add_lora, enable_activation_checkpointing, frozen_copy, load_policy_and_tokenizer
 from upo.train.objective import (build_reward, check_loss_names, check_loss_options, loss_kwargs_from_config,
                                  needs_reference, uses_aux_objective)
 from upo.train.optim import build_optimizer, build_scheduler
+from upo.train.output_dir import claim_output_dir
 from upo.train.plot import plot_history
 from upo.train.preference_model import PreferenceModel
 from upo.train.reference import load_or_compute_reference
-from upo.train.runtime import (Runtime, all_reduce_mean, all_reduce_sum, barrier, gradient_sync, setup_runtime,
-                               wrap_for_processes)
+from upo.train.run_data import load_run_data
+from upo.train.runtime import (Runtime, all_reduce_max, all_reduce_mean, all_reduce_sum, barrier, check_backend,
+                               gradient_sync, setup_runtime, wrap_for_processes)
+from upo.train.signals import StopRequests, exit_code, signal_name
 
 
 @dataclass
@@ -47,10 +49,15 @@ class TrainState:
     position: DataPosition = field(default_factory=DataPosition)
     tokens_seen: int = 0
     train_seconds: float = 0.0
+    skipped_batches: int = 0
 
 
 class Trainer:
-    """Owns the model, data, optimiser and outputs of one run; :meth:`train` runs it to the end."""
+    """Owns the model, data, optimiser and outputs of one run; :meth:`train` runs it to the end.
+
+    Constructing it claims ``--output-dir`` (its lock) until :meth:`train` ends or :meth:`close`
+    (also ``with Trainer(...) as trainer:``).
+    """
 
     def __init__(self, config: TrainConfig, runtime: Runtime | None = None, log=None):
         self.config = config
@@ -60,7 +67,28 @@ class Trainer:
         self.state = TrainState()
         self.history: list[dict] = []
         self.last_eval: dict[str, float] = {}
-        self._setup()
+        self.stop = StopRequests(announce=self.runtime.is_main)  # entered by train()
+        self.stop_signum = 0  # the stop signal every rank agreed on at the last step (0: none)
+        self.guard = DivergenceGuard(config.max_skipped_batches, self.log)
+        self.last_checkpoint: tuple[int, Path | None] | None = None  # (step, path on rank 0)
+        # Lock and check the output dir before anything is loaded or written; released by close().
+        self.output = claim_output_dir(config, self.runtime, self.log)
+        self.resume_path = self.output.resume_path
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the output dir's lock (``train`` does it when it ends, however it ends)."""
+        self.output.release()
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ---- set-up ------------------------------------------------------------------------
     def log(self, message: str) -> None:
@@ -69,6 +97,7 @@ class Trainer:
 
     def _setup(self) -> None:
         config = self.config
+        check_backend(config.backend, self.runtime.device)
         self._check_objective()
         self.autocast_dtype = torch.bfloat16 if config.precision == "bf16" else None
         policy, self.tokenizer = load_policy_and_tokenizer(config, self.runtime.device)
@@ -80,9 +109,8 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, config)
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
-        self.resume_path = resolve_resume(config.resume, self.output_dir)
         if self.resume_path is not None:
-            self._load_checkpoint(self.resume_path)
+            restore_training_state(self, self.resume_path)
 
     def _check_objective(self) -> None:
         """Loss and reward names fail here, before any model or data is loaded."""
@@ -95,8 +123,8 @@ class Trainer:
 
     def _prepare_data(self) -> None:
         config = self.config
-        self.data = self._load_data()
-        self.train_indices, self.eval_indices = split_train_eval(len(self.data), config.eval_fraction, config.seed)
+        run_data = load_run_data(config, self.tokenizer, self.reward, self.log)
+        self.data, self.train_indices, self.eval_indices = run_data.data, run_data.train_indices, run_data.eval_indices
         self.sampler = PairSampler(self.train_indices, config.batch_size, config.seed, self.runtime.rank,
                                    self.runtime.world_size)
         self.total_steps = self._total_steps()
@@ -136,12 +164,6 @@ class Trainer:
         module = PreferenceModel(policy, value_head, reference, loss_kwargs, config.backend, self.autocast_dtype)
         return module.train()
 
-    def _load_data(self) -> PreferenceData:
-        records = load_records(self.config.dataset, self.config.dataset_split)
-        settings = TokenizeSettings(self.config.max_length, self.config.max_prompt_length, self.config.truncation)
-        return build_preference_data(records, self.tokenizer, settings, reward=self.reward,
-                                     max_examples=self.config.max_examples)
-
     def _total_steps(self) -> int:
         if self.config.max_steps is not None:
             return self.config.max_steps
@@ -161,70 +183,62 @@ class Trainer:
     def save_checkpoint(self, states: tuple[dict, dict] | None = None) -> Path | None:
         """Write ``checkpoints/checkpoint-<step>.pt`` atomically (rank 0); collective under FSDP."""
         model_state, optim_state = states or self._state_dicts()
-        if not self.runtime.is_main:
-            return None
-        return write_checkpoint({
-            "step": self.state.step,
-            "position": vars(self.state.position),
-            "tokens_seen": self.state.tokens_seen,
-            "train_seconds": self.state.train_seconds,
-            "model": model_state,
-            "optimizer": optim_state,
-            "scheduler": self.scheduler.state_dict(),
-            "rng": rng_state(),
-            "config": self.config.to_dict(),
-        }, self.output_dir, self.config.keep_checkpoints)
-
-    def _load_checkpoint(self, path: Path) -> None:
-        checkpoint = read_checkpoint(path)
-        if self.config.fsdp and self.runtime.distributed:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-            set_state_dict(self.module, self.optimizer, model_state_dict=checkpoint["model"],
-                           optim_state_dict=checkpoint["optimizer"],
-                           options=StateDictOptions(full_state_dict=True))
-        else:
-            missing, unexpected = self.module.load_state_dict(checkpoint["model"], strict=not self.config.lora)
-            if unexpected:
-                raise UserError(f"checkpoint {path} does not match the model (unexpected: {unexpected[0]})")
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
-        changed = changed_settings(checkpoint.get("config", {}), self.config)
-        if changed:  # allowed, but no longer an exact continuation
-            self.log(f"note: resuming with changed settings ({', '.join(changed)}): "
-                     "not an exact continuation of the checkpointed run")
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
-        set_rng_state(checkpoint["rng"])
-        self.state = TrainState(checkpoint["step"], DataPosition(**checkpoint["position"]),
-                                checkpoint.get("tokens_seen", 0), checkpoint.get("train_seconds", 0.0))
-        metrics_path = self.output_dir / "metrics.jsonl"
-        self.history = metrics_log_up_to(metrics_path, self.state.step)
-        if self.runtime.is_main and metrics_path.is_file():
-            atomic_write_text("".join(json.dumps(r) + "\n" for r in self.history), metrics_path)
-        self.log(f"resumed from {path} at step {self.state.step}")
+        path = None
+        if self.runtime.is_main:
+            path = write_checkpoint(training_state_payload(self, model_state, optim_state), self.output_dir,
+                                    self.config.keep_checkpoints)
+        self.last_checkpoint = (self.state.step, path)
+        return path
 
     # ---- batches -----------------------------------------------------------------------
-    def _batch(self, indices: list[int]) -> PreferenceBatch:
+    def make_batch(self, indices: list[int]) -> PreferenceBatch:
+        """The batch of these examples, on the run's device."""
         examples = [self.data.examples[i] for i in indices]
         return collate(examples, self.pad_id, self.config.packing, self.ref_logps).to(self.runtime.device)
 
     # ---- one optimiser step ------------------------------------------------------------
-    def train_step(self) -> dict[str, float]:
-        """Forward/backward over ``grad_accum`` micro-batches, then one optimiser step."""
+    def train_step(self) -> dict[str, float] | None:
+        """Forward/backward over ``grad_accum`` micro-batches, then one optimiser step.
+
+        Returns the step's metrics, or None when its loss or gradient was not finite and the
+        batch was skipped (``--max-skipped-batches``; otherwise that raises a :class:`UserError`).
+        One all-reduce tells every rank whether any rank saw a stop signal or a non-finite number.
+        """
         config = self.config
         self.model.train()
         started = time.perf_counter()
-        accumulated, tokens = MetricMean(), 0
+        accumulated, tokens, losses, rows, forward_error = MetricMean(), 0, [], [], None
         for micro in range(config.grad_accum):
+            rows += self.sampler.global_batch(self.state.position)[0]
             indices, self.state.position = self.sampler.next_batch(self.state.position)
-            batch = self._batch(indices)
+            if forward_error is not None:
+                continue  # the step is lost, but its data is consumed: positions stay those of whole steps
+            batch = self.make_batch(indices)
             with gradient_sync(self.model, self.runtime, micro == config.grad_accum - 1):
-                out = self.model(batch)
+                try:
+                    out = self.model(batch)
+                except ValueError as err:  # the library refuses diverged (NaN/inf) activations or weights
+                    if not is_non_finite_error(err):
+                        raise
+                    forward_error = str(err)
+                    continue
                 (out.loss / config.grad_accum).backward()
-            accumulated.add({**scalar_metrics(out), **reward_metrics(batch, self.data.reward_names)},
-                            batch.num_pairs)
+            values = {**scalar_metrics(out), **reward_metrics(batch, self.data.reward_names)}
+            losses.append(values["loss"])
+            accumulated.add(values, batch.num_pairs)
             tokens += batch.num_tokens
         # A max norm of 0 disables clipping; the norm is still logged.
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm or float("inf"))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm or float("inf")))
+        problem = non_finite_problem(losses, grad_norm, forward_error)
+        signum, any_problem = all_reduce_max([float(self.stop.signum), float(problem is not None)], self.runtime)
+        self.stop_signum = int(signum)
+        if any_problem:
+            self.optimizer.zero_grad(set_to_none=True)
+            last = self.last_checkpoint[1] if self.last_checkpoint else None
+            self.guard.handle(self.state.step + 1, problem or "a non-finite loss or gradient on another process",
+                              self.data.where(rows), last)
+            self.state.skipped_batches = self.guard.skipped
+            return None
         self.optimizer.step()
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
@@ -238,36 +252,20 @@ class Trainer:
         self.state.train_seconds += elapsed
         metrics.update({
             "step": self.state.step, "epoch": self.state.position.epoch, "lr": lr,
-            "grad_norm": float(grad_norm), "tokens": tokens, "tokens_per_s": tokens / max(elapsed, 1e-9),
+            "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / max(elapsed, 1e-9),
             "peak_memory_bytes": peak_memory_bytes(self.runtime.device),
         })
         return metrics
 
-    @torch.no_grad()
     def evaluate(self, indices: list[int] | None = None) -> dict[str, float]:
         """Pair-weighted mean metrics over the held-out split (every rank evaluates all of it)."""
-        indices = self.eval_indices if indices is None else indices
-        if not indices:
-            return {}
-        self.model.eval()
-        means = MetricMean()
-        for start in range(0, len(indices), self.config.batch_size):
-            batch = self._batch(indices[start:start + self.config.batch_size])
-            values = {**scalar_metrics(self.model(batch)), **reward_metrics(batch, self.data.reward_names)}
-            means.add(values, batch.num_pairs)
-        self.model.train()
-        results = means.means()
-        if self.reward is not None and not (self.config.fsdp and self.runtime.distributed):
-            correlation = self.implicit_reward_correlation(indices)
-            if correlation is not None:
-                results["aux/implicit_reward_corr"] = correlation
-        return results
+        return evaluate_pairs(self, self.eval_indices if indices is None else indices)
 
     def implicit_reward_correlation(self, indices: list[int]) -> float | None:
         """Does the policy's implicit reward ``(S - R) / n`` track the designer's reward over these
         examples' responses? Pearson correlation (not under FSDP: runs the bare module)."""
         examples = [self.data.examples[i] for i in indices]
-        return implicit_reward_correlation(examples, self.sequence_logps(indices), self.reward.weights)
+        return pearson(*implicit_and_aux_rewards(examples, self.sequence_logps(indices), self.reward.weights))
 
     def sequence_logps(self, indices: list[int]) -> dict[str, dict]:
         """Policy and reference log-prob sums (and token counts) of the given examples' responses.
@@ -281,45 +279,63 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------
     def train(self) -> dict:
-        """Run to ``total_steps``; write metrics, eval, checkpoints, summary, plot. Returns the summary."""
-        config = self.config
-        if self.runtime.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(json.dumps(config.to_dict(), indent=2) + "\n", self.output_dir / "config.json")
-        self.log(self._describe())
-        progress = self._progress_bar()
-        metrics_file = self._open_metrics()
+        """Run to ``total_steps``; write metrics, eval, checkpoints, summary, plot. Returns the summary.
+
+        A stop signal ends it after the step in progress with a checkpoint, raising
+        :class:`RunStopped`; the output dir's lock is released however it ends.
+        """
+        progress = metrics_file = None
         try:
-            while self.state.step < self.total_steps:
-                record = self.train_step()
-                if self.state.step % config.eval_every == 0 or self.state.step == self.total_steps:
-                    evaluation = self.evaluate()
-                    if evaluation:
-                        self.last_eval = evaluation
-                        record.update({f"eval/{k}": v for k, v in evaluation.items()})
-                self.history.append(record)
-                if metrics_file is not None:
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-                if self.state.step % config.save_every == 0 and self.state.step < self.total_steps:
-                    self.save_checkpoint()
-                if progress is not None:
-                    progress.update(1)
-                    last_eval = {f"eval/{k}": v for k, v in self.last_eval.items()}
-                    progress.set_postfix(postfix({**last_eval, **record}), refresh=False)
-        except KeyboardInterrupt:
-            if not (self.config.fsdp and self.runtime.distributed):  # gathering shards needs every rank
-                self.log(f"interrupted at step {self.state.step}; saving a checkpoint")
-                self.save_checkpoint()
-            raise
+            with StopRequests(announce=self.runtime.is_main) as self.stop:
+                if self.runtime.is_main:  # the run claims its folder: from here on it holds a run
+                    atomic_write_text(json.dumps(self.config.to_dict(), indent=2) + "\n",
+                                      self.output_dir / "config.json")
+                self.log(self._describe())
+                progress, metrics_file = self._progress_bar(), self._open_metrics()
+                while self.state.step < self.total_steps:
+                    record = self.train_step()
+                    if record is not None:
+                        self._after_step(record, metrics_file, progress)
+                    if self.stop_signum and self.state.step < self.total_steps:
+                        raise self._stopped()
+                # A signal during the last step or the final outputs: they are finished, not interrupted.
+                states = self._state_dicts()
+                self.save_checkpoint(states)
+                return self._finish(states[0])
         finally:
             if progress is not None:
                 progress.close()
             if metrics_file is not None:
                 metrics_file.close()
-        states = self._state_dicts()
-        self.save_checkpoint(states)
-        return self._finish(states[0])
+            self.close()
+
+    def _after_step(self, record: dict, metrics_file, progress) -> None:
+        """Evaluation when due, the metrics line, the periodic checkpoint, the progress bar."""
+        config, step = self.config, self.state.step
+        if step % config.eval_every == 0 or step == self.total_steps:
+            evaluation = self.evaluate()
+            if evaluation:
+                self.last_eval = evaluation
+                record.update({f"eval/{k}": v for k, v in evaluation.items()})
+        self.history.append(record)
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+        if step % config.save_every == 0 and step < self.total_steps:
+            self.save_checkpoint()
+        if progress is not None:
+            progress.update(1)
+            last_eval = {f"eval/{k}": v for k, v in self.last_eval.items()}
+            progress.set_postfix(postfix({**last_eval, **record}), refresh=False)
+
+    def _stopped(self) -> RunStopped:
+        """Checkpoint the last finished step (unless just saved) for the stop every rank agreed on."""
+        if self.last_checkpoint is None or self.last_checkpoint[0] != self.state.step:
+            self.save_checkpoint()
+        name = signal_name(self.stop_signum)
+        message = (f"stopped by {name} after step {self.state.step} of {self.total_steps}: checkpoint "
+                   f"{self.last_checkpoint[1]} written; continue with --resume auto")
+        return RunStopped(message, exit_code(self.stop_signum))
 
     def _describe(self) -> str:
         n_params = sum(p.numel() for p in self.module.policy.parameters())
@@ -356,28 +372,4 @@ class Trainer:
         return summary
 
     def summary(self) -> dict:
-        last = self.history[-1] if self.history else {}
-        bookkeeping = {"step", "epoch", "tokens", "lr", "peak_memory_bytes"}
-        train_keys = [k for k in last if not k.startswith("eval/") and k not in bookkeeping]
-        recent = self.history[-10:]
-        smoothed = {k: float(np.mean([r[k] for r in recent if k in r])) for k in train_keys
-                    if isinstance(last.get(k), (int, float))}
-        first_loss = self.history[0]["loss"] if self.history else None
-        return {
-            "steps": self.state.step,
-            "epochs": self.state.position.epoch + self.state.position.index / max(1, len(self.train_indices)),
-            "train_pairs": len(self.train_indices),
-            "eval_pairs": len(self.eval_indices),
-            "truncated_prompts": self.data.truncated_prompts,
-            "truncated_responses": self.data.truncated_responses,
-            "aux_rewards": self.data.reward_names,
-            "first_loss": first_loss,
-            "train": smoothed,  # mean of the last 10 steps
-            "eval": self.last_eval,
-            "tokens_seen": self.state.tokens_seen,
-            "train_seconds": self.state.train_seconds,
-            "tokens_per_s": self.state.tokens_seen / max(self.state.train_seconds, 1e-9),
-            "peak_memory_bytes": peak_memory_bytes(self.runtime.device),
-            "world_size": self.runtime.world_size,
-            "output_dir": str(self.output_dir),
-        }
+        return run_summary(self)

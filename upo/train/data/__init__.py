@@ -25,14 +25,15 @@ from upo.train.data.pairs import (
     split_train_eval,
     tokenize_pair,
 )
-from upo.train.data.records import LOCAL_SUFFIXES, default_dataset_path, load_records
+from upo.train.data.records import LOCAL_SUFFIXES, Records, default_dataset_path, load_records, load_split_if_present
 from upo.train.data.sampler import DataPosition, PairSampler
 from upo.train.data.tokenizer import ByteTokenizer, encode_text, pad_token_id, simple_chat_template
 from upo.train.errors import UserError
 
 __all__ = [
     "IGNORE_INDEX", "LOCAL_SUFFIXES", "REQUIRED_COLUMNS", "ByteTokenizer", "DataPosition", "PairSampler",
-    "PreferenceBatch", "PreferenceData", "PreferenceExample", "RenderedPair", "TokenizeSettings", "UserError",
+    "PreferenceBatch", "PreferenceData", "PreferenceExample", "Records", "RenderedPair", "TokenizeSettings",
+    "UserError", "load_split_if_present",
     "build_preference_data", "check_columns", "collate", "collate_packed", "collate_padded",
     "default_dataset_path", "encode_text", "load_records", "pad_token_id", "render_record",
     "simple_chat_template", "split_train_eval", "tokenize_pair",

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from upo.train.data.records import describe_location, describe_locations, locations_of
 from upo.train.data.tokenizer import ByteTokenizer, encode_text, simple_chat_template
 from upo.train.errors import UserError
 
@@ -49,30 +50,45 @@ def check_columns(records: list[dict]) -> None:
 
 
 def _is_conversation(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value)
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) for m in value)
 
 
-def render_record(record: dict, tokenizer, row: int) -> RenderedPair:
-    """Turn one record (standard or conversational) into prompt/response strings."""
+def _check_messages(messages: list, column: str, row) -> None:
+    """Each message a ``{"role": str, "content": str}``: the chat template reads both."""
+    for k, message in enumerate(messages):
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                problem = "has no" if key not in message else "has a non-string"
+                raise UserError(f"{row}: message {k} of '{column}' {problem} '{key}'")
+
+
+def render_record(record: dict, tokenizer, row) -> RenderedPair:
+    """Turn one record (standard or conversational) into prompt/response strings.
+
+    ``row`` names the record in errors: an index, or a description such as ``row 3 (d.jsonl line 4)``.
+    """
+    row = f"row {row}" if isinstance(row, int) else row
     for column in ("chosen", "rejected"):
         if column not in record:
-            raise UserError(f"row {row}: missing column '{column}'")
+            raise UserError(f"{row}: missing column '{column}'")
     if _is_conversation(record["chosen"]):
         return _render_conversation(record, tokenizer, row)
     if "prompt" not in record:
-        raise UserError(f"row {row}: missing column 'prompt'")
+        raise UserError(f"{row}: missing column 'prompt'")
     values = [record["prompt"], record["chosen"], record["rejected"]]
     for name, value in zip(REQUIRED_COLUMNS, values):
         if not isinstance(value, str):
-            raise UserError(f"row {row}: column '{name}' must be a string or a list of messages, "
+            raise UserError(f"{row}: column '{name}' must be a string or a list of messages, "
                             f"got {type(value).__name__}")
     return RenderedPair(*values, *values)
 
 
-def _render_conversation(record: dict, tokenizer, row: int) -> RenderedPair:
+def _render_conversation(record: dict, tokenizer, row: str) -> RenderedPair:
     chosen, rejected = record["chosen"], record["rejected"]
     if not _is_conversation(rejected):
-        raise UserError(f"row {row}: 'chosen' is a list of messages but 'rejected' is not")
+        raise UserError(f"{row}: 'chosen' is a list of messages but 'rejected' is not")
+    _check_messages(chosen, "chosen", row)
+    _check_messages(rejected, "rejected", row)
     prompt = record.get("prompt")
     if prompt is None:  # implicit prompt: the shared prefix of the two conversations
         shared = 0
@@ -81,8 +97,9 @@ def _render_conversation(record: dict, tokenizer, row: int) -> RenderedPair:
         prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
     elif isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
-    if not _is_conversation(prompt):
-        raise UserError(f"row {row}: 'prompt' must be a string or a list of messages")
+    if not isinstance(prompt, list) or not all(isinstance(m, dict) for m in prompt):
+        raise UserError(f"{row}: 'prompt' must be a string or a list of messages")
+    _check_messages(prompt, "prompt", row)
 
     prompt_text = _chat(tokenizer, prompt, add_generation_prompt=True)
 
@@ -125,20 +142,23 @@ class TokenizeSettings:
     max_length: int = 512
     max_prompt_length: int | None = None  # None: half of max_length
     truncation: str = "keep_end"  # which end of an over-long prompt to keep
+    max_completion_length: int | None = None  # None: what max_length leaves after the prompt
 
     def prompt_budget(self) -> int:
         budget = self.max_prompt_length if self.max_prompt_length is not None else self.max_length // 2
         return max(1, min(budget, self.max_length - 1))  # leave room for at least one response token
 
 
-def tokenize_pair(rendered: RenderedPair, tokenizer, settings: TokenizeSettings, index: int) -> PreferenceExample:
+def tokenize_pair(rendered: RenderedPair, tokenizer, settings: TokenizeSettings, index: int,
+                  where: str | None = None) -> PreferenceExample:
     """Tokenise a rendered pair: BOS + prompt (truncated per ``settings``) and responses + EOS.
 
     Empty responses are an error (nothing to learn from); over-long responses are cut at the end.
+    ``where`` names the pair in errors (default ``row <index>``).
     """
     for column, text in (("chosen", rendered.chosen_text), ("rejected", rendered.rejected_text)):
         if not text.strip():
-            raise UserError(f"row {index}: '{column}' response is empty")
+            raise UserError(f"{where or f'row {index}'}: '{column}' response is empty")
     prompt = encode_text(tokenizer, rendered.prompt_text)
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is not None and (not prompt or prompt[0] != bos):
@@ -150,6 +170,8 @@ def tokenize_pair(rendered: RenderedPair, tokenizer, settings: TokenizeSettings,
 
     eos = getattr(tokenizer, "eos_token_id", None)
     room = settings.max_length - len(prompt)
+    if settings.max_completion_length is not None:
+        room = min(room, settings.max_completion_length)
     responses, response_truncated = [], False
     for text in (rendered.chosen_text, rendered.rejected_text):
         ids = encode_text(tokenizer, text) + ([eos] if eos is not None else [])
@@ -168,9 +190,15 @@ class PreferenceData:
     truncated_prompts: int = 0
     truncated_responses: int = 0
     plain_texts: list[RenderedPair] = field(default_factory=list)
+    locations: list[tuple[str, str, int]] = field(default_factory=list)  # where each pair's row came from
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def where(self, indices: list[int]) -> str:
+        """``d.jsonl lines 4, 9``: the source rows of these examples, for messages."""
+        locations = self.locations or [("", "row", i) for i in range(len(self.examples))]
+        return describe_locations([locations[i] for i in indices])
 
 
 def build_preference_data(records: list[dict], tokenizer, settings: TokenizeSettings,
@@ -181,10 +209,12 @@ def build_preference_data(records: list[dict], tokenizer, settings: TokenizeSett
     Rewards are deterministic functions of the texts, so they are computed here, not per step.
     """
     if max_examples is not None:
-        records = records[:max_examples]
+        records = records.head(max_examples) if hasattr(records, "head") else records[:max_examples]
     check_columns(records)
-    rendered = [render_record(r, tokenizer, i) for i, r in enumerate(records)]
-    examples = [tokenize_pair(p, tokenizer, settings, i) for i, p in enumerate(rendered)]
+    locations = locations_of(records)
+    where = [f"row {i}" + (f" ({describe_location(loc)})" if loc[0] else "") for i, loc in enumerate(locations)]
+    rendered = [render_record(r, tokenizer, where[i]) for i, r in enumerate(records)]
+    examples = [tokenize_pair(p, tokenizer, settings, i, where[i]) for i, p in enumerate(rendered)]
     names: list[str] = []
     if reward is not None:
         names = list(reward.names)
@@ -196,6 +226,7 @@ def build_preference_data(records: list[dict], tokenizer, settings: TokenizeSett
         truncated_prompts=sum(e.prompt_truncated for e in examples),
         truncated_responses=sum(e.response_truncated for e in examples),
         plain_texts=rendered,
+        locations=locations,
     )
 
 

@@ -50,12 +50,16 @@ class PairSampler:
             self._cached_epoch, self._cached_order = epoch, [self.indices[i] for i in perm]
         return self._cached_order
 
-    def next_batch(self, position: DataPosition) -> tuple[list[int], DataPosition]:
-        """This rank's example indices for the next global batch, and the position after it."""
+    def global_batch(self, position: DataPosition) -> tuple[list[int], DataPosition]:
+        """Every rank's example indices for the next global batch, and the position after it."""
         epoch, index = position.epoch, position.index
         if index + self.global_batch_size > len(self.indices):
             epoch, index = epoch + 1, 0
         batch = self.order(epoch)[index:index + self.global_batch_size]
+        return batch, DataPosition(epoch, index + self.global_batch_size)
+
+    def next_batch(self, position: DataPosition) -> tuple[list[int], DataPosition]:
+        """This rank's example indices for the next global batch, and the position after it."""
+        batch, after = self.global_batch(position)
         share = self.global_batch_size // self.world_size
-        mine = batch[self.rank * share:(self.rank + 1) * share]
-        return mine, DataPosition(epoch, index + self.global_batch_size)
+        return batch[self.rank * share:(self.rank + 1) * share], after

@@ -1,0 +1,60 @@
+"""Which pairs a run trains and evaluates on: load ``--dataset`` (and ``--eval-dataset`` or its eval split),
+hold pairs out, bound the evaluation, and say what truncation did."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from upo.train.config import TrainConfig
+from upo.train.data import (PreferenceData, TokenizeSettings, build_preference_data, load_records,
+                            load_split_if_present, split_train_eval)
+
+
+@dataclass
+class RunData:
+    data: PreferenceData
+    train_indices: list[int]
+    eval_indices: list[int]
+
+
+def load_run_data(config: TrainConfig, tokenizer, reward, log) -> RunData:
+    """The tokenised pairs and the train/eval indices into them.
+
+    Held-out pairs come from ``--eval-dataset``, else from the dataset's ``--eval-split`` when it
+    has one (then every ``--dataset`` pair trains), else ``--eval-fraction`` of ``--dataset``;
+    ``--eval-max-pairs`` keeps the first N of them.
+    """
+    c = config
+    records = load_records(c.dataset, c.dataset_split).head(c.max_examples)
+    if c.eval_dataset is not None:
+        held_out = load_records(c.eval_dataset, c.eval_split)
+    elif c.eval_split != c.dataset_split:
+        held_out = load_split_if_present(c.dataset, c.eval_split)
+    else:
+        held_out = None
+    num_train = len(records)
+    if held_out is not None:
+        records = records + held_out.head(c.eval_max_pairs)
+    settings = TokenizeSettings(c.max_length, c.max_prompt_length, c.truncation, c.max_completion_length)
+    data = build_preference_data(records, tokenizer, settings, reward=reward)
+    if held_out is None:
+        train_indices, eval_indices = split_train_eval(len(data), c.eval_fraction, c.seed)
+    else:
+        train_indices, eval_indices = list(range(num_train)), list(range(num_train, len(data)))
+    if c.eval_max_pairs is not None:
+        eval_indices = eval_indices[:c.eval_max_pairs]
+    report_truncation(data, c, log)
+    return RunData(data, train_indices, eval_indices)
+
+
+def report_truncation(data: PreferenceData, config: TrainConfig, log) -> None:
+    """One line when truncation cut prompts or responses (a run cut to pieces should not be a surprise)."""
+    if not (data.truncated_prompts or data.truncated_responses):
+        return
+    prompt_budget = TokenizeSettings(config.max_length, config.max_prompt_length).prompt_budget()
+    response_limit = f"--max-length {config.max_length}" + (
+        f", --max-completion-length {config.max_completion_length}" if config.max_completion_length else "")
+    every = " (all of them: no response keeps its end, raise the limit)" if (
+        data.truncated_responses == len(data)) else ""
+    log(f"note: truncated {data.truncated_prompts} of {len(data)} prompts to {prompt_budget} tokens "
+        f"(--max-prompt-length) and the responses of {data.truncated_responses} of {len(data)} pairs "
+        f"({response_limit}){every}")
