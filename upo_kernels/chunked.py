@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from upo_kernels import buffers
+from upo_kernels import buffers, token_stats
 
 # 2048 x 384 fp32 tiles: 3 MB each, a handful of temporaries ~10 MB whatever V is. On a 2-core
 # CPU (N = 16k, D = 256, V = 32000, fp32) they ran fwd+bwd ~10-15 % faster than 256 x 2048
@@ -56,12 +56,16 @@ def _target_logits(h, weight, bias, labels, keep, logit_scale, softcap, dtype):
 
 def linear_logprobs_forward(hidden, weight, labels, bias=None, logit_scale=1.0, softcap=None,
                             ignore_index=-100, chunk_tokens=DEFAULT_CHUNK_TOKENS,
-                            chunk_vocab=DEFAULT_CHUNK_VOCAB):
-    """hidden [N, D], weight [V, D], labels [N] -> (logp [N], lse [N]) in the compute dtype.
+                            chunk_vocab=DEFAULT_CHUNK_VOCAB, stats=()):
+    """hidden [N, D], weight [V, D], labels [N] -> (logp [N], lse [N]) in the compute dtype, and a
+    third element ``{name: [N]}`` when ``stats`` (names of ``token_stats.STATS``) are asked.
 
     ``logp`` is 0 where ``labels == ignore_index``; ``lse`` is the log-normaliser of every row
     (kept for the backward pass).
     """
+    if stats:
+        return _forward_with_stats(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, chunk_tokens,
+                                   chunk_vocab, stats)
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     dtype = compute_dtype(hidden.dtype)
     logp = buffers.empty((n_tokens,), dtype, hidden.device)
@@ -81,6 +85,79 @@ def linear_logprobs_forward(hidden, weight, labels, bias=None, logit_scale=1.0, 
         lse[t0:t1] = running
         logp[t0:t1] = torch.where(keep, target - running, torch.zeros_like(running))
     return logp, lse
+
+
+def _forward_with_stats(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, chunk_tokens, chunk_vocab,
+                        stats):
+    """The forward with token statistics: each ``[chunk, tile]`` logit tile is reduced to the
+    per-slice partials of ``token_stats`` from one ``exp`` tile, merged exactly per token chunk.
+
+    ``d = z - max`` and ``e = exp(d)`` sit side by side in one ``[chunk, 2, tile]`` buffer, so one
+    batched product gives both ``sum e d`` (entropy) and ``sum e e`` (log sum p^2). The label's
+    logit is read from the tile (not by a row-wise dot as without statistics) so that is_top1
+    compares it with the tile's max bit for bit."""
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    dtype, device = compute_dtype(hidden.dtype), hidden.device
+    logp = buffers.empty((n_tokens,), dtype, device)
+    lse = buffers.empty((n_tokens,), dtype, device)
+    values = {name: buffers.empty((n_tokens,), dtype, device) for name in stats}
+    tiles = -(-vocab // chunk_vocab)
+    row = token_stats.STAT_ROW
+    want_exp = "entropy" in stats or "log_sum_sq_probs" in stats
+    for t0 in range(0, n_tokens, chunk_tokens):
+        t1 = min(t0 + chunk_tokens, n_tokens)
+        h, y = hidden[t0:t1].to(dtype), labels[t0:t1]
+        part_max, part_sum = (buffers.empty((t1 - t0, tiles), dtype, device) for _ in range(2))
+        part_tgt = torch.zeros((t1 - t0, tiles), dtype=dtype, device=device)
+        parts = token_stats.part_buffer(t1 - t0, tiles, dtype, device)
+        pair = torch.empty((t1 - t0, 2, min(chunk_vocab, vocab)), dtype=dtype, device=device)
+        for j, v0 in enumerate(range(0, vocab, chunk_vocab)):
+            v1 = min(v0 + chunk_vocab, vocab)
+            b = None if bias is None else bias[v0:v1].to(dtype)
+            z = _logit_tile(h, weight[v0:v1].to(dtype), b, logit_scale, softcap)
+            m = z.amax(dim=1)
+            _label_parts(z, m, y, v0, v1, j, part_tgt, parts[row["is_top1"]] if "is_top1" in stats else None)
+            if "mean_logits" in stats:
+                parts[row["mean_logits"], :, j] = z.sum(dim=1)
+            m = m.clamp(min=torch.finfo(dtype).min)  # a row of -inf logits: e = 0, no NaN
+            part_max[:, j] = m
+            d, e = pair[:, 0, : v1 - v0], pair[:, 1, : v1 - v0]
+            torch.exp(torch.sub(z, m.unsqueeze(1), out=d), out=e)
+            part_sum[:, j] = e.sum(dim=1)
+            if want_exp:
+                ed, ee = torch.bmm(e.unsqueeze(1), pair[:, :, : v1 - v0].transpose(1, 2)).squeeze(1).unbind(1)
+                parts[row["entropy"], :, j] = _fix_minus_inf(ed, e, d)
+                parts[row["log_sum_sq_probs"], :, j] = ee
+        logp[t0:t1], lse[t0:t1], chunk_values = token_stats.merge_parts(
+            part_max, part_sum, part_tgt, y, ignore_index, parts, stats, vocab)
+        for name, v in chunk_values.items():
+            values[name][t0:t1] = v
+    return logp, lse, values
+
+
+def _label_parts(z, m, y, v0, v1, j, part_tgt, before):
+    """Column ``j`` of the label logit (rows whose label is in the tile) and, when ``before`` is
+    given, of the max logit left of the label: the tile's max for labels right of the tile."""
+    local = y - v0
+    inside = ((local >= 0) & (y < v1)).nonzero().squeeze(1)
+    if before is not None:
+        before[:, j] = torch.where(y >= v1, m, torch.full_like(m, float("-inf")))
+    if not inside.numel():
+        return
+    z_in, local_in = z.index_select(0, inside), local.index_select(0, inside)
+    part_tgt[inside, j] = z_in.gather(1, local_in.unsqueeze(1)).squeeze(1)
+    if before is not None:
+        left = torch.arange(v1 - v0, device=z.device).unsqueeze(0) < local_in.unsqueeze(1)
+        before[inside, j] = z_in.masked_fill(~left, float("-inf")).amax(dim=1)
+
+
+def _fix_minus_inf(ed, e, d):
+    """``sum e d`` per row, where ``e = 0, d = -inf`` (a -inf logit) must add 0, not NaN."""
+    bad = torch.isnan(ed).nonzero().squeeze(1)
+    if bad.numel():
+        e_bad, d_bad = e.index_select(0, bad), d.index_select(0, bad)
+        ed[bad] = torch.where(e_bad > 0, e_bad * d_bad, torch.zeros_like(e_bad)).sum(dim=1)
+    return ed
 
 
 def _cap_derivative(z_capped, softcap):
