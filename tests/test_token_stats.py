@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import check_stats, gen, leaf, make_inputs, new_seed, stats_inputs
+from helpers import check_stats, gen, leaf, make_inputs, new_seed, rel_err, stats_inputs
 from upo_kernels import TOKEN_STATS, TokenLogprobs, chunked, linear_logprobs, reference, token_stats
 from upo_kernels.buffers import poison_outputs
 
@@ -80,22 +80,32 @@ def test_each_stat_alone(monkeypatch, backend, impl, name):
     check_stats(out.stats, ref, z, inp.labels, (name,), f"{backend}/{impl}", seed)
 
 
+TIES = [  # (tied columns, labels, expected is_top1): tiles of 50 (torch, cuBLAS); the fused kernel's
+    # interpreter tiles of 32 and vocabulary splits of 64
+    ((7, 9, 120), [7, 9, 120, 8, 159, -100], [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]),
+    ((49, 50), [49, 50], [1.0, 0.0]),
+    ((31, 32), [31, 32], [1.0, 0.0]),
+    ((63, 64), [63, 64], [1.0, 0.0]),
+]
+
+
 @pytest.mark.parametrize("backend,impl", VARIANTS, ids=VARIANT_IDS)
-def test_top1_ties_go_to_the_first_index(monkeypatch, backend, impl):
+@pytest.mark.parametrize("tie", TIES, ids=["in_and_across_tiles", "tile_edge_50", "tile_edge_32", "split_edge_64"])
+def test_top1_ties_go_to_the_first_index(monkeypatch, backend, impl, tie):
     """Zero hidden rows: the logits are the (capped) bias, with exact ties inside one tile and across
-    tiles / splits; only the first index of a tie is the top-1 token (TRL: argmax's rule)."""
+    tile / split edges; only the first index of a tie is the top-1 token (TRL: argmax's rule)."""
     _select(monkeypatch, impl)
+    tied, labels, expected = tie
     v = 160
     bias = torch.linspace(-2.0, 1.0, v)
-    for k in (7, 9, 120):  # 7 and 9 in one tile, 120 in another (tiles of 50 / splits of the vocabulary)
-        bias[k] = 3.0
-    hidden = torch.zeros(6, 8)
+    bias[list(tied)] = 3.0
+    hidden = torch.zeros(len(labels), 8)
     weight = torch.randn(v, 8, generator=gen(new_seed()))
-    labels = torch.tensor([7, 9, 120, 8, 159, -100])
+    labels = torch.tensor(labels)
     with torch.no_grad(), poison_outputs():
         out = linear_logprobs(hidden, weight, labels, bias=bias, backend=backend, stats=("is_top1", "entropy"),
                               softcap=5.0, chunk_tokens=4, chunk_vocab=50)
-    assert out.stats["is_top1"].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert out.stats["is_top1"].tolist() == expected
     ref = reference.reference_token_stats(hidden, weight, labels, bias, softcap=5.0)
     assert torch.equal(ref["is_top1"].float(), out.stats["is_top1"])
 
@@ -128,10 +138,15 @@ def test_input_dtype_logits(monkeypatch, impl):
     seed = new_seed()
     inp = stats_inputs(48, 32, 257, seed, dtype=torch.float16, ignore_frac=0.2)
     out = run_stats(inp, "triton", chunk_tokens=20, chunk_vocab=100)
-    rounded = (inp.hidden.double() @ inp.weight.double().t()).half().double()
+    exact = inp.hidden.double() @ inp.weight.double().t()
+    rounded = exact.half().double()
     ref = reference.reference_stats_from_logits(rounded, inp.labels)
     # our fp32 accumulation rounds to fp16 where float64 does, up to one fp16 ulp of a few logits
     check_stats(out.stats, ref, rounded, inp.labels, ALL, f"input logits/{impl}", seed, tol=2e-3)
+    unrounded = reference.reference_stats_from_logits(exact, inp.labels)
+    for name in ("entropy", "log_sum_sq_probs"):
+        assert rel_err(out.stats[name], ref[name]) < 0.5 * rel_err(unrounded[name], ref[name]), (
+            f"{name}: not the statistics of the rounded logits (seed={seed})")
 
 
 @pytest.mark.parametrize("backend,impl", VARIANTS, ids=VARIANT_IDS)
