@@ -40,8 +40,11 @@ def _cap_logits(z, logit_scale, softcap):
     return z
 
 
-def _logit_tile(h, w, b, logit_scale, softcap):
-    z = h @ w.t() if b is None else torch.addmm(b, h, w.t())
+def _logit_tile(h, w, b, logit_scale, softcap, out=None):
+    if out is None:
+        z = h @ w.t() if b is None else torch.addmm(b, h, w.t())
+    else:
+        z = torch.mm(h, w.t(), out=out) if b is None else torch.addmm(b, h, w.t(), out=out)
     return _cap_logits(z, logit_scale, softcap)
 
 
@@ -90,74 +93,95 @@ def linear_logprobs_forward(hidden, weight, labels, bias=None, logit_scale=1.0, 
 def _forward_with_stats(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, chunk_tokens, chunk_vocab,
                         stats):
     """The forward with token statistics: each ``[chunk, tile]`` logit tile is reduced to the
-    per-slice partials of ``token_stats`` from one ``exp`` tile, merged exactly per token chunk.
+    per-slice partials of ``token_stats`` (all of them, whichever are asked: the cost is in the
+    passes over the tile, not in the sums), merged exactly per token chunk.
 
-    ``d = z - max`` and ``e = exp(d)`` sit side by side in one ``[chunk, 2, tile]`` buffer, so one
-    batched product gives both ``sum e d`` (entropy) and ``sum e e`` (log sum p^2). The label's
-    logit is read from the tile (not by a row-wise dot as without statistics) so that is_top1
-    compares it with the tile's max bit for bit."""
+    The logits ``z``, ``e = exp(z - max)`` and ones sit in one ``[3, chunk, tile]`` buffer, so
+    one batched ``[e; 1] @ [z, e]`` product gives ``sum e z``, ``sum e^2``, ``sum z`` and
+    ``sum e`` per row in one pass (``u = sum e z - max * sum e``, as TRL's head computes it).
+    Per tile that is five passes (product, max, subtract, exp, batched product) into reused
+    buffers; the label's logit and the max left of it are read from the tile for the few rows
+    whose label falls in it (so is_top1 compares the label's logit with the max bit for bit)."""
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     dtype, device = compute_dtype(hidden.dtype), hidden.device
     logp = buffers.empty((n_tokens,), dtype, device)
     lse = buffers.empty((n_tokens,), dtype, device)
     values = {name: buffers.empty((n_tokens,), dtype, device) for name in stats}
     tiles = -(-vocab // chunk_vocab)
-    row = token_stats.STAT_ROW
-    want_exp = "entropy" in stats or "log_sum_sq_probs" in stats
+    # -inf logits (a -inf bias without soft cap) need guards against 0 * -inf; nothing else makes them
+    minus_inf = bias is not None and softcap is None and bool(torch.isneginf(bias).any())
     for t0 in range(0, n_tokens, chunk_tokens):
         t1 = min(t0 + chunk_tokens, n_tokens)
         h, y = hidden[t0:t1].to(dtype), labels[t0:t1]
-        part_max, part_sum = (buffers.empty((t1 - t0, tiles), dtype, device) for _ in range(2))
-        part_tgt = torch.zeros((t1 - t0, tiles), dtype=dtype, device=device)
-        parts = token_stats.part_buffer(t1 - t0, tiles, dtype, device)
-        pair = torch.empty((t1 - t0, 2, min(chunk_vocab, vocab)), dtype=dtype, device=device)
+        # per tile: the max and [[sum e z, sum e^2], [sum z, sum e]] of each row, tile-major
+        part_max = buffers.empty((tiles, t1 - t0), dtype, device)
+        sums = buffers.empty((tiles, t1 - t0, 2, 2), dtype, device)
+        target, before = torch.zeros((t1 - t0,), dtype=dtype, device=device), torch.empty_like(part_max[0])
+        stack = torch.empty((3, t1 - t0, min(chunk_vocab, vocab)), dtype=dtype, device=device)
+        stack[2].fill_(1.0)
+        label_tile, rows_of_tile = _rows_by_label_tile(y, chunk_vocab, tiles)
         for j, v0 in enumerate(range(0, vocab, chunk_vocab)):
             v1 = min(v0 + chunk_vocab, vocab)
-            b = None if bias is None else bias[v0:v1].to(dtype)
-            z = _logit_tile(h, weight[v0:v1].to(dtype), b, logit_scale, softcap)
-            m = z.amax(dim=1)
-            _label_parts(z, m, y, v0, v1, j, part_tgt, parts[row["is_top1"]] if "is_top1" in stats else None)
-            if "mean_logits" in stats:
-                parts[row["mean_logits"], :, j] = z.sum(dim=1)
-            m = m.clamp(min=torch.finfo(dtype).min)  # a row of -inf logits: e = 0, no NaN
-            part_max[:, j] = m
-            d, e = pair[:, 0, : v1 - v0], pair[:, 1, : v1 - v0]
-            torch.exp(torch.sub(z, m.unsqueeze(1), out=d), out=e)
-            part_sum[:, j] = e.sum(dim=1)
-            if want_exp:
-                ed, ee = torch.bmm(e.unsqueeze(1), pair[:, :, : v1 - v0].transpose(1, 2)).squeeze(1).unbind(1)
-                parts[row["entropy"], :, j] = _fix_minus_inf(ed, e, d)
-                parts[row["log_sum_sq_probs"], :, j] = ee
+            tile = stack[:, :, : v1 - v0]
+            z = _logit_tile(h, weight[v0:v1].to(dtype), None if bias is None else bias[v0:v1].to(dtype),
+                            logit_scale, softcap, out=tile[0])
+            m = torch.amax(z, dim=1, out=part_max[j])
+            if rows_of_tile[j].numel():
+                _label_logits(z, y, v0, rows_of_tile[j], target, before)
+            if minus_inf:
+                m.clamp_(min=torch.finfo(dtype).min)  # a row of -inf logits: e = 0
+            e = torch.sub(z, m.unsqueeze(1), out=tile[1]).exp_()
+            torch.bmm(tile[1:].permute(1, 0, 2), tile[:2].permute(1, 2, 0), out=sums[j])
+            if minus_inf:
+                _fix_minus_inf(sums[j, :, 0, 0], e, z)
+        parts = buffers.empty((len(token_stats.STATS), t1 - t0, tiles), dtype, device)
+        part_sum = sums[:, :, 1, 1].t()
+        parts[_ROW["entropy"]] = sums[:, :, 0, 0].t() - part_max.t() * part_sum
+        parts[_ROW["log_sum_sq_probs"]] = sums[:, :, 0, 1].t()
+        parts[_ROW["mean_logits"]] = sums[:, :, 1, 0].t()
+        # max left of the label: the maxima of the tiles left of the label's tile, and of its own
+        left_tiles = torch.arange(tiles, device=device).unsqueeze(0) < label_tile.unsqueeze(1)
+        parts[_ROW["is_top1"]] = torch.where(left_tiles, part_max.t(), float("-inf"))
+        inside = label_tile >= 0
+        parts[_ROW["is_top1"]][inside, label_tile[inside]] = before[inside]
+        part_tgt = torch.zeros((t1 - t0, tiles), dtype=dtype, device=device)
+        part_tgt[:, 0] = target  # one slice holds the label's logit: the merge only sums them
         logp[t0:t1], lse[t0:t1], chunk_values = token_stats.merge_parts(
-            part_max, part_sum, part_tgt, y, ignore_index, parts, stats, vocab)
+            part_max.t(), part_sum, part_tgt, y, ignore_index, parts, stats, vocab)
         for name, v in chunk_values.items():
             values[name][t0:t1] = v
     return logp, lse, values
 
 
-def _label_parts(z, m, y, v0, v1, j, part_tgt, before):
-    """Column ``j`` of the label logit (rows whose label is in the tile) and, when ``before`` is
-    given, of the max logit left of the label: the tile's max for labels right of the tile."""
-    local = y - v0
-    inside = ((local >= 0) & (y < v1)).nonzero().squeeze(1)
-    if before is not None:
-        before[:, j] = torch.where(y >= v1, m, torch.full_like(m, float("-inf")))
-    if not inside.numel():
-        return
-    z_in, local_in = z.index_select(0, inside), local.index_select(0, inside)
-    part_tgt[inside, j] = z_in.gather(1, local_in.unsqueeze(1)).squeeze(1)
-    if before is not None:
-        left = torch.arange(v1 - v0, device=z.device).unsqueeze(0) < local_in.unsqueeze(1)
-        before[inside, j] = z_in.masked_fill(~left, float("-inf")).amax(dim=1)
+_ROW = token_stats.STAT_ROW
 
 
-def _fix_minus_inf(ed, e, d):
-    """``sum e d`` per row, where ``e = 0, d = -inf`` (a -inf logit) must add 0, not NaN."""
-    bad = torch.isnan(ed).nonzero().squeeze(1)
+def _rows_by_label_tile(y, chunk_vocab, tiles):
+    """Each row's label tile (-1 for labels outside ``[0, V)``, i.e. ignored) and, per tile, the
+    rows whose label falls in it (one host sync per token chunk)."""
+    label_tile = torch.where((y >= 0) & (y < tiles * chunk_vocab), torch.div(y, chunk_vocab, rounding_mode="floor"),
+                             -1)
+    order = torch.argsort(label_tile, stable=True)
+    counts = torch.bincount(label_tile + 1, minlength=tiles + 1).tolist()
+    bounds = [sum(counts[: k + 1]) for k in range(tiles + 1)]
+    return label_tile, [order[bounds[j]:bounds[j + 1]] for j in range(tiles)]
+
+
+def _label_logits(z, y, v0, rows, target, before):
+    """For ``rows`` (labels in this tile): the label's logit into ``target`` and the max logit left
+    of it in the tile (-inf when none) into ``before``."""
+    z_in, local = z.index_select(0, rows), y.index_select(0, rows) - v0
+    target[rows] = z_in.gather(1, local.unsqueeze(1)).squeeze(1)
+    left = torch.arange(z.shape[1], device=z.device).unsqueeze(0) < local.unsqueeze(1)
+    before[rows] = z_in.masked_fill(~left, float("-inf")).amax(dim=1)
+
+
+def _fix_minus_inf(ez, e, z):
+    """``sum e z`` per row (in place), where ``e = 0, z = -inf`` (a -inf logit) must add 0, not NaN."""
+    bad = torch.isnan(ez).nonzero().squeeze(1)
     if bad.numel():
-        e_bad, d_bad = e.index_select(0, bad), d.index_select(0, bad)
-        ed[bad] = torch.where(e_bad > 0, e_bad * d_bad, torch.zeros_like(e_bad)).sum(dim=1)
-    return ed
+        e_bad, z_bad = e.index_select(0, bad), z.index_select(0, bad)
+        ez[bad] = torch.where(e_bad > 0, e_bad * z_bad, torch.zeros_like(e_bad)).sum(dim=1)
 
 
 def _cap_derivative(z_capped, softcap):
