@@ -158,6 +158,12 @@ def stats_inputs(n, d, v, seed, *, top1_frac=0.4, logit_kw=None, **kw):
     return inp
 
 
+def has_both_top1_kinds(ref_top1, labels, ignore_index=-100):
+    """Whether the labelled tokens include top-1 labels and others (a precondition of the tests)."""
+    kept = int((labels != ignore_index).sum())
+    return 0 < float(ref_top1.sum()) < kept
+
+
 def check_stats(got, ref_stats, logits, labels, stats, what, seed, tol=1e-5, ignore_index=-100):
     """Each statistic: |got - ref| <= tol * (1 + max|logit|) (the fp32 rounding of terms of that size);
     is_top1 exact except where the label's logit is within that of the best other one."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import check_stats, gen, leaf, make_inputs, new_seed, rel_err, stats_inputs
+from helpers import check_stats, gen, has_both_top1_kinds, leaf, make_inputs, new_seed, rel_err, stats_inputs
 from upo_kernels import TOKEN_STATS, TokenLogprobs, chunked, linear_logprobs, reference, token_stats
 from upo_kernels.buffers import poison_outputs
 
@@ -63,7 +63,8 @@ def test_all_stats_vs_reference(monkeypatch, backend, impl, case):
     z = reference.reference_logits(inp.hidden, inp.weight, inp.bias, **kern)
     ref = reference.reference_token_stats(inp.hidden, inp.weight, inp.labels, inp.bias, **kern)
     check_stats(out.stats, ref, z, inp.labels, ALL, f"{backend}/{impl}", seed)
-    assert 0 < ref["is_top1"].sum() < (inp.labels != -100).sum(), "the case must have top-1 and other labels"
+    if inp.labels.numel() >= 20:  # the tiny case may draw only one kind
+        assert has_both_top1_kinds(ref["is_top1"], inp.labels), "the case must have top-1 and other labels"
 
 
 @pytest.mark.parametrize("backend,impl", VARIANTS, ids=VARIANT_IDS)
@@ -247,3 +248,17 @@ def test_raw_forward_with_ignored_rows(monkeypatch, backend, impl):
     z = reference.reference_logits(inp.hidden, inp.weight, inp.bias, 0.7, 5.0)
     ref = reference.reference_token_stats(inp.hidden, inp.weight, inp.labels, inp.bias, 0.7, 5.0)
     check_stats(values, ref, z, inp.labels, ALL, f"raw {backend}/{impl}", seed)
+
+
+def test_cost_benchmark_smoke(capsys):
+    """``benchmarks/token_stats_cost.py`` runs (tiny shape): every variant timed, ratios reported."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/: the checkout's
+    from benchmarks import token_stats_cost
+
+    doc = token_stats_cost.main(["--smoke"])
+    assert set(doc["wall"]) == {"kernel", "kernel_all_stats", "fused_loss", "fused_loss_stats"}
+    assert set(doc["cpu_ratios"]) == {"kernel_all_stats/kernel", "fused_loss_stats/fused_loss"}
+    assert "per-round ratio" in capsys.readouterr().out

@@ -11,6 +11,8 @@ soft cap and the scale); the one-hot part is applied once per token as a sparse 
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from upo_kernels import buffers, token_stats
@@ -100,8 +102,10 @@ def _forward_with_stats(hidden, weight, labels, bias, logit_scale, softcap, igno
     one batched ``[e; 1] @ [z, e]`` product gives ``sum e z``, ``sum e^2``, ``sum z`` and
     ``sum e`` per row in one pass (``u = sum e z - max * sum e``, as TRL's head computes it).
     Per tile that is five passes (product, max, subtract, exp, batched product) into reused
-    buffers; the label's logit and the max left of it are read from the tile for the few rows
-    whose label falls in it (so is_top1 compares the label's logit with the max bit for bit)."""
+    buffers, and a copy of the logits of the rows whose label falls in the tile: their label
+    logit and the max left of it are read from those copies once per chunk (so is_top1 compares
+    the label's logit with the max bit for bit). Few calls per tile: at 2048 x 384 tiles on a
+    CPU, each torch call's overhead is a measurable share of the work."""
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     dtype, device = compute_dtype(hidden.dtype), hidden.device
     logp = buffers.empty((n_tokens,), dtype, device)
@@ -116,22 +120,25 @@ def _forward_with_stats(hidden, weight, labels, bias, logit_scale, softcap, igno
         # per tile: the max and [[sum e z, sum e^2], [sum z, sum e]] of each row, tile-major
         part_max = buffers.empty((tiles, t1 - t0), dtype, device)
         sums = buffers.empty((tiles, t1 - t0, 2, 2), dtype, device)
-        target, before = torch.zeros((t1 - t0,), dtype=dtype, device=device), torch.empty_like(part_max[0])
         stack = torch.empty((3, t1 - t0, min(chunk_vocab, vocab)), dtype=dtype, device=device)
         stack[2].fill_(1.0)
-        label_tile, rows_of_tile = _rows_by_label_tile(y, chunk_vocab, tiles)
+        label_tile, order, bounds = _rows_by_label_tile(y, chunk_vocab, tiles)
+        label_rows = []  # per tile, the logits of the rows whose label is in it
+        views = _tile_views(stack, stack.shape[2])
         for j, v0 in enumerate(range(0, vocab, chunk_vocab)):
             v1 = min(v0 + chunk_vocab, vocab)
-            tile = stack[:, :, : v1 - v0]
-            z = _logit_tile(h, weight[v0:v1].to(dtype), None if bias is None else bias[v0:v1].to(dtype),
-                            logit_scale, softcap, out=tile[0])
+            if v1 - v0 != stack.shape[2]:
+                views = _tile_views(stack, v1 - v0)
+            z, e, lhs, rhs = views
+            w = weight[v0:v1] if weight.dtype == dtype else weight[v0:v1].to(dtype)
+            _logit_tile(h, w, None if bias is None else bias[v0:v1].to(dtype), logit_scale, softcap, out=z)
             m = torch.amax(z, dim=1, out=part_max[j])
-            if rows_of_tile[j].numel():
-                _label_logits(z, y, v0, rows_of_tile[j], target, before)
+            if bounds[j + 1] > bounds[j]:
+                label_rows.append(z.index_select(0, order[bounds[j]:bounds[j + 1]]))
             if minus_inf:
                 m.clamp_(min=torch.finfo(dtype).min)  # a row of -inf logits: e = 0
-            e = torch.sub(z, m.unsqueeze(1), out=tile[1]).exp_()
-            torch.bmm(tile[1:].permute(1, 0, 2), tile[:2].permute(1, 2, 0), out=sums[j])
+            torch.sub(z, m.unsqueeze(1), out=e).exp_()
+            torch.bmm(lhs, rhs, out=sums[j])
             if minus_inf:
                 _fix_minus_inf(sums[j, :, 0, 0], e, z)
         parts = buffers.empty((len(token_stats.STATS), t1 - t0, tiles), dtype, device)
@@ -139,11 +146,8 @@ def _forward_with_stats(hidden, weight, labels, bias, logit_scale, softcap, igno
         parts[_ROW["entropy"]] = sums[:, :, 0, 0].t() - part_max.t() * part_sum
         parts[_ROW["log_sum_sq_probs"]] = sums[:, :, 0, 1].t()
         parts[_ROW["mean_logits"]] = sums[:, :, 1, 0].t()
-        # max left of the label: the maxima of the tiles left of the label's tile, and of its own
-        left_tiles = torch.arange(tiles, device=device).unsqueeze(0) < label_tile.unsqueeze(1)
-        parts[_ROW["is_top1"]] = torch.where(left_tiles, part_max.t(), float("-inf"))
-        inside = label_tile >= 0
-        parts[_ROW["is_top1"]][inside, label_tile[inside]] = before[inside]
+        target = _label_parts(label_rows, y, label_tile, order[bounds[0]:bounds[-1]], chunk_vocab, part_max,
+                              parts[_ROW["is_top1"]])
         part_tgt = torch.zeros((t1 - t0, tiles), dtype=dtype, device=device)
         part_tgt[:, 0] = target  # one slice holds the label's logit: the merge only sums them
         logp[t0:t1], lse[t0:t1], chunk_values = token_stats.merge_parts(
@@ -156,24 +160,40 @@ def _forward_with_stats(hidden, weight, labels, bias, logit_scale, softcap, igno
 _ROW = token_stats.STAT_ROW
 
 
+def _tile_views(stack, cols):
+    """(z, e, [e; 1] as [rows, 2, cols], [z, e] as [rows, cols, 2]) over the first ``cols`` columns."""
+    tile = stack[:, :, :cols]
+    return tile[0], tile[1], tile[1:].permute(1, 0, 2), tile[:2].permute(1, 2, 0)
+
+
 def _rows_by_label_tile(y, chunk_vocab, tiles):
-    """Each row's label tile (-1 for labels outside ``[0, V)``, i.e. ignored) and, per tile, the
-    rows whose label falls in it (one host sync per token chunk)."""
-    label_tile = torch.where((y >= 0) & (y < tiles * chunk_vocab), torch.div(y, chunk_vocab, rounding_mode="floor"),
-                             -1)
+    """Each row's label tile (-1 for labels outside ``[0, V)``, i.e. ignored), the rows sorted by
+    it and, per tile ``j``, its rows' span ``order[bounds[j]:bounds[j + 1]]`` (one host sync)."""
+    inside = (y >= 0) & (y < tiles * chunk_vocab)
+    label_tile = torch.where(inside, torch.div(y, chunk_vocab, rounding_mode="floor"), -1)
     order = torch.argsort(label_tile, stable=True)
     counts = torch.bincount(label_tile + 1, minlength=tiles + 1).tolist()
-    bounds = [sum(counts[: k + 1]) for k in range(tiles + 1)]
-    return label_tile, [order[bounds[j]:bounds[j + 1]] for j in range(tiles)]
+    bounds = list(itertools.accumulate(counts))  # bounds[0]: the rows without a tile
+    return label_tile, order, bounds
 
 
-def _label_logits(z, y, v0, rows, target, before):
-    """For ``rows`` (labels in this tile): the label's logit into ``target`` and the max logit left
-    of it in the tile (-inf when none) into ``before``."""
-    z_in, local = z.index_select(0, rows), y.index_select(0, rows) - v0
-    target[rows] = z_in.gather(1, local.unsqueeze(1)).squeeze(1)
-    left = torch.arange(z.shape[1], device=z.device).unsqueeze(0) < local.unsqueeze(1)
-    before[rows] = z_in.masked_fill(~left, float("-inf")).amax(dim=1)
+def _label_parts(label_rows, y, label_tile, rows, chunk_vocab, part_max, before):
+    """From the kept logits of each row whose label has a tile (``rows``, in tile order): its label
+    logit (returned, 0 for the others) and the max logit left of the label into ``before``
+    [rows, tiles] (the maxima of the tiles left of the label's tile, and of its own part)."""
+    tiles = part_max.shape[0]
+    left_tiles = torch.arange(tiles, device=y.device).unsqueeze(0) < label_tile.unsqueeze(1)
+    before.copy_(torch.where(left_tiles, part_max.t(), float("-inf")))
+    target = torch.zeros_like(part_max[0])
+    if not rows.numel():
+        return target
+    width = max(z.shape[1] for z in label_rows)
+    z = torch.cat([torch.nn.functional.pad(z, (0, width - z.shape[1]), value=float("-inf")) for z in label_rows])
+    local = (y.index_select(0, rows) - label_tile.index_select(0, rows) * chunk_vocab).unsqueeze(1)
+    target[rows] = z.gather(1, local).squeeze(1)
+    left = torch.arange(width, device=z.device).unsqueeze(0) < local
+    before[rows, label_tile.index_select(0, rows)] = z.masked_fill(~left, float("-inf")).amax(dim=1)
+    return target
 
 
 def _fix_minus_inf(ez, e, z):
