@@ -11,7 +11,8 @@ pass over the logit tiles as the log-probs, on request. With ``x`` a token's ``V
 
 Every backend reduces each vocabulary slice (a fused-kernel split, a cuBLAS tile, a chunked
 tile) to numbers relative to the slice's own max ``m``: ``s = sum e``, ``u = sum e (x - m)``
-(<= 0) and ``q = sum e^2`` with ``e = exp(x - m)``, the slice's ``sum x``, the max of the logits
+(<= 0; the chunked backend forms it as ``sum e x - m s``, as TRL does) and ``q = sum e^2`` with
+``e = exp(x - m)``, the slice's ``sum x``, the max of the logits
 left of the label (``before``) and the label's logit when it falls in the slice. ``merge_parts``
 re-expresses them at the global max ``M`` (``alpha = exp(m - M)``: ``s`` and ``u + (m - M) s`` scale
 by ``alpha``, ``q`` by ``alpha^2``), so ``entropy = log S - U / S`` is a sum of two non-negative
