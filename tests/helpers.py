@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from upo_kernels import reference
+from upo_kernels import TOKEN_STATS, reference
 from upo_kernels.buffers import poison_outputs
 
 # Numerical contract (docs/kernels.md), fp32 inputs vs the float64 oracle.
@@ -144,6 +144,49 @@ def run_token_fn(fn, inp: Inputs, upstream, **kwargs):
         out = fn(h, w, inp.labels, bias=b, **kwargs)
         gh, gw, gb = grads_of(out, upstream.to(out.dtype), [h, w, b])
     return out.detach(), gh, gw, gb
+
+
+# ----------------------------------------------------------------------------- token statistics
+def stats_inputs(n, d, v, seed, *, top1_frac=0.4, logit_kw=None, **kw):
+    """Random inputs where a share of the labels is the (float64) argmax, so is_top1 takes both values."""
+    inp = make_inputs(n, d, v, seed=seed, **kw)
+    z = reference.reference_logits(inp.hidden, inp.weight, inp.bias, **(logit_kw or {}))
+    g = gen(seed + 3)
+    pick = (torch.rand(inp.labels.shape, generator=g) < top1_frac).to(inp.labels.device)
+    pick &= inp.labels != kw.get("ignore_index", -100)
+    inp.labels[pick] = z.argmax(-1)[pick]
+    return inp
+
+
+def has_both_top1_kinds(ref_top1, labels, ignore_index=-100):
+    """Whether the labelled tokens include top-1 labels and others (a precondition of the tests)."""
+    kept = int((labels != ignore_index).sum())
+    return 0 < float(ref_top1.sum()) < kept
+
+
+def check_stats(got, ref_stats, logits, labels, stats, what, seed, tol=1e-5, ignore_index=-100):
+    """Each statistic: |got - ref| <= tol * (1 + max|logit|) (the fp32 rounding of terms of that size);
+    is_top1 exact except where the label's logit is within that of the best other one."""
+    assert isinstance(got, dict) and tuple(got) == tuple(s for s in TOKEN_STATS if s in stats), f"{what}: {tuple(got)}"
+    scale = 1.0 + logits[torch.isfinite(logits)].abs().max().item()
+    ignored = labels == ignore_index
+    z = logits.double()
+    safe = torch.where(ignored, 0, labels)
+    label_logit = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    others = z.scatter(-1, safe.unsqueeze(-1), float("-inf")).amax(-1)
+    clear = (label_logit - others).abs() > tol * scale
+    for name, value in got.items():
+        assert value.dtype == torch.float32 and value.shape == labels.shape, f"{what} {name}: {value.dtype}"
+        assert not value.requires_grad, f"{what} {name}: statistics carry no gradient"
+        assert (value[ignored] == 0).all(), f"{what} {name}: ignored rows must be 0 (seed={seed})"
+        ref = ref_stats[name]
+        if name == "is_top1":
+            bad = (value.double() != ref) & clear
+            assert not bad.any(), f"{what} is_top1: {int(bad.sum())} wrong rows (seed={seed})"
+            continue
+        assert torch.isfinite(value).all(), f"{what} {name}: non-finite (unwritten?) values (seed={seed})"
+        err = (value.double() - ref).abs().max().item()
+        assert err <= tol * scale, f"{what} {name}: max abs err {err:.2e} > {tol * scale:.2e} (seed={seed})"
 
 
 # ----------------------------------------------------------------------------- low precision

@@ -7,7 +7,8 @@ norm), naive = ``(h @ W.T)`` in bf16, ``.float().log_softmax(-1)``, gather, grad
 Both Triton forwards (``UPO_FWD_IMPL=fused|cublas``) run the fp32 and bf16 checks; the bf16
 backward also runs with several token groups and with bf16-rounded logits (``UPO_LOGITS=input``),
 and with bias, logit scale and softcap in both logit modes, so every kernel variant compiles here
-(benchmarks/gpu_core.sh runs this file first on a GPU).
+(benchmarks/gpu_core.sh runs this file first on a GPU). Token statistics: both backends and both
+forwards, fp32 and bf16, against float64.
 Memory: peak extra memory of the fused forward+backward is < 5% of the naive path's at
 N=8192, D=2048, V=128256 and <= 1% at the headline N=16384, D=4096, V=128256 (bf16).
 Budget: about a minute on one H100.
@@ -21,9 +22,10 @@ import torch
 
 import upo
 from conftest import requires_cuda
-from helpers import (TOL_GRAD, TOL_OUT, assert_close_rel, check_no_worse_than_naive, gen, leaf, make_inputs,
-                     make_pref_batch, new_seed, reference_floors, reference_token_outputs, run_token_fn)
-from upo_kernels import linear_logprobs, logprobs_from_logits, reference
+from helpers import (TOL_GRAD, TOL_OUT, assert_close_rel, check_no_worse_than_naive, check_stats, gen, leaf,
+                     make_inputs, make_pref_batch, new_seed, reference_floors, reference_token_outputs, run_token_fn,
+                     stats_inputs)
+from upo_kernels import TOKEN_STATS, linear_logprobs, logprobs_from_logits, reference
 from upo_kernels.buffers import poison_outputs
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
@@ -176,6 +178,47 @@ def test_device_mismatch_cuda():
     b = make_pref_batch(2, 8, 16, 33, device="cuda")
     with pytest.raises(ValueError, match="labels|hidden"):
         upo.fused_loss(b.hidden, b.weight, b.labels.cpu(), loss_type="simpo")
+
+
+# ----------------------------------------------------------------------------- token statistics
+STATS_CASES = [
+    ("odd_bias", dict(n=1031, d=264, v=4099, bias=True, ignore_frac=0.25), {}),
+    ("scale_cap", dict(n=517, d=192, v=2053, ignore_frac=0.2), dict(logit_scale=0.6, softcap=5.0)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", STATS_CASES, ids=[c[0] for c in STATS_CASES])
+def test_token_stats_cuda(backend, case, dtype, fwd_impl):
+    """Every token statistic (the compiled constexpr branches of both Triton forwards) against
+    float64 on the same (fp32 or bf16) inputs: the logit tiles are fp32 either way."""
+    if backend == "torch" and fwd_impl == "cublas":
+        pytest.skip("UPO_FWD_IMPL selects the triton backend's forward only")
+    _, mk, kern = case
+    mk = dict(mk)
+    seed = new_seed()
+    inp = stats_inputs(mk.pop("n"), mk.pop("d"), mk.pop("v"), seed, logit_kw=kern, dtype=dtype, device="cuda", **mk)
+    with torch.no_grad(), poison_outputs():
+        out = linear_logprobs(inp.hidden, inp.weight, inp.labels, bias=inp.bias, backend=backend,
+                              stats=TOKEN_STATS, **kern)
+    z = reference.reference_logits(inp.hidden, inp.weight, inp.bias, **kern)
+    ref = reference.reference_token_stats(inp.hidden, inp.weight, inp.labels, inp.bias, **kern)
+    check_stats(out.stats, ref, z, inp.labels, TOKEN_STATS, f"{backend}/{fwd_impl}/{dtype}", seed,
+                tol=1e-5 if dtype == torch.float32 else 1e-4)
+
+
+def test_token_stats_input_logits_cuda(fwd_impl, monkeypatch):
+    """UPO_LOGITS=input (bf16 logit tiles) with every statistic: compiles and stays close to the
+    statistics of the bf16-rounded logits (one bf16 ulp of a logit apart at most)."""
+    monkeypatch.setenv("UPO_LOGITS", "input")
+    seed = new_seed()
+    inp = stats_inputs(1031, 264, 4099, seed, dtype=torch.bfloat16, device="cuda", ignore_frac=0.2)
+    with torch.no_grad(), poison_outputs():
+        out = linear_logprobs(inp.hidden, inp.weight, inp.labels, backend="triton", stats=TOKEN_STATS)
+    rounded = (inp.hidden.double() @ inp.weight.double().t()).bfloat16().double()
+    ref = reference.reference_stats_from_logits(rounded, inp.labels)
+    check_stats(out.stats, ref, rounded, inp.labels, TOKEN_STATS, f"input logits/{fwd_impl}", seed, tol=1e-2)
 
 
 # ----------------------------------------------------------------------------- bf16 vs naive bf16

@@ -4,14 +4,20 @@ The logits never exist: the flattened hidden states and labels go to
 ``upo_kernels.linear_logprobs``, which runs only the response tokens (labels != ignore_index)
 through the kernels; their per-token log-probs are summed per sequence
 with ``index_add`` (O(tokens)). Reference log-probs come precomputed or from reference hidden
-states through the same kernel without grad.
+states through the same kernel without grad. What a loss needs per token (LD-DPO's shared
+prefix, WPO's weights) and TRL's token metrics are built from the same per-token values
+(``sequence_features.py``).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
+from upo import sequence_features as features
 from upo.losses import loss
 from upo_kernels import linear_logprobs
+from upo_kernels.token_stats import check_stats
 
 
 def _check_cu_seqlens(cu_seqlens, n_tokens):
@@ -63,41 +69,71 @@ def _describe_row(row, rows):
     return f"row {row} ({side} response of pair {row % half})" if half else f"row {row}"
 
 
-def sequence_logprobs(hidden, weight, labels, *, cu_seqlens=None, bias=None, logit_scale=1.0,
-                      softcap=None, ignore_index=-100, backend="auto", allow_empty=False):
-    """Summed response log-probs per sequence, straight from hidden states.
+class _Tokens(NamedTuple):
+    """Per-token values of a flattened batch (``sequence_features.py`` for the conventions)."""
 
-    hidden [R, T, D] with labels [R, T], or packed hidden [N, D] with labels [N] and
-    ``cu_seqlens`` [R+1]. Returns (sums [R] fp32, counts [R] int64). A sequence without
-    response tokens is an error naming its row unless ``allow_empty``.
-    """
+    logp: torch.Tensor     # [N], 0 where ignored, differentiable
+    stats: dict            # {name: [N]} token statistics, no gradient
+    keep: torch.Tensor     # [N] labels != ignore_index
+    seq_ids: torch.Tensor  # [N]
+    counts: torch.Tensor   # [R] labelled tokens per sequence
+    rows: int
+
+
+def _token_logprobs(hidden, weight, labels, cu_seqlens, bias, logit_scale, softcap, ignore_index, backend,
+                    allow_empty=False, stats=()):
     flat_h, flat_y, seq_ids, rows = _flatten(hidden, labels, cu_seqlens, weight)
     if flat_y.dtype.is_floating_point or flat_y.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {flat_y.dtype}")
+    keep = flat_y != ignore_index
     # response tokens per sequence; linear_logprobs finds the rows to run itself
-    counts = torch.zeros(rows, dtype=torch.int64, device=flat_y.device).index_add_(
-        0, seq_ids, (flat_y != ignore_index).to(torch.int64))
+    counts = torch.zeros(rows, dtype=torch.int64, device=flat_y.device).index_add_(0, seq_ids, keep.to(torch.int64))
     if not allow_empty and rows and bool((counts == 0).any()):
         row = int((counts == 0).nonzero()[0])
         raise ValueError(f"labels: {_describe_row(row, rows)} has no response tokens "
                          f"(every label is ignore_index={ignore_index})")
     # all rows go in: the kernels skip the ignored ones (no gathered copy outlives the forward)
-    logp = linear_logprobs(flat_h, weight, flat_y, bias=bias, logit_scale=logit_scale, softcap=softcap,
-                           ignore_index=ignore_index, backend=backend)
-    # float64 accumulation: summing thousands of fp32 log-probs one by one loses ~1e-2 absolute
-    sums = torch.zeros(rows, dtype=torch.float64, device=logp.device).index_add(0, seq_ids, logp.double())
-    sums = sums.to(logp.dtype)
+    out = linear_logprobs(flat_h, weight, flat_y, bias=bias, logit_scale=logit_scale, softcap=softcap,
+                          ignore_index=ignore_index, backend=backend, stats=stats)
+    logp, values = (out.logp, out.stats) if stats else (out, {})
+    return _Tokens(logp, values, keep, seq_ids, counts, rows)
+
+
+def _checked_sums(tokens, hidden, weight, bias):
+    sums = features.per_sequence_sum(tokens.logp, tokens.seq_ids, tokens.rows)
     if not bool(torch.isfinite(sums).all()):
         culprits = [name for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias))
                     if t is not None and not bool(torch.isfinite(t).all())]
         raise ValueError(f"non-finite log-probs: {', '.join(culprits) or 'hidden/weight'} "
                          "contain NaN or inf")
-    return sums, counts
+    return sums
+
+
+def sequence_logprobs(hidden, weight, labels, *, cu_seqlens=None, bias=None, logit_scale=1.0,
+                      softcap=None, ignore_index=-100, backend="auto", allow_empty=False, stats=()):
+    """Summed response log-probs per sequence, straight from hidden states.
+
+    hidden [R, T, D] with labels [R, T], or packed hidden [N, D] with labels [N] and
+    ``cu_seqlens`` [R+1]. Returns (sums [R] fp32, counts [R] int64). A sequence without
+    response tokens is an error naming its row unless ``allow_empty``. ``stats``: token
+    statistics (``upo_kernels.TOKEN_STATS``) from the same pass; with any, a third element
+    ``{name: [R]}`` holds their sums over each sequence's response tokens (divide by ``counts``
+    for means), without gradient.
+    """
+    stats = check_stats(stats)
+    tokens = _token_logprobs(hidden, weight, labels, cu_seqlens, bias, logit_scale, softcap, ignore_index, backend,
+                             allow_empty, stats)
+    sums = _checked_sums(tokens, hidden, weight, bias)
+    if not stats:
+        return sums, tokens.counts
+    stat_sums = {name: features.per_sequence_sum(v, tokens.seq_ids, tokens.rows) for name, v in tokens.stats.items()}
+    return sums, tokens.counts, stat_sums
 
 
 def fused_loss(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_chosen_logps=None,
                ref_rejected_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None,
-               logit_scale=1.0, softcap=None, ignore_index=-100, backend="auto", **loss_kwargs):
+               ref_chosen_shared_logps=None, ref_rejected_shared_logps=None, logit_scale=1.0, softcap=None,
+               ignore_index=-100, backend="auto", token_stats=False, **loss_kwargs):
     """Preference loss straight from final hidden states and the LM-head weight.
 
     Args:
@@ -111,23 +147,48 @@ def fused_loss(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_chosen
         ref_hidden (same layout as hidden), ref_weight and ref_bias (default: the policy's
             ``weight`` and ``bias``): the
             reference model's states, used without grad.
+        ref_chosen_shared_logps, ref_rejected_shared_logps: with precomputed reference sums and
+            ``ld_alpha``, the reference's sums over the shared prefix ``[B]`` (below); computed
+            from ``ref_hidden`` otherwise.
         logit_scale, softcap: logits are ``softcap * tanh(logit_scale * (h W^T + b) / softcap)``.
         backend: ``"triton"`` | ``"torch"`` | ``"auto"`` (triton on CUDA, torch elsewhere).
+        token_stats: also compute TRL's token statistics in the same pass and add its logged
+            metrics to ``metrics``: ``entropy``, ``mean_token_accuracy``, ``logits/chosen``,
+            ``logits/rejected`` (``sequence_features.token_metrics``).
         **loss_kwargs: everything ``upo.loss`` takes (loss_type, loss_weights, beta,
             label_smoothing, aux rewards, values, per-loss options). Lengths come from labels.
+            With ``use_weighting=True`` (WPO) ``upo.loss`` also gets ``chosen_wpo_weights`` /
+            ``rejected_wpo_weights`` (detached ``[B]``); with ``ld_alpha`` (LD-DPO)
+            ``chosen_shared_logps`` / ``rejected_shared_logps`` (with grad) and the reference's
+            ``ref_chosen_shared_logps`` / ``ref_rejected_shared_logps``: sums over each pair's
+            first ``min(n_c, n_r)`` response tokens.
 
     Returns the ``upo.loss`` output (``loss``, ``losses``, ``terms``, ``metrics``).
     """
     for name in ("chosen_lengths", "rejected_lengths"):
         if name in loss_kwargs:
             raise ValueError(f"{name} is computed from labels by fused_loss; do not pass it")
+    use_wpo = bool(loss_kwargs.get("use_weighting"))
+    use_ld = loss_kwargs.get("ld_alpha") is not None
+    ref_shared = _check_ref_shared(use_ld, ref_hidden, ref_chosen_logps, ref_chosen_shared_logps,
+                                   ref_rejected_shared_logps)
+    stats = (("entropy", "mean_logits", "is_top1") if token_stats else ()) + (("log_sum_sq_probs",) if use_wpo else ())
     kernel_args = dict(cu_seqlens=cu_seqlens, logit_scale=logit_scale, softcap=softcap,
                        ignore_index=ignore_index, backend=backend)
-    sums, counts = sequence_logprobs(hidden, weight, labels, bias=bias, **kernel_args)
-    rows = sums.shape[0]
+    tokens = _token_logprobs(hidden, weight, labels, bias=bias, stats=check_stats(stats), **kernel_args)
+    sums, counts, rows = _checked_sums(tokens, hidden, weight, bias), tokens.counts, tokens.rows
     if rows % 2:
         raise ValueError(f"hidden must hold 2B rows (B chosen then B rejected), got {rows} sequences")
     half = rows // 2
+    extra = {}
+    shared = features.shared_prefix(tokens.keep, tokens.seq_ids, counts) if use_ld else None
+    if use_ld:
+        policy_shared = features.shared_sums(tokens.logp, shared, tokens.seq_ids, rows)
+        extra.update(chosen_shared_logps=policy_shared[:half], rejected_shared_logps=policy_shared[half:])
+    if use_wpo:
+        weights = features.wpo_weights(tokens.logp, tokens.stats["log_sum_sq_probs"], tokens.keep, tokens.seq_ids,
+                                       counts)
+        extra.update(chosen_wpo_weights=weights[:half], rejected_wpo_weights=weights[half:])
     if ref_hidden is not None:
         if ref_chosen_logps is not None or ref_rejected_logps is not None:
             raise ValueError("pass either ref_hidden or ref_chosen_logps/ref_rejected_logps, not both")
@@ -137,11 +198,36 @@ def fused_loss(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_chosen
         if ref_weight is None:  # same LM head: the policy's weight and bias
             ref_weight, ref_bias = weight, bias if ref_bias is None else ref_bias
         with torch.no_grad():
-            ref_sums, _ = sequence_logprobs(ref_hidden.detach(), ref_weight.detach(), labels,
-                                            bias=None if ref_bias is None else ref_bias.detach(),
-                                            **kernel_args)
+            ref_tokens = _token_logprobs(ref_hidden.detach(), ref_weight.detach(), labels,
+                                         bias=None if ref_bias is None else ref_bias.detach(), **kernel_args)
+            ref_sums = _checked_sums(ref_tokens, ref_hidden, ref_weight, ref_bias)
+            if use_ld:
+                ref_shared = features.shared_sums(ref_tokens.logp, shared, ref_tokens.seq_ids, rows)
+                ref_shared = (ref_shared[:half], ref_shared[half:])
         ref_chosen_logps, ref_rejected_logps = ref_sums[:half], ref_sums[half:]
     elif ref_weight is not None or ref_bias is not None:
         raise ValueError("ref_weight/ref_bias need ref_hidden")
-    return loss(sums[:half], sums[half:], ref_chosen_logps, ref_rejected_logps,
-                chosen_lengths=counts[:half], rejected_lengths=counts[half:], **loss_kwargs)
+    if use_ld and ref_shared is not None:
+        extra.update(ref_chosen_shared_logps=ref_shared[0], ref_rejected_shared_logps=ref_shared[1])
+    out = loss(sums[:half], sums[half:], ref_chosen_logps, ref_rejected_logps,
+               chosen_lengths=counts[:half], rejected_lengths=counts[half:], **extra, **loss_kwargs)
+    if token_stats:
+        out.metrics.update(features.token_metrics(tokens.stats, tokens.seq_ids, counts))
+    return out
+
+
+def _check_ref_shared(use_ld, ref_hidden, ref_chosen_logps, chosen_shared, rejected_shared):
+    """The precomputed reference shared-prefix sums LD-DPO needs: ``(chosen, rejected)`` or None."""
+    given = [x is not None for x in (chosen_shared, rejected_shared)]
+    if any(given) and not use_ld:
+        raise ValueError("ref_chosen_shared_logps/ref_rejected_shared_logps are for ld_alpha (LD-DPO) only")
+    if any(given) and ref_hidden is not None:
+        raise ValueError("pass either ref_hidden or ref_chosen_shared_logps/ref_rejected_shared_logps, not both")
+    if any(given) and not all(given):
+        missing = "ref_chosen_shared_logps" if chosen_shared is None else "ref_rejected_shared_logps"
+        raise ValueError(f"{missing} is missing: give the reference's shared sums for both chosen and rejected")
+    if use_ld and ref_chosen_logps is not None and not all(given):
+        raise ValueError("ld_alpha with precomputed reference sums needs ref_chosen_shared_logps and "
+                         "ref_rejected_shared_logps (the reference's sums over each pair's first "
+                         "min(n_chosen, n_rejected) response tokens)")
+    return (chosen_shared, rejected_shared) if all(given) else None

@@ -4,7 +4,9 @@
 under ``softmax(logit_scale * (hidden @ weight.T + bias))`` (optionally soft-capped) without
 materialising the ``[tokens, vocab]`` logits. Backends: ``"triton"`` (CUDA, or CPU under
 ``TRITON_INTERPRET=1``), ``"torch"`` (chunked pure PyTorch, any device), ``"auto"``.
+``linear_logprobs(..., stats=("entropy", "is_top1", ...))`` also returns TRL's per-token
+statistics (``TOKEN_STATS``) from the same pass, as ``TokenLogprobs(logp, {name: tensor})``.
 """
-from upo_kernels.functional import linear_logprobs, logprobs_from_logits
+from upo_kernels.functional import TOKEN_STATS, TokenLogprobs, linear_logprobs, logprobs_from_logits
 
-__all__ = ["linear_logprobs", "logprobs_from_logits"]
+__all__ = ["TOKEN_STATS", "TokenLogprobs", "linear_logprobs", "logprobs_from_logits"]

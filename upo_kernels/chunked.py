@@ -11,9 +11,11 @@ soft cap and the scale); the one-hot part is applied once per token as a sparse 
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
-from upo_kernels import buffers
+from upo_kernels import buffers, token_stats
 
 # 2048 x 384 fp32 tiles: 3 MB each, a handful of temporaries ~10 MB whatever V is. On a 2-core
 # CPU (N = 16k, D = 256, V = 32000, fp32) they ran fwd+bwd ~10-15 % faster than 256 x 2048
@@ -40,8 +42,11 @@ def _cap_logits(z, logit_scale, softcap):
     return z
 
 
-def _logit_tile(h, w, b, logit_scale, softcap):
-    z = h @ w.t() if b is None else torch.addmm(b, h, w.t())
+def _logit_tile(h, w, b, logit_scale, softcap, out=None):
+    if out is None:
+        z = h @ w.t() if b is None else torch.addmm(b, h, w.t())
+    else:
+        z = torch.mm(h, w.t(), out=out) if b is None else torch.addmm(b, h, w.t(), out=out)
     return _cap_logits(z, logit_scale, softcap)
 
 
@@ -56,12 +61,16 @@ def _target_logits(h, weight, bias, labels, keep, logit_scale, softcap, dtype):
 
 def linear_logprobs_forward(hidden, weight, labels, bias=None, logit_scale=1.0, softcap=None,
                             ignore_index=-100, chunk_tokens=DEFAULT_CHUNK_TOKENS,
-                            chunk_vocab=DEFAULT_CHUNK_VOCAB):
-    """hidden [N, D], weight [V, D], labels [N] -> (logp [N], lse [N]) in the compute dtype.
+                            chunk_vocab=DEFAULT_CHUNK_VOCAB, stats=()):
+    """hidden [N, D], weight [V, D], labels [N] -> (logp [N], lse [N]) in the compute dtype, and a
+    third element ``{name: [N]}`` when ``stats`` (names of ``token_stats.STATS``) are asked.
 
     ``logp`` is 0 where ``labels == ignore_index``; ``lse`` is the log-normaliser of every row
     (kept for the backward pass).
     """
+    if stats:
+        return _forward_with_stats(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, chunk_tokens,
+                                   chunk_vocab, stats)
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     dtype = compute_dtype(hidden.dtype)
     logp = buffers.empty((n_tokens,), dtype, hidden.device)
@@ -81,6 +90,118 @@ def linear_logprobs_forward(hidden, weight, labels, bias=None, logit_scale=1.0, 
         lse[t0:t1] = running
         logp[t0:t1] = torch.where(keep, target - running, torch.zeros_like(running))
     return logp, lse
+
+
+def _forward_with_stats(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, chunk_tokens, chunk_vocab,
+                        stats):
+    """The forward with token statistics: each ``[chunk, tile]`` logit tile is reduced to the
+    per-slice partials of ``token_stats`` (all of them, whichever are asked: the cost is in the
+    passes over the tile, not in the sums), merged exactly per token chunk.
+
+    The logits ``z``, ``e = exp(z - max)`` and ones sit in one ``[3, chunk, tile]`` buffer, so
+    one batched ``[e; 1] @ [z, e]`` product gives ``sum e z``, ``sum e^2``, ``sum z`` and
+    ``sum e`` per row in one pass (``u = sum e z - max * sum e``, as TRL's head computes it).
+    Per tile that is five passes (product, max, subtract, exp, batched product) into reused
+    buffers, and a copy of the logits of the rows whose label falls in the tile: their label
+    logit and the max left of it are read from those copies once per chunk (so is_top1 compares
+    the label's logit with the max bit for bit). Few calls per tile: at 2048 x 384 tiles on a
+    CPU, each torch call's overhead is a measurable share of the work."""
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    dtype, device = compute_dtype(hidden.dtype), hidden.device
+    logp = buffers.empty((n_tokens,), dtype, device)
+    lse = buffers.empty((n_tokens,), dtype, device)
+    values = {name: buffers.empty((n_tokens,), dtype, device) for name in stats}
+    tiles = -(-vocab // chunk_vocab)
+    # -inf logits (a -inf bias without soft cap) need guards against 0 * -inf; nothing else makes them
+    minus_inf = bias is not None and softcap is None and bool(torch.isneginf(bias).any())
+    for t0 in range(0, n_tokens, chunk_tokens):
+        t1 = min(t0 + chunk_tokens, n_tokens)
+        h, y = hidden[t0:t1].to(dtype), labels[t0:t1]
+        # per tile: the max and [[sum e z, sum e^2], [sum z, sum e]] of each row, tile-major
+        part_max = buffers.empty((tiles, t1 - t0), dtype, device)
+        sums = buffers.empty((tiles, t1 - t0, 2, 2), dtype, device)
+        stack = torch.empty((3, t1 - t0, min(chunk_vocab, vocab)), dtype=dtype, device=device)
+        stack[2].fill_(1.0)
+        label_tile, order, bounds = _rows_by_label_tile(y, chunk_vocab, tiles)
+        label_rows = []  # per tile, the logits of the rows whose label is in it
+        views = _tile_views(stack, stack.shape[2])
+        for j, v0 in enumerate(range(0, vocab, chunk_vocab)):
+            v1 = min(v0 + chunk_vocab, vocab)
+            if v1 - v0 != stack.shape[2]:
+                views = _tile_views(stack, v1 - v0)
+            z, e, lhs, rhs = views
+            w = weight[v0:v1] if weight.dtype == dtype else weight[v0:v1].to(dtype)
+            _logit_tile(h, w, None if bias is None else bias[v0:v1].to(dtype), logit_scale, softcap, out=z)
+            m = torch.amax(z, dim=1, out=part_max[j])
+            if bounds[j + 1] > bounds[j]:
+                label_rows.append(z.index_select(0, order[bounds[j]:bounds[j + 1]]))
+            if minus_inf:
+                m.clamp_(min=torch.finfo(dtype).min)  # a row of -inf logits: e = 0
+            torch.sub(z, m.unsqueeze(1), out=e).exp_()
+            torch.bmm(lhs, rhs, out=sums[j])
+            if minus_inf:
+                _fix_minus_inf(sums[j, :, 0, 0], e, z)
+        parts = buffers.empty((len(token_stats.STATS), t1 - t0, tiles), dtype, device)
+        part_sum = sums[:, :, 1, 1].t()
+        parts[_ROW["entropy"]] = sums[:, :, 0, 0].t() - part_max.t() * part_sum
+        parts[_ROW["log_sum_sq_probs"]] = sums[:, :, 0, 1].t()
+        parts[_ROW["mean_logits"]] = sums[:, :, 1, 0].t()
+        target = _label_parts(label_rows, y, label_tile, order[bounds[0]:bounds[-1]], chunk_vocab, part_max,
+                              parts[_ROW["is_top1"]])
+        part_tgt = torch.zeros((t1 - t0, tiles), dtype=dtype, device=device)
+        part_tgt[:, 0] = target  # one slice holds the label's logit: the merge only sums them
+        logp[t0:t1], lse[t0:t1], chunk_values = token_stats.merge_parts(
+            part_max.t(), part_sum, part_tgt, y, ignore_index, parts, stats, vocab)
+        for name, v in chunk_values.items():
+            values[name][t0:t1] = v
+    return logp, lse, values
+
+
+_ROW = token_stats.STAT_ROW
+
+
+def _tile_views(stack, cols):
+    """(z, e, [e; 1] as [rows, 2, cols], [z, e] as [rows, cols, 2]) over the first ``cols`` columns."""
+    tile = stack[:, :, :cols]
+    return tile[0], tile[1], tile[1:].permute(1, 0, 2), tile[:2].permute(1, 2, 0)
+
+
+def _rows_by_label_tile(y, chunk_vocab, tiles):
+    """Each row's label tile (-1 for labels outside ``[0, V)``, i.e. ignored), the rows sorted by
+    it and, per tile ``j``, its rows' span ``order[bounds[j]:bounds[j + 1]]`` (one host sync)."""
+    inside = (y >= 0) & (y < tiles * chunk_vocab)
+    label_tile = torch.where(inside, torch.div(y, chunk_vocab, rounding_mode="floor"), -1)
+    order = torch.argsort(label_tile, stable=True)
+    counts = torch.bincount(label_tile + 1, minlength=tiles + 1).tolist()
+    bounds = list(itertools.accumulate(counts))  # bounds[0]: the rows without a tile
+    return label_tile, order, bounds
+
+
+def _label_parts(label_rows, y, label_tile, rows, chunk_vocab, part_max, before):
+    """From the kept logits of each row whose label has a tile (``rows``, in tile order): its label
+    logit (returned, 0 for the others) and the max logit left of the label into ``before``
+    [rows, tiles] (the maxima of the tiles left of the label's tile, and of its own part)."""
+    tiles = part_max.shape[0]
+    left_tiles = torch.arange(tiles, device=y.device).unsqueeze(0) < label_tile.unsqueeze(1)
+    before.copy_(torch.where(left_tiles, part_max.t(), float("-inf")))
+    target = torch.zeros_like(part_max[0])
+    if not rows.numel():
+        return target
+    width = max(z.shape[1] for z in label_rows)
+    z = torch.cat([torch.nn.functional.pad(z, (0, width - z.shape[1]), value=float("-inf")) for z in label_rows])
+    local = (y.index_select(0, rows) - label_tile.index_select(0, rows) * chunk_vocab).unsqueeze(1)
+    target[rows] = z.gather(1, local).squeeze(1)
+    left = torch.arange(width, device=z.device).unsqueeze(0) < local
+    before[rows, label_tile.index_select(0, rows)] = z.masked_fill(~left, float("-inf")).amax(dim=1)
+    return target
+
+
+def _fix_minus_inf(ez, e, z):
+    """``sum e z`` per row (in place), where ``e = 0, z = -inf`` (a -inf logit) must add 0, not NaN."""
+    bad = torch.isnan(ez).nonzero().squeeze(1)
+    if bad.numel():
+        e_bad, z_bad = e.index_select(0, bad), z.index_select(0, bad)
+        ez[bad] = torch.where(e_bad > 0, e_bad * z_bad, torch.zeros_like(e_bad)).sum(dim=1)
 
 
 def _cap_derivative(z_capped, softcap):

@@ -8,10 +8,12 @@ into ``grad_hidden``, ``grad_weight`` and ``grad_bias`` by recomputing logit til
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
-from upo_kernels import chunked
+from upo_kernels import chunked, token_stats
+from upo_kernels.token_stats import STATS as TOKEN_STATS
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -91,25 +93,35 @@ def validate_linear_inputs(hidden, weight, labels, bias, logit_scale, softcap, i
 class _LinearLogprobs(torch.autograd.Function):
     """Only the rows with a label run through the kernels (prompt and padding rows cost nothing):
     the forward gathers them into a temporary, the backward gathers one token group at a time
-    and scatters ``grad_hidden`` back; ignored rows get exactly zero gradient."""
+    and scatters ``grad_hidden`` back; ignored rows get exactly zero gradient. Token statistics,
+    when asked, are extra outputs without gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, logit_scale, softcap, ignore_index, backend, chunks):
+    def forward(ctx, hidden, weight, bias, labels, logit_scale, softcap, ignore_index, backend, chunks, stats):
         ops = _ops(backend)
         chunks = dict(chunks, **ops.call_options())  # env-selected variants, fixed for the backward
         rows = (labels != ignore_index).nonzero().squeeze(1)  # one host sync
         rows = None if rows.numel() == labels.numel() else rows
         h_c = hidden if rows is None else hidden.index_select(0, rows)
         y_c = labels if rows is None else labels.index_select(0, rows)
-        logp_c, lse_c = ops.forward(h_c, weight, y_c, bias, logit_scale, softcap, ignore_index, **chunks)
+        if stats:
+            logp_c, lse_c, values = ops.forward(h_c, weight, y_c, bias, logit_scale, softcap, ignore_index,
+                                                stats=stats, **chunks)
+        else:
+            logp_c, lse_c = ops.forward(h_c, weight, y_c, bias, logit_scale, softcap, ignore_index, **chunks)
         del h_c  # the gathered copy is not kept for the backward
         logp = logp_c if rows is None else logp_c.new_zeros(labels.shape).index_copy_(0, rows, logp_c)
         ctx.save_for_backward(hidden, weight, bias, y_c, lse_c, rows)
         ctx.options = (logit_scale, softcap, ignore_index, backend, chunks)
-        return logp
+        if not stats:
+            return logp
+        values = [values[name] if rows is None else logp_c.new_zeros(labels.shape).index_copy_(0, rows, values[name])
+                  for name in stats]
+        ctx.mark_non_differentiable(*values)
+        return (logp, *values)
 
     @staticmethod
-    def backward(ctx, grad_logp):
+    def backward(ctx, grad_logp, *_stat_grads):
         hidden, weight, bias, labels, lse, rows = ctx.saved_tensors
         logit_scale, softcap, ignore_index, backend, chunks = ctx.options
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -120,7 +132,7 @@ class _LinearLogprobs(torch.autograd.Function):
         grad_h = grad_h.to(hidden.dtype) if need_h else None
         grad_w = grad_w.to(weight.dtype) if (need_w and grad_w is not None) else None
         grad_b = grad_b.to(bias.dtype) if (need_b and grad_b is not None) else None
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 class _TorchOps:
@@ -140,8 +152,16 @@ def _ops(backend):
     return triton_ops
 
 
+class TokenLogprobs(NamedTuple):
+    """``linear_logprobs(..., stats=...)``: the log-probs and the requested statistics, each of
+    ``labels.shape`` (fp32; fp64 for fp64 inputs), 0 where ignored, without gradient."""
+
+    logp: torch.Tensor
+    stats: dict
+
+
 def linear_logprobs(hidden, weight, labels, *, bias=None, logit_scale=1.0, softcap=None,
-                    ignore_index=-100, backend="auto", chunk_tokens=None, chunk_vocab=None):
+                    ignore_index=-100, backend="auto", chunk_tokens=None, chunk_vocab=None, stats=()):
     """Per-token log-probs of ``labels`` under ``softmax(cap(logit_scale * (hidden @ weight.T + bias)))``.
 
     hidden [..., D], weight [V, D], labels [...] (``ignore_index`` skipped) -> fp32 tensor of
@@ -150,7 +170,13 @@ def linear_logprobs(hidden, weight, labels, *, bias=None, logit_scale=1.0, softc
     not computed at all (their gradient is exactly 0). ``chunk_tokens`` and ``chunk_vocab``
     override the tile sizes: the chunked (torch) backend's tiles, or the Triton backend's token
     group and vocabulary chunk (defaults from ``UPO_GROUP_MB`` / ``UPO_TILE_MB``).
+
+    ``stats``: names from ``TOKEN_STATS`` (``entropy``, ``log_sum_sq_probs``, ``mean_logits``,
+    ``is_top1``: TRL's fused-head statistics, definitions in ``token_stats.py``), computed in the
+    same pass over the logit tiles. With any, the result is ``TokenLogprobs(logp, {name: tensor})``;
+    without, the log-probs tensor alone, computed exactly as before.
     """
+    stats = token_stats.check_stats(stats)
     validate_linear_inputs(hidden, weight, labels, bias, logit_scale, softcap, ignore_index)
     backend = resolve_backend(backend, hidden.device)
     if backend == "triton" and hidden.dtype == torch.float64:
@@ -166,9 +192,12 @@ def linear_logprobs(hidden, weight, labels, *, bias=None, logit_scale=1.0, softc
         h2 = h2.contiguous()
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     y = labels.reshape(-1).to(torch.int64)
-    logp = _LinearLogprobs.apply(h2, w, bias, y, float(logit_scale),
-                                 None if softcap is None else float(softcap), int(ignore_index), backend, chunks)
-    return logp.reshape(lead_shape)
+    out = _LinearLogprobs.apply(h2, w, bias, y, float(logit_scale), None if softcap is None else float(softcap),
+                                int(ignore_index), backend, chunks, stats)
+    if not stats:
+        return out.reshape(lead_shape)
+    return TokenLogprobs(out[0].reshape(lead_shape),
+                         {name: v.reshape(lead_shape) for name, v in zip(stats, out[1:])})
 
 
 class _LogprobsFromLogits(torch.autograd.Function):

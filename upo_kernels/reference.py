@@ -45,3 +45,27 @@ def reference_sequence_logprobs_packed(hidden, weight, labels, cu_seqlens, bias=
     sums = torch.stack([logp[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])])
     counts = torch.stack([keep[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])])
     return sums, counts
+
+
+def reference_stats_from_logits(logits, labels, ignore_index=-100):
+    """TRL's per-token statistics of given logits ``[..., V]`` in float64 (``token_stats.py``):
+    ``{name: labels.shape}``, 0 where ``labels == ignore_index``; is_top1 ties go to the first index."""
+    z = logits.double()
+    logp_all = torch.log_softmax(z, dim=-1)
+    prob = logp_all.exp()
+    vocab = z.shape[-1]
+    first_max = torch.where(z == z.amax(-1, keepdim=True), torch.arange(vocab, device=z.device), vocab).amin(-1)
+    values = {
+        "entropy": -(prob * torch.where(prob > 0, logp_all, torch.zeros_like(logp_all))).sum(-1),
+        "log_sum_sq_probs": torch.logsumexp(2 * logp_all, dim=-1),
+        "mean_logits": z.mean(-1),
+        "is_top1": (first_max == labels).double(),
+    }
+    keep = labels != ignore_index
+    return {name: torch.where(keep, v, torch.zeros_like(v)) for name, v in values.items()}
+
+
+def reference_token_stats(hidden, weight, labels, bias=None, logit_scale=1.0, softcap=None, ignore_index=-100):
+    """The statistics of ``reference_stats_from_logits`` for the logits of ``reference_logits``."""
+    return reference_stats_from_logits(reference_logits(hidden, weight, bias, logit_scale, softcap), labels,
+                                       ignore_index)

@@ -1,4 +1,5 @@
-"""Triton device functions shared by the kernels: the logit transform and the online logsumexp.
+"""Triton device functions shared by the kernels: the logit transform, the online logsumexp and
+the token statistics folded in with it.
 
 Kept in one place so that the forward kernels and the backward epilogue see the very same
 ``x = cap(logit_scale * (z + b))`` and the same running (max, sum-exp, target) update.
@@ -45,9 +46,10 @@ def online_init(BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def online_logsumexp(x, offs_v, col_ok, labels, run_max, run_sum, target):
-    """Fold a logit tile ``x`` [BN, BV] (columns ``offs_v``, valid where ``col_ok``) into the
-    running per-row max, sum of ``exp(x - max)`` and the logit of each row's label.
+def online_step(x, offs_v, col_ok, labels, run_max, run_sum, target):
+    """One online-logsumexp step over a logit tile ``x`` [BN, BV] (columns ``offs_v``, valid where
+    ``col_ok``): -> (masked ``x``, ``e = exp(x - new_max)``, ``scale = exp(run_max - new_max)``,
+    new max, new sum of ``exp(x - max)``, target logit of each row's label).
 
     ``col_ok`` matters for the target too: a tile's masked overhang can carry the ids of columns
     that belong to the next split or chunk."""
@@ -56,8 +58,49 @@ def online_logsumexp(x, offs_v, col_ok, labels, run_max, run_sum, target):
     target += tl.sum(tl.where(is_target, x, 0.0), axis=1)
     new_max = tl.maximum(run_max, tl.max(x, axis=1))
     new_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # fully masked rows stay finite
-    run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(x - new_max[:, None]), axis=1)
-    return new_max, run_sum, target
+    scale = tl.exp(run_max - new_max)
+    e = tl.exp(x - new_max[:, None])
+    run_sum = run_sum * scale + tl.sum(e, axis=1)
+    return x, e, scale, new_max, run_sum, target
+
+
+@triton.jit
+def online_logsumexp(x, offs_v, col_ok, labels, run_max, run_sum, target):
+    """Fold a logit tile into the running per-row max, sum of ``exp(x - max)`` and label logit."""
+    _, _, _, run_max, run_sum, target = online_step(x, offs_v, col_ok, labels, run_max, run_sum, target)
+    return run_max, run_sum, target
+
+
+@triton.jit
+def stats_init(BLOCK_N: tl.constexpr):
+    """Empty token statistics per row (``token_stats.py``): u = sum e (x - max), q = sum e^2,
+    sum x, max logit left of the label."""
+    return (tl.zeros((BLOCK_N,), tl.float32), tl.zeros((BLOCK_N,), tl.float32),
+            tl.zeros((BLOCK_N,), tl.float32), tl.full((BLOCK_N,), float("-inf"), tl.float32))
+
+
+@triton.jit
+def online_logsumexp_stats(x, offs_v, col_ok, labels, run_max, run_sum, target, ent, sq, zsum, before,
+                           HAS_ENTROPY: tl.constexpr, HAS_SUM_SQ: tl.constexpr, HAS_MEAN: tl.constexpr,
+                           HAS_TOP1: tl.constexpr):
+    """``online_logsumexp`` plus the requested token statistics, from the same ``exp`` tile. With
+    every flag off it is ``online_logsumexp``: the statistics pass through untouched."""
+    old_max, old_sum = run_max, run_sum
+    x, e, scale, run_max, run_sum, target = online_step(x, offs_v, col_ok, labels, run_max, run_sum, target)
+    if HAS_ENTROPY:
+        # the old sum of e (x - old_max) re-expressed at the new max; e = 0 terms (masked or -inf
+        # logits) add exactly 0
+        shift = tl.where(old_sum > 0, old_max - run_max, 0.0)
+        tile_u = tl.sum(e * tl.where(e > 0, x - run_max[:, None], 0.0), axis=1)
+        ent = scale * (ent + shift * old_sum) + tile_u
+    if HAS_SUM_SQ:
+        sq = sq * scale * scale + tl.sum(e * e, axis=1)
+    if HAS_MEAN:
+        zsum += tl.sum(tl.where(col_ok[None, :], x, 0.0), axis=1)
+    if HAS_TOP1:
+        left = offs_v[None, :] < labels[:, None]  # x is -inf on masked columns already
+        before = tl.maximum(before, tl.max(tl.where(left, x, float("-inf")), axis=1))
+    return run_max, run_sum, target, ent, sq, zsum, before
 
 
 @triton.jit
@@ -67,3 +110,20 @@ def store_parts(PART_MAX, PART_SUM, PART_TGT, offs_n, row_ok, num_parts, part, r
     tl.store(PART_MAX + out, run_max, mask=row_ok)
     tl.store(PART_SUM + out, run_sum, mask=row_ok)
     tl.store(PART_TGT + out, target, mask=row_ok)
+
+
+@triton.jit
+def store_stats(PARTS, stat_stride, offs_n, row_ok, num_parts, part, ent, sq, zsum, before,
+                HAS_ENTROPY: tl.constexpr, HAS_SUM_SQ: tl.constexpr, HAS_MEAN: tl.constexpr,
+                HAS_TOP1: tl.constexpr):
+    """Write the requested statistics into column ``part`` of ``PARTS`` [4, N, num_parts] (rows in
+    ``token_stats.STATS`` order, ``stat_stride`` apart)."""
+    out = offs_n.to(tl.int64) * num_parts + part
+    if HAS_ENTROPY:
+        tl.store(PARTS + out, ent, mask=row_ok)
+    if HAS_SUM_SQ:
+        tl.store(PARTS + stat_stride + out, sq, mask=row_ok)
+    if HAS_MEAN:
+        tl.store(PARTS + 2 * stat_stride + out, zsum, mask=row_ok)
+    if HAS_TOP1:
+        tl.store(PARTS + 3 * stat_stride + out, before, mask=row_ok)

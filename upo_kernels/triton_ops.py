@@ -13,7 +13,7 @@ import os
 import torch
 import triton
 
-from upo_kernels import buffers
+from upo_kernels import buffers, token_stats
 from upo_kernels.linear_logprobs_fwd import linear_logprobs_fwd_kernel
 from upo_kernels.linear_logprobs_bwd import softmax_grad_epilogue_kernel
 from upo_kernels.logsumexp_tile import logsumexp_tile_kernel
@@ -96,17 +96,15 @@ def call_options() -> dict:
     return {"fwd_impl": forward_impl(), "logits": logits_mode()}
 
 
-def _merge_parts(part_max, part_sum, part_tgt, labels, ignore_index):
-    """Per-slice (max, sum-exp, target) [N, S] -> (logp [N], lse [N]), exact in fp32."""
-    top = part_max.max(dim=1).values
-    lse = top + torch.log((part_sum * torch.exp(part_max - top.unsqueeze(1))).sum(dim=1))
-    keep = labels != ignore_index
-    logp = torch.where(keep, part_tgt.sum(dim=1) - lse, torch.zeros_like(lse))
-    return logp, lse
+def _part_buffers(n_tokens, slices, device, stats=()):
+    """(max, sum-exp, target) [N, slices] fp32, and the statistics' [4, N, slices] (None without)."""
+    parts = tuple(buffers.empty((n_tokens, slices), torch.float32, device) for _ in range(3))
+    return parts + (token_stats.part_buffer(n_tokens, slices, torch.float32, device) if stats else None,)
 
 
-def _part_buffers(n_tokens, slices, device):
-    return tuple(buffers.empty((n_tokens, slices), torch.float32, device) for _ in range(3))
+def _stats_args(part_stats, fallback):
+    """The kernels' (PART_STATS, stat_stride) arguments; any pointer when no statistic is asked."""
+    return (fallback, 0) if part_stats is None else (part_stats, part_stats.stride(0))
 
 
 def _rounds_logits(logits, dtype):
@@ -114,34 +112,36 @@ def _rounds_logits(logits, dtype):
 
 
 def forward(hidden, weight, labels, bias=None, logit_scale=1.0, softcap=None, ignore_index=-100,
-            chunk_tokens=None, chunk_vocab=None, fwd_impl=None, logits=None):
-    """hidden [N, D], weight [V, D], labels [N] int64 -> (logp [N] fp32, lse [N] fp32).
+            chunk_tokens=None, chunk_vocab=None, fwd_impl=None, logits=None, stats=()):
+    """hidden [N, D], weight [V, D], labels [N] int64 -> (logp [N] fp32, lse [N] fp32), and a
+    third element ``{name: [N] fp32}`` when ``stats`` (names of ``token_stats.STATS``) are asked.
 
     ``fwd_impl`` / ``logits``: see ``forward_impl()`` / ``logits_mode()`` (default: from the
     environment)."""
     logits = logits or logits_mode()
     if (fwd_impl or forward_impl()) == "cublas":
         return _forward_cublas(hidden, weight, labels, bias, logit_scale, softcap, ignore_index,
-                               chunk_tokens, chunk_vocab, logits)
+                               chunk_tokens, chunk_vocab, logits, stats)
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
     block_n, block_v, block_d, warps, stages = forward_config(hidden.dtype)
     splits = _num_splits(n_tokens, vocab, block_n, block_v, hidden.device)
     vocab_per_split = triton.cdiv(triton.cdiv(vocab, splits), block_v) * block_v
     splits = triton.cdiv(vocab, vocab_per_split)
-    part_max, part_sum, part_tgt = _part_buffers(n_tokens, splits, hidden.device)
+    part_max, part_sum, part_tgt, part_stats = _part_buffers(n_tokens, splits, hidden.device, stats)
     if n_tokens:
         grid = (splits, triton.cdiv(n_tokens, block_n))
         linear_logprobs_fwd_kernel[grid](
             hidden, weight, bias if bias is not None else hidden, labels,
-            part_max, part_sum, part_tgt,
+            part_max, part_sum, part_tgt, *_stats_args(part_stats, part_max),
             n_tokens, vocab, dim, hidden.stride(0), weight.stride(0),
             vocab_per_split, splits, float(logit_scale), float(softcap or 1.0),
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
             ROUND_LOGITS=_rounds_logits(logits, hidden.dtype), DOT_PRECISION=_dot_precision(hidden.dtype),
-            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
+            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, **token_stats.kernel_flags(stats),
+            num_warps=warps, num_stages=stages,
         )
-    return _merge_parts(part_max, part_sum, part_tgt, labels, ignore_index)
+    return token_stats.merge_parts(part_max, part_sum, part_tgt, labels, ignore_index, part_stats, stats, vocab)
 
 
 def _epilogue_blocks():
@@ -149,7 +149,7 @@ def _epilogue_blocks():
 
 
 def _forward_cublas(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, chunk_tokens,
-                    chunk_vocab, logits):
+                    chunk_vocab, logits, stats=()):
     """cuBLAS ``z = H_g W_c^T`` tiles (fp32 out, or 16-bit with ``logits="input"``) reduced by
     ``logsumexp_tile_kernel``; the same token groups and vocabulary chunks as the backward, so
     one tile is alive at a time."""
@@ -158,7 +158,7 @@ def _forward_cublas(hidden, weight, labels, bias, logit_scale, softcap, ignore_i
     vocab = weight.shape[0]
     group, chunk = _tiles(n_tokens, hidden.shape[1], vocab, chunk_tokens, chunk_vocab)
     tiles = triton.cdiv(vocab, chunk)
-    part_max, part_sum, part_tgt = _part_buffers(n_tokens, tiles, hidden.device)
+    part_max, part_sum, part_tgt, part_stats = _part_buffers(n_tokens, tiles, hidden.device, stats)
     block_n, block_v = _epilogue_blocks()
     for r0 in range(0, n_tokens, group):
         r1 = min(r0 + group, n_tokens)
@@ -169,11 +169,12 @@ def _forward_cublas(hidden, weight, labels, bias, logit_scale, softcap, ignore_i
             logsumexp_tile_kernel[(triton.cdiv(r1 - r0, block_n),)](
                 z, bias if bias is not None else z, labels[r0:r1],
                 part_max[r0:r1], part_sum[r0:r1], part_tgt[r0:r1],
+                *_stats_args(None if part_stats is None else part_stats[:, r0:r1], z),
                 r1 - r0, v1 - v0, v0, z.stride(0), tiles, tile, float(logit_scale), float(softcap or 1.0),
                 HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-                BLOCK_N=block_n, BLOCK_V=block_v, num_warps=4,
+                BLOCK_N=block_n, BLOCK_V=block_v, **token_stats.kernel_flags(stats), num_warps=4,
             )
-    return _merge_parts(part_max, part_sum, part_tgt, labels, ignore_index)
+    return token_stats.merge_parts(part_max, part_sum, part_tgt, labels, ignore_index, part_stats, stats, vocab)
 
 
 def _tiles(n_tokens, dim, vocab, chunk_tokens=None, chunk_vocab=None):

@@ -58,8 +58,9 @@ class PreferenceModel(nn.Module):
             kwargs = dict(self.loss_kwargs)
             kwargs.update(self._reference_kwargs(batch))
             kwargs.update(self._aux_kwargs(batch, hidden))
+            # token_stats: TRL's entropy / mean_token_accuracy / logits/* metrics, from the same pass
             return upo.fused_loss(hidden, weight, batch.labels, bias=bias, cu_seqlens=batch.cu_seqlens,
-                                  backend=self.backend, **self.logit_options, **kwargs)
+                                  backend=self.backend, token_stats=True, **self.logit_options, **kwargs)
 
     def _reference_kwargs(self, batch: PreferenceBatch) -> dict:
         if self.reference is None:
