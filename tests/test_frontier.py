@@ -4,10 +4,12 @@ import json
 import math
 
 import pytest
+import torch
 
 from helpers import MICRO_MODEL, one_thread  # noqa: F401  (fixture used by pytestmark)
 from upo.frontier.cli import main
 from upo.frontier.grid import disagreeing_pairs, relabel
+from upo.frontier.measure import HeldOut, attainable_frontier, pair_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MICRO_TRAIN_ARGS = ["--", "--model-config", json.dumps(MICRO_MODEL), "--batch-size", "4", "--backend", "torch",
@@ -83,6 +85,32 @@ def test_upo_only_flags_pass_through_to_the_upo_runs_only(grid):
     assert configs["relabel-sigmoid-mix1"]["dataset"].endswith("train-mix1.jsonl")
 
 
+def test_pair_metrics_on_known_log_probs():
+    """Four pairs: the policy ranks chosen first, rejected first, ties, chosen first; index 0 is not held out."""
+    logps = {"policy": {"chosen": torch.tensor([0.0, -2.0, -8.0, -3.0, -1.0]),
+                        "rejected": torch.tensor([0.0, -6.0, -1.0, -3.0, -9.0]),
+                        "chosen_tokens": torch.tensor([1.0, 2.0, 4.0, 1.0, 1.0]),
+                        "rejected_tokens": torch.tensor([1.0, 4.0, 2.0, 1.0, 2.0])},
+             "reference": {"chosen": torch.tensor([0.0, -4.0, -4.0, -2.0, -1.0]),
+                           "rejected": torch.tensor([0.0, -4.0, -4.0, -2.0, -1.0])}}
+    # log-ratios S - R: chosen 2, -4, -1, 0; rejected -2, 3, -1, -8 -> margins 4, -7, 0, 8
+    held_out = HeldOut(["a", "b", "c", "d"], aux_chosen=[0.1, 0.2, 0.3, 0.9], aux_rejected=[0.5, 0.9, 0.4, 0.1])
+    metrics = pair_metrics(logps, [1, 2, 3, 4], held_out)
+    assert metrics["preference_accuracy"] == pytest.approx(2 / 4)
+    assert metrics["aux_reward_preferred"] == pytest.approx((0.1 + 0.9 + (0.3 + 0.4) / 2 + 0.9) / 4)
+    per_token = [2 / 2, -4 / 4, -1 / 1, 0 / 1, -2 / 4, 3 / 2, -1 / 1, -8 / 2]
+    assert metrics["kl"] == pytest.approx(sum(per_token) / 8)
+    assert metrics["preference_accuracy_agreeing"] == 1.0  # only pair d agrees with the label
+    assert metrics["preference_accuracy_disagreeing"] == pytest.approx(1 / 3)
+    # per token: chosen 1, -1, -1, 0 vs rejected -0.5, 1.5, -1, -4 -> the same order here
+    assert metrics["preference_accuracy_per_token"] == pytest.approx(2 / 4)
+    best = attainable_frontier(held_out, points=4)
+    assert [p["preference_accuracy"] for p in best] == [1.0, 0.75, 0.5, 0.25]
+    gains = [0.7, 0.4, 0.1]  # the disagreeing pairs' gains for the designer, largest first
+    assert [p["aux_reward_preferred"] for p in best] == pytest.approx(
+        [(1.5 + sum(gains[:k])) / 4 for k in range(4)])
+
+
 def test_relabelling_swaps_exactly_the_stated_share():
     rows = [{"prompt": str(i), "chosen": f"c{i}", "rejected": f"r{i}"} for i in range(10)]
     aux_chosen = [0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.5]
@@ -115,6 +143,7 @@ def assert_one_line_error(code, err, fragment):
     (["--lambdas", "0,x"], "--lambdas: 'x' is not a number"),
     (["--lambdas", "0,-1"], "--lambdas: -1 must be a finite number >= 0"),
     (["--lambdas", "nan"], "--lambdas: nan must be a finite number"),
+    (["--lambdas", "0,inf"], "--lambdas: inf must be a finite number >= 0"),
     (["--lambdas", "1,1.0"], "--lambdas lists 1.0 more than once"),
     (["--mixes", "0,1.5"], "--mixes: 1.5 must be a finite number in [0, 1]"),
     (["--bases", "nope"], "unknown base loss 'nope'"),

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from helpers import one_thread  # noqa: F401  (fixture used by pytestmark)
+from helpers import MICRO_MODEL, one_thread  # noqa: F401  (fixture used by pytestmark)
 from train_helpers import assert_one_line_error, metrics_rows, micro_args, run_main
 from upo.rewards import length, readability
 
@@ -22,7 +22,7 @@ def generations(tmp_path) -> list[dict]:
 
 
 def test_final_metrics_hold_policy_and_reference_rewards_of_the_completions(tmp_path, capsys):
-    code, out, err = run_main(generate_args(tmp_path), capsys)
+    code, out, err = run_main(generate_args(tmp_path, "--eval-every", "1"), capsys)
     assert code == 0, err
     last = metrics_rows(tmp_path / "out")[-1]
     records = generations(tmp_path)
@@ -36,7 +36,9 @@ def test_final_metrics_hold_policy_and_reference_rewards_of_the_completions(tmp_
     assert "generated completions, aux reward: policy" in out
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert "generate/aux_reward_policy" in summary["eval"]
-    assert not any("generate" in key for row in metrics_rows(tmp_path / "out")[:-1] for key in row)  # the end only
+    earlier = metrics_rows(tmp_path / "out")[:-1]
+    assert "eval/loss" in earlier[0]  # evaluated at step 1, but completions only at the end
+    assert not any("generate" in key for row in earlier for key in row)
 
 
 def test_without_upo_the_given_reward_scores_the_completions(tmp_path, capsys):
@@ -57,6 +59,28 @@ def test_sampled_completions_are_seeded(tmp_path, capsys):
         texts.append([r["policy"] for r in generations(tmp_path / name)])
     assert texts[0] == texts[1]
     assert texts[0] != texts[2]  # sampled, not greedy
+
+
+def test_generate_completions_seeds_sampling_and_leaves_the_random_state_alone():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from upo.train.data import ByteTokenizer
+    from upo.train.generation import generate_completions
+    from upo.train.models import tiny_llama_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(MICRO_MODEL))
+    tokenizer, prompts = ByteTokenizer(), [[2, 80, 81], [2, 90]]
+    state = torch.get_rng_state()
+    first = generate_completions(model, tokenizer, prompts, 8, temperature=1.5, seed=1)
+    assert torch.equal(torch.get_rng_state(), state)  # training's random numbers are untouched
+    assert generate_completions(model, tokenizer, prompts, 8, temperature=1.5, seed=1) == first
+    assert generate_completions(model, tokenizer, prompts, 8, temperature=1.5, seed=2) != first
+    greedy = generate_completions(model, tokenizer, prompts, 8)
+    assert greedy == generate_completions(model, tokenizer, [prompts[0]], 8) + generate_completions(
+        model, tokenizer, [prompts[1]], 8)  # left padding does not change a completion
+    assert all(len(ids) <= 8 and tokenizer.eos_token_id not in ids for ids in greedy)
 
 
 @pytest.mark.parametrize("extra, fragment", [
