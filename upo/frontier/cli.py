@@ -38,7 +38,9 @@ def _numbers(values) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from upo.rewards import RESOURCES_DIR
 
-    p = _Parser(prog=PROG, description=__doc__.splitlines()[0],
+    p = _Parser(prog=PROG, usage="%(prog)s [options] [-- upo-train flags]",
+                description="Does UPO trade user preference for designer reward better than relabelling the "
+                "pairs? Trains a grid of upo-train runs and measures each on the held-out pairs.",
                 epilog="Example: upo-frontier --lambdas 0,1,10 --mixes 0,0.5,1 -- --beta 0.1 --lr 1e-3. "
                 "Outputs: frontier.json, frontier.png, data/ (the split, relabelled training files), runs/<name>/ "
                 "(each upo-train run). Exit status: 0 finished, 1 a bug in upo, 2 a user mistake.")

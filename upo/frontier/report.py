@@ -12,7 +12,8 @@ CURVE_STYLES = {  # (method, base) -> colour, marker
     ("relabel", "sigmoid"): ("tab:orange", "^"), ("relabel", "kto"): ("tab:red", "v"),
 }
 OTHER_COLOURS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
-LABEL_OFFSETS = ((6, 5), (6, -11), (-30, 5), (-30, -11))  # per curve, so that coinciding points stay legible
+# Per curve (offset in points, alignment), so that the labels of points that coincide stay apart.
+LABEL_OFFSETS = (((7, 6), "left"), ((7, -12), "left"), ((-7, 6), "right"), ((-7, -12), "right"))
 
 
 def write_json(report: dict, path: Path) -> None:
@@ -34,6 +35,15 @@ def point_label(run: dict) -> str:
     return f"λ={run['upo_lambda']:g}" if run["method"] == "upo" else f"m={run['relabel_mix']:g}"
 
 
+def coinciding_labels(group: list[dict]) -> dict[tuple[float, float], list[str]]:
+    """One label per distinct point of a curve: runs that landed on the same point share it ("m=0.5, m=1")."""
+    labels: dict[tuple[float, float], list[str]] = {}
+    for run in group:
+        point = (round(run["aux_reward_preferred"], 9), round(run["preference_accuracy"], 9))
+        labels.setdefault(point, []).append(point_label(run))
+    return labels
+
+
 def plot_frontier(report: dict, path: Path) -> None:
     """Preference accuracy (y) against the designer reward of the preferred response (x): one curve per
     method and base, each point labelled with its lambda or mix; the attainable frontier dashed."""
@@ -52,15 +62,16 @@ def plot_frontier(report: dict, path: Path) -> None:
         xs = [run["aux_reward_preferred"] for run in group]
         ys = [run["preference_accuracy"] for run in group]
         ax.plot(xs, ys, "-", marker=marker, color=colour, linewidth=1.3, markersize=6, label=f"{method}-{base}")
-        for run, x, y in zip(group, xs, ys):
-            ax.annotate(point_label(run), (x, y), textcoords="offset points",
-                        xytext=LABEL_OFFSETS[number % len(LABEL_OFFSETS)], fontsize=7,
-                        color=colour)
+        for (x, y), labels in coinciding_labels(group).items():
+            offset, align = LABEL_OFFSETS[number % len(LABEL_OFFSETS)]
+            ax.annotate(", ".join(labels), (x, y), textcoords="offset points", xytext=offset, ha=align,
+                        fontsize=7, color=colour)
     dataset = report.get("dataset", {})
     ax.set_xlabel(f"designer reward of the preferred response ({', '.join(dataset.get('aux_reward', []))})")
     ax.set_ylabel("preference accuracy (held-out user labels)")
     ax.set_title(f"{Path(str(dataset.get('path', ''))).name}: {dataset.get('eval_pairs', '?')} held-out pairs, "
                  f"{report.get('steps')} steps, seed {report.get('seed')}", fontsize=9)
+    ax.margins(x=0.1, y=0.06)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper right")
     save_figure(fig, path, dpi=120)

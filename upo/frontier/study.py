@@ -72,6 +72,16 @@ def score_rows(rows: list[dict], reward) -> tuple[list[str], list[float], list[f
     return prompts, reward.combine(chosen).tolist(), reward.combine(rejected).tolist()
 
 
+def dataset_label(dataset: str) -> str:
+    """How ``frontier.json`` names the data: a shipped file by its place in the repository, others as given."""
+    from upo.rewards import RESOURCES_DIR
+
+    path = Path(dataset).expanduser()
+    if path.is_file() and path.resolve().parent == RESOURCES_DIR:
+        return f"upo/resources/{path.name}"
+    return dataset
+
+
 def prepare_study(args, reward, runs: list[RunSpec], train_settings: dict, train_args: list[str]) -> Study:
     """Load, split and score the data, write the held-out split, check every run's settings."""
     output_dir = Path(args.output_dir).expanduser()
@@ -86,7 +96,7 @@ def prepare_study(args, reward, runs: list[RunSpec], train_settings: dict, train
     generate = None
     if args.generate:
         generate = GenerateSettings(args.generate, args.generate_max_tokens, args.generate_temperature, args.seed)
-    study = Study(output_dir, str(args.dataset), list(args.aux_reward), reward, args.steps, args.seed, train_rows, tuple(train_aux),
+    study = Study(output_dir, dataset_label(args.dataset), list(args.aux_reward), reward, args.steps, args.seed, train_rows, tuple(train_aux),
                   write_rows(eval_rows, output_dir / "data" / "eval.jsonl"), HeldOut(eval_prompts, eval_c, eval_r),
                   runs, train_settings, generate, args.overwrite, train_args)
     from upo.train.objective import check_loss_names, check_loss_options
