@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from helpers import MICRO_MODEL, one_thread  # noqa: F401  (fixture used by pytestmark)
+from train_helpers import assert_one_line_error
 from upo.frontier.cli import main
 from upo.frontier.grid import disagreeing_pairs, relabel
 from upo.frontier.measure import HeldOut, attainable_frontier, pair_metrics
@@ -130,13 +131,6 @@ def test_relabelling_swaps_exactly_the_stated_share():
     assert len(some) == 2 and len(more) == 3 and set(some) <= set(more)  # round(m * K), nested
 
 
-def assert_one_line_error(code, err, fragment):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("upo-frontier: error: "), err
-    assert fragment in lines[0], (fragment, lines[0])
-
-
 @pytest.mark.parametrize("extra, fragment", [
     (["--methods", "upo,dpo"], "unknown method 'dpo'"),
     (["--methods", "upo", "--lambdas", ""], "the grid is empty"),
@@ -153,7 +147,7 @@ def assert_one_line_error(code, err, fragment):
 ])
 def test_bad_grid_is_one_line_with_exit_2(tmp_path, capsys, extra, fragment):
     code = micro_grid(tmp_path, *extra)
-    assert_one_line_error(code, capsys.readouterr().err, fragment)
+    assert_one_line_error(code, capsys.readouterr().err, fragment, prog="upo-frontier")
     assert not (tmp_path / "grid" / "frontier.json").exists()
 
 
@@ -165,7 +159,7 @@ def test_bad_grid_is_one_line_with_exit_2(tmp_path, capsys, extra, fragment):
 ])
 def test_bad_upo_train_flags_are_one_line_before_any_run(tmp_path, capsys, train_args, fragment):
     code = micro_grid(tmp_path, train_args=train_args)
-    assert_one_line_error(code, capsys.readouterr().err, fragment)
+    assert_one_line_error(code, capsys.readouterr().err, fragment, prog="upo-frontier")
     assert not (tmp_path / "grid" / "runs").exists()
 
 
@@ -173,4 +167,4 @@ def test_results_of_another_grid_are_kept_without_overwrite(tmp_path, capsys):
     (tmp_path / "grid").mkdir()
     (tmp_path / "grid" / "frontier.json").write_text("{}")
     code = micro_grid(tmp_path)
-    assert_one_line_error(code, capsys.readouterr().err, "holds the results of another grid")
+    assert_one_line_error(code, capsys.readouterr().err, "holds the results of another grid", prog="upo-frontier")

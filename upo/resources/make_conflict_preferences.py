@@ -20,7 +20,6 @@ a given seed.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import random
 from pathlib import Path
@@ -135,14 +134,7 @@ def build_rows(seed: int = DEFAULT_SEED) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    parser.add_argument("--out-dir", type=Path, default=HERE)
-    args = parser.parse_args(argv)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    rows = build_rows(args.seed)
-    (args.out_dir / OUTPUT_NAME).write_text(BASE.to_jsonl(rows), encoding="utf-8")
-    print(f"wrote {len(rows)} rows to {args.out_dir / OUTPUT_NAME}")
+    BASE.write_outputs(argv, __doc__.splitlines()[0], lambda seed: {OUTPUT_NAME: build_rows(seed)})
 
 
 if __name__ == "__main__":
