@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixes", default=_numbers(DEFAULT_MIXES),
                    help="relabelling levels in [0, 1]: the share of the training pairs whose designer reward "
                    f"disagrees with the label that get swapped (default: {_numbers(DEFAULT_MIXES)})")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimiser steps per run (default: {DEFAULT_STEPS})")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                   help=f"optimiser steps per run (default: {DEFAULT_STEPS})")
     p.add_argument("--seed", type=int, default=0, help="seed of every run: model init, split, data order, relabelling")
     p.add_argument("--generate", type=int, default=0, metavar="N",
                    help="also score the policy's completions of the first N held-out prompts (default: 0, off)")

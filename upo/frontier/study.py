@@ -96,9 +96,9 @@ def prepare_study(args, reward, runs: list[RunSpec], train_settings: dict, train
     generate = None
     if args.generate:
         generate = GenerateSettings(args.generate, args.generate_max_tokens, args.generate_temperature, args.seed)
-    study = Study(output_dir, dataset_label(args.dataset), list(args.aux_reward), reward, args.steps, args.seed, train_rows, tuple(train_aux),
-                  write_rows(eval_rows, output_dir / "data" / "eval.jsonl"), HeldOut(eval_prompts, eval_c, eval_r),
-                  runs, train_settings, generate, args.overwrite, train_args)
+    study = Study(output_dir, dataset_label(args.dataset), list(args.aux_reward), reward, args.steps, args.seed,
+                  train_rows, tuple(train_aux), write_rows(eval_rows, output_dir / "data" / "eval.jsonl"),
+                  HeldOut(eval_prompts, eval_c, eval_r), runs, train_settings, generate, args.overwrite, train_args)
     from upo.train.objective import check_loss_names, check_loss_options
 
     for spec in runs:  # every run's settings, before the first one trains
@@ -132,6 +132,7 @@ def train_data_for(study: Study, spec: RunSpec) -> tuple[str, int]:
 
 def run_one(study: Study, spec: RunSpec, runtime) -> dict:
     """Train one run of the grid and measure it on the held-out split."""
+    from upo.train.generation import reference_generator
     from upo.train.trainer import Trainer
 
     started = time.perf_counter()
@@ -150,9 +151,11 @@ def run_one(study: Study, spec: RunSpec, runtime) -> dict:
         run["aux_reward_generated"], texts = generated_reward(trainer.module.policy, trainer.tokenizer, prompt_ids,
                                                               prompts, study.reward, study.generate)
         run["generated_examples"] = texts[:3]
-        if study.reference_generated is None:  # every run starts from the same initial policy
-            study.reference_generated, _ = generated_reward(trainer.module.reference, trainer.tokenizer, prompt_ids,
-                                                            prompts, study.reward, study.generate)
+        reference = reference_generator(trainer.module)  # None with --precompute-ref: no reference model held
+        if study.reference_generated is None and reference is not None:  # every run starts from the same policy
+            with reference as model:
+                study.reference_generated, _ = generated_reward(model, trainer.tokenizer, prompt_ids, prompts,
+                                                                study.reward, study.generate)
     run.update(name=spec.name, swapped_pairs=swapped if spec.method == "relabel" else None,
                eval_rewards_accuracies=summary["eval"].get("rewards/accuracies"),
                train_loss=summary["train"].get("loss"), train_seconds=round(summary["train_seconds"], 2),
