@@ -36,5 +36,5 @@ setup(
         "bench": ["liger-kernel", "trl"],
         "gpu": ["flash-attn"],
     },
-    entry_points={"console_scripts": ["upo-train=upo.train.cli:main"]},
+    entry_points={"console_scripts": ["upo-train=upo.train.cli:main", "upo-frontier=upo.frontier.cli:main"]},
 )

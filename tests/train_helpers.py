@@ -61,14 +61,15 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-def assert_one_line_error(code, err, *fragments, alone=True):
-    """Exit status 2 and one ``upo-train: error:`` line holding every fragment (``alone``: the only line)."""
+def assert_one_line_error(code, err, *fragments, alone=True, prog="upo-train"):
+    """Exit status 2 and one ``upo-train: error:`` line (``prog``'s) holding every fragment (``alone``: the only
+    line)."""
     assert code == 2, err
     assert "Traceback" not in err, err
     lines = err.strip().splitlines()
     if alone:
         assert len(lines) == 1, err
-    errors = [line for line in lines if line.startswith("upo-train: error: ")]
+    errors = [line for line in lines if line.startswith(f"{prog}: error: ")]
     assert len(errors) == 1 and errors[0] == lines[-1], err
     for fragment in fragments:
         assert fragment in errors[0], (fragment, errors[0])

@@ -318,19 +318,23 @@ def to_jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def write_outputs(argv: list[str] | None, description: str, build) -> None:
+    """The generators' command line: ``--seed``, ``--out-dir``; ``build(seed)`` gives ``{file name: rows}``."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--out-dir", type=Path, default=HERE)
     args = parser.parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    outputs = {
-        "preferences.jsonl": build_rows(args.seed),
-        "preferences_chat_sample.jsonl": build_chat_rows(args.seed),
-    }
-    for name, rows in outputs.items():
+    for name, rows in build(args.seed).items():
         (args.out_dir / name).write_text(to_jsonl(rows), encoding="utf-8")
         print(f"wrote {len(rows)} rows to {args.out_dir / name}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    write_outputs(argv, __doc__.splitlines()[0], lambda seed: {
+        "preferences.jsonl": build_rows(seed),
+        "preferences_chat_sample.jsonl": build_chat_rows(seed),
+    })
 
 
 if __name__ == "__main__":

@@ -147,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
                    + _default("eval_split"))
     g.add_argument("--eval-max-pairs", type=int, help="evaluate on at most the first N held-out pairs "
                    "(default: all)")
+    g.add_argument("--eval-generate", type=int, metavar="N", help="at the end, complete the first N held-out "
+                   "prompts with the policy and the reference and score them with the --aux-reward rewards "
+                   "(eval/generate/* metrics, generations.jsonl; default: 0, off)")
+    g.add_argument("--eval-generate-max-tokens", type=int, metavar="M", help="new tokens per completion"
+                   + _default("eval_generate_max_tokens"))
+    g.add_argument("--eval-generate-temperature", type=float, metavar="T", help="0: greedy; > 0: sampled at "
+                   "temperature T, seeded by --seed" + _default("eval_generate_temperature"))
     g.add_argument("--save-every", type=int, help="checkpoint every N steps" + _default("save_every"))
     g.add_argument("--keep-checkpoints", type=int, help="checkpoints kept" + _default("keep_checkpoints"))
     g.add_argument("--max-skipped-batches", type=int,
@@ -190,6 +197,10 @@ def format_summary(summary: dict, wall_seconds: float) -> str:
     ]
     if evaluation:
         lines.append(line("eval", evaluation))
+    if "generate/aux_reward_policy" in evaluation:
+        reference = evaluation.get("generate/aux_reward_reference")
+        lines.append(f"  generated completions, aux reward: policy {evaluation['generate/aux_reward_policy']:.3f}"
+                     + (f", reference {reference:.3f}" if reference is not None else "") + " (generations.jsonl)")
     if summary.get("truncated_prompts") or summary.get("truncated_responses"):
         lines.append(f"  truncated: {summary['truncated_prompts']} prompts, {summary['truncated_responses']} "
                      f"responses (of {summary['train_pairs'] + summary['eval_pairs']} pairs)")

@@ -79,6 +79,9 @@ class TrainConfig:
     eval_dataset: str | None = None  # None: the dataset's eval_split if it has one, else eval_fraction of it
     eval_split: str = "test"
     eval_max_pairs: int | None = None
+    eval_generate: int = 0  # complete this many held-out prompts at the end (generation.py); 0: off
+    eval_generate_max_tokens: int = 64
+    eval_generate_temperature: float = 0.0  # 0: greedy; > 0: sampled, seeded by --seed
     save_every: int = 100
     keep_checkpoints: int = 2
     max_skipped_batches: int = 0
@@ -150,7 +153,8 @@ def _is_number(value) -> bool:
 
 # (setting, smallest value): integers, and integers that may also be None (unset).
 AT_LEAST = {"max_length": 2, "batch_size": 1, "grad_accum": 1, "eval_every": 1, "save_every": 1,
-            "keep_checkpoints": 1, "warmup_steps": 0, "lora_r": 1, "lora_alpha": 1, "max_skipped_batches": 0}
+            "keep_checkpoints": 1, "warmup_steps": 0, "lora_r": 1, "lora_alpha": 1, "max_skipped_batches": 0,
+            "eval_generate": 0, "eval_generate_max_tokens": 1}
 OPTIONAL_AT_LEAST = {"max_steps": 1, "max_examples": 1, "max_prompt_length": 1, "max_completion_length": 1,
                      "eval_max_pairs": 1}
 # (setting, test, what the test means): finite numbers in a range; lr may be None (its default).
@@ -168,6 +172,7 @@ NUMBER_RANGES = {
     "lr": (lambda v: v > 0, "> 0"),
     "ld_alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "f_alpha_divergence_coef": (lambda v: True, ""),  # upo.loss checks it against the divergence
+    "eval_generate_temperature": (lambda v: v >= 0, ">= 0 (0: greedy)"),
 }
 OPTIONAL_NUMBERS = ("lr", "ld_alpha")  # None: the default for the kind of model / LD-DPO off
 
@@ -202,8 +207,11 @@ def validate(config: TrainConfig, given: set[str] = frozenset()) -> None:
             raise SettingError("loss_weights", f"--loss-weights must be finite numbers, got {config.loss_weights}")
     if "upo" not in config.loss_type:
         for name in UPO_SETTINGS:
-            if name in given:
-                raise SettingError(name, f"{flag(name)} only applies with 'upo' in --loss-type "
+            if name in given and not (name == "aux_reward" and config.eval_generate):  # it scores generations
+                also = " (or to score --eval-generate completions)" if name == "aux_reward" else ""
+                raise SettingError(name, f"{flag(name)} only applies with 'upo' in --loss-type{also} "
                                    f"(got: {' '.join(config.loss_type)})")
+    if config.eval_generate and config.fsdp:
+        raise SettingError("eval_generate", "--eval-generate needs the whole model in one process: not with --fsdp")
     if config.overwrite and config.resume is not None:
         raise SettingError("overwrite", "--overwrite starts the run over and --resume continues it: give one of them")

@@ -18,7 +18,8 @@ from upo.train.run_lock import RunLock
 from upo.train.runtime import Runtime, broadcast_from_main
 
 # What a run writes (ref_logps/ is a cache keyed by content: it survives --overwrite).
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "plot.png", "checkpoints", "model")
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "plot.png", "checkpoints", "model",
+             "generations.jsonl")
 # A run that never reached its first checkpoint leaves only these: --resume auto starts it over.
 NOTHING_TO_RESUME = {"config.json", "metrics.jsonl"}
 

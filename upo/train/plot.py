@@ -38,9 +38,16 @@ def plot_history(history: list[dict], path: Path) -> None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    save_figure(fig, path, dpi=110)
+
+
+def save_figure(fig, path: Path, dpi: int) -> None:
+    """Lay out, write atomically (a temporary file, then ``os.replace``) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     os.replace(tmp, path)

@@ -28,6 +28,7 @@ from upo.train.divergence import DivergenceGuard, is_non_finite_error, non_finit
 from upo.train.errors import RunStopped, UserError
 from upo.train.evaluation import evaluate_pairs, implicit_and_aux_rewards, pearson, policy_and_reference_logps
 from upo.train.final_model import save_final_model
+from upo.train.generation import evaluate_generations
 from upo.train.metrics import MetricMean, peak_memory_bytes, postfix, reward_metrics, run_summary, scalar_metrics
 from upo.train.models import add_lora, enable_activation_checkpointing, frozen_copy, load_policy_and_tokenizer
 from upo.train.objective import (build_reward, check_loss_names, check_loss_options, loss_kwargs_from_config,
@@ -314,6 +315,8 @@ class Trainer:
         config, step = self.config, self.state.step
         if step % config.eval_every == 0 or step == self.total_steps:
             evaluation = self.evaluate()
+            if step == self.total_steps and config.eval_generate:
+                evaluation.update(evaluate_generations(self))
             if evaluation:
                 self.last_eval = evaluation
                 record.update({f"eval/{k}": v for k, v in evaluation.items()})

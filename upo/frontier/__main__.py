@@ -1,0 +1,5 @@
+import sys
+
+from upo.frontier.cli import main
+
+sys.exit(main())

@@ -1,0 +1,211 @@
+"""``upo-frontier``: does UPO trade user preference for designer reward better than relabelling the pairs?
+
+Trains a grid of ``upo-train`` runs on the same data, split, seed and steps (UPO over a range of
+lambda for each base loss, and the base loss alone on pairs relabelled towards the designer reward
+at several mixing levels), measures each on the held-out pairs and writes ``frontier.json`` and
+``frontier.png``. Flags after ``--`` go to every ``upo-train`` run unchanged (its UPO-only flags to
+the UPO runs only). User mistakes end with one line ``upo-frontier: error: ...`` and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+from pathlib import Path
+
+from upo.frontier.grid import (DEFAULT_BASES, DEFAULT_LAMBDAS, DEFAULT_METHODS, DEFAULT_MIXES, METHODS, build_grid,
+                               check_bases, parse_names, parse_numbers)
+from upo.train.errors import EXIT_USER_ERROR, RunStopped, StopNow, UserError
+
+PROG = "upo-frontier"
+DEFAULT_STEPS = 60
+DEFAULT_EVAL_FRACTION = 0.2
+DEFAULT_AUX_REWARD = ["readability:1.0"]
+RESULT_FILES = ("frontier.json", "frontier.png")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UserError(message)
+
+
+def _numbers(values) -> str:
+    return ",".join(f"{v:g}" for v in values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from upo.rewards import RESOURCES_DIR
+
+    p = _Parser(prog=PROG, usage="%(prog)s [options] [-- upo-train flags]",
+                description="Does UPO trade user preference for designer reward better than relabelling the "
+                "pairs? Trains a grid of upo-train runs and measures each on the held-out pairs.",
+                epilog="Example: upo-frontier --lambdas 0,1,10 --mixes 0,0.5,1 -- --beta 0.1 --lr 1e-3. "
+                "Outputs: frontier.json, frontier.png, data/ (the split, relabelled training files), runs/<name>/ "
+                "(each upo-train run). Exit status: 0 finished, 1 a bug in upo, 2 a user mistake.")
+    p.add_argument("--dataset", default=str(RESOURCES_DIR / "preferences_conflict.jsonl"),
+                   help="preference data (as upo-train's --dataset; default: the shipped conflicting data, where "
+                   "readability disagrees with the label on 60%% of the pairs)")
+    p.add_argument("--dataset-split", default="train", help="split of a Hugging Face dataset (default: train)")
+    p.add_argument("--max-examples", type=int, help="use only the first N rows")
+    p.add_argument("--eval-fraction", type=float, default=DEFAULT_EVAL_FRACTION,
+                   help=f"held-out share of the pairs, the same split for every run (default: {DEFAULT_EVAL_FRACTION})")
+    p.add_argument("--aux-reward", action="append", metavar="SPEC",
+                   help="the designer reward, as upo-train's --aux-reward, repeatable: UPO's auxiliary reward, the "
+                   f"relabelling's target and the measure (default: {' '.join(DEFAULT_AUX_REWARD)})")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated, of {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
+    p.add_argument("--bases", default=",".join(DEFAULT_BASES),
+                   help=f"base preference losses (default: {','.join(DEFAULT_BASES)})")
+    p.add_argument("--lambdas", default=_numbers(DEFAULT_LAMBDAS),
+                   help=f"UPO's lambda values, >= 0 (default: {_numbers(DEFAULT_LAMBDAS)}; 0 is the base loss)")
+    p.add_argument("--mixes", default=_numbers(DEFAULT_MIXES),
+                   help="relabelling levels in [0, 1]: the share of the training pairs whose designer reward "
+                   f"disagrees with the label that get swapped (default: {_numbers(DEFAULT_MIXES)})")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                   help=f"optimiser steps per run (default: {DEFAULT_STEPS})")
+    p.add_argument("--seed", type=int, default=0, help="seed of every run: model init, split, data order, relabelling")
+    p.add_argument("--generate", type=int, default=0, metavar="N",
+                   help="also score the policy's completions of the first N held-out prompts (default: 0, off)")
+    p.add_argument("--generate-max-tokens", type=int, default=64, metavar="M", help="new tokens per completion")
+    p.add_argument("--generate-temperature", type=float, default=0.0, metavar="T",
+                   help="0: greedy (default); > 0: sampled, seeded by --seed")
+    p.add_argument("--output-dir", default="./frontier-output", help="default: ./frontier-output")
+    p.add_argument("--overwrite", action="store_true", help="replace the results (and runs) a previous grid left there")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def check_args(args) -> None:
+    checks = [("--steps", args.steps, 1), ("--generate", args.generate, 0),
+              ("--generate-max-tokens", args.generate_max_tokens, 1)]
+    if args.max_examples is not None:
+        checks.append(("--max-examples", args.max_examples, 2))
+    for name, value, least in checks:
+        if value < least:
+            raise UserError(f"{name} must be an integer >= {least}, got {value}")
+    if not 0 < args.eval_fraction < 1:
+        raise UserError(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
+    if not args.generate_temperature >= 0:
+        raise UserError(f"--generate-temperature must be >= 0, got {args.generate_temperature}")
+    out = Path(args.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output-dir {out} is a file, not a folder")
+    held = [name for name in RESULT_FILES if (out / name).exists()]
+    if held and not args.overwrite:
+        raise UserError(f"--output-dir {out} holds the results of another grid ({', '.join(held)}): "
+                        "choose another folder or pass --overwrite")
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``upo-frontier`` flags, and the ``upo-train`` flags after the first ``--``."""
+    if "--" in argv:
+        cut = argv.index("--")
+        return argv[:cut], argv[cut + 1:]
+    return argv, []
+
+
+def passed_train_settings(train_args: list[str]) -> dict:
+    """The ``upo-train`` flags (and their ``--config`` file) as settings, parsed and checked by upo-train."""
+    from upo.frontier.study import check_passed_settings
+    from upo.train.cli import build_parser as train_parser
+    from upo.train.config_file import load_config_file
+
+    parser = train_parser()
+    try:
+        flags = vars(parser.parse_args(train_args))
+    except UserError as err:
+        raise UserError(f"upo-train flags after --: {err}") from None
+    config_path = flags.pop("config", None)
+    file_settings, _ = load_config_file(config_path, parser) if config_path else ({}, {})
+    check_passed_settings(file_settings, f"--config {config_path}")
+    check_passed_settings(flags, "the upo-train flags after --")
+    return {**file_settings, **flags}
+
+
+def plan(argv: list[str]):
+    """Parse and check everything, load and split the data: the study, ready to run."""
+    from upo.frontier.study import prepare_study
+    from upo.train.objective import build_reward
+
+    own, train_args = split_argv(argv)
+    args = build_parser().parse_args(own)
+    check_args(args)
+    args.aux_reward = args.aux_reward or list(DEFAULT_AUX_REWARD)
+    methods = parse_names(args.methods, "method", METHODS)
+    bases = parse_names(args.bases, "base loss")
+    check_bases(bases)
+    runs = build_grid(methods, bases, parse_numbers(args.lambdas, "--lambdas", 0.0) if "upo" in methods else [],
+                      parse_numbers(args.mixes, "--mixes", 0.0, 1.0) if "relabel" in methods else [])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("upo-frontier runs its grid in one process: run it without torchrun")
+    settings = passed_train_settings(train_args)
+    reward = build_reward(args.aux_reward)
+    return prepare_study(args, reward, runs, settings, train_args), args
+
+
+def run_study(study, progress: bool, log) -> dict:
+    """Every run in turn under one progress bar, then ``frontier.json`` and ``frontier.png``."""
+    from tqdm.auto import tqdm
+
+    from upo.frontier.report import plot_frontier, write_json
+    from upo.frontier.study import run_config, run_one, study_report
+    from upo.train.cli import _limit_threads_for_tiny_models
+    from upo.train.runtime import setup_runtime
+
+    started, clock = datetime.datetime.now(), time.perf_counter()
+    first = run_config(study, study.runs[0], study.eval_path)
+    runtime = setup_runtime(first.device)
+    _limit_threads_for_tiny_models(first, runtime.device)
+    results = []
+    bar = tqdm(study.runs, desc=PROG, unit="run", disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    for spec in bar:
+        bar.set_postfix_str(spec.name, refresh=True)
+        run = run_one(study, spec, runtime)
+        results.append(run)
+        log(f"{spec.name}: preference accuracy {run['preference_accuracy']:.3f}, designer reward of the preferred "
+            f"response {run['aux_reward_preferred']:.3f}, kl {run['kl']:.3f} ({run['wall_seconds']:.0f} s)",
+            bar)
+    bar.close()
+    report = study_report(study, results, time.perf_counter() - clock, started)
+    write_json(report, study.output_dir / "frontier.json")
+    plot_frontier(report, study.output_dir / "frontier.png")
+    return report
+
+
+def _log(message: str, bar=None) -> None:
+    if bar is not None and not bar.disable:
+        bar.write(f"{PROG}: {message}", file=sys.stderr)
+    else:
+        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``upo-frontier`` and ``python -m upo.frontier``; returns the exit status."""
+    from upo.heads import UnsupportedModelError
+
+    from upo.train.signals import StopRequests
+
+    try:
+        with StopRequests(defer=False):  # between runs a stop signal ends the grid at once, with a line
+            study, args = plan(sys.argv[1:] if argv is None else list(argv))
+            _log(f"{len(study.runs)} runs of {study.steps} steps, {len(study.train_rows)} train / "
+                 f"{len(study.held_out.prompts)} held-out pairs -> {study.output_dir}")
+            report = run_study(study, args.progress, _log)
+        print(f"{PROG}: {len(report['runs'])} runs in {report['wall_seconds']:.0f} s; wrote "
+              f"{study.output_dir / 'frontier.json'} and {study.output_dir / 'frontier.png'}", flush=True)
+        return 0
+    except SystemExit as exit_request:  # --help
+        return int(exit_request.code or 0)
+    except (UserError, UnsupportedModelError) as err:
+        print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    except (RunStopped, StopNow) as stop:  # a stop signal: the grid is incomplete, so no results are written
+        print(f"{PROG}: stopped by a signal before the grid finished; no frontier.json was written (the finished "
+              "runs are in runs/; start the grid again with --overwrite)", file=sys.stderr, flush=True)
+        return stop.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

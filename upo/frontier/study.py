@@ -1,0 +1,195 @@
+"""One frontier study: split and score the data once, train every run of the grid in turn, measure each.
+
+Runs are ``upo-train`` runs driven in-process (:class:`upo.train.trainer.Trainer`), one after the
+other, each in ``<output-dir>/runs/<name>/``. Their settings are the user's ``upo-train`` flags
+(passed through unchanged, so a new ``upo-train`` flag needs no code here) plus what the frontier
+fixes per run: the loss, UPO's lambda, the data, the steps and the seed.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from upo.frontier.grid import RunSpec, disagreeing_pairs, relabel, write_rows
+from upo.frontier.measure import GenerateSettings, HeldOut, attainable_frontier, generated_reward, pair_metrics
+from upo.train.config import UPO_SETTINGS, TrainConfig, build_config
+from upo.train.data import ByteTokenizer, load_records, render_record, split_train_eval
+from upo.train.errors import UserError
+
+# Settings the frontier sets itself: refused among the passed-through upo-train flags.
+OWNED_SETTINGS = {
+    "dataset": "--dataset", "dataset_split": "--dataset-split", "max_examples": "--max-examples",
+    "eval_fraction": "--eval-fraction", "seed": "--seed", "max_steps": "--steps", "aux_reward": "--aux-reward",
+    "output_dir": "--output-dir", "overwrite": "--overwrite", "progress": "--no-progress",
+    "eval_generate": "--generate", "eval_generate_max_tokens": "--generate-max-tokens",
+    "eval_generate_temperature": "--generate-temperature",
+    "loss_type": "--bases and --methods", "upo_lambda": "--lambdas", "epochs": "--steps",
+    "eval_dataset": "--dataset and --eval-fraction", "eval_split": "--dataset and --eval-fraction",
+    "eval_max_pairs": "--eval-fraction", "resume": "(a fresh grid every time)",
+}
+
+
+@dataclass
+class Study:
+    output_dir: Path
+    dataset: str
+    aux_reward: list[str]  # the designer reward's specs (upo-train's --aux-reward of the UPO runs)
+    reward: object  # their CombinedReward
+    steps: int
+    seed: int
+    train_rows: list[dict]
+    train_aux: tuple[list[float], list[float]]
+    eval_path: str
+    held_out: HeldOut
+    runs: list[RunSpec]
+    train_settings: dict  # the passed-through upo-train flags (and config file), frontier defaults under them
+    generate: GenerateSettings | None
+    overwrite: bool = False
+    train_args: list[str] = field(default_factory=list)
+    reference_generated: float | None = None
+
+
+def check_passed_settings(settings: dict, where: str) -> None:
+    for name in settings:
+        if name in OWNED_SETTINGS:
+            raise UserError(f"{where} sets {name.replace('_', '-')}, which upo-frontier sets itself "
+                            f"(use upo-frontier's {OWNED_SETTINGS[name]})")
+
+
+def score_rows(rows: list[dict], reward) -> tuple[list[str], list[float], list[float]]:
+    """Plain prompts and the designer reward ``r_aux`` of each row's chosen and rejected response."""
+    rendered = [render_record(row, ByteTokenizer(), f"row {i}") for i, row in enumerate(rows)]
+    prompts = [pair.prompt_plain for pair in rendered]
+    try:
+        chosen, rejected = reward.score_pairs(prompts, [p.chosen_plain for p in rendered],
+                                              [p.rejected_plain for p in rendered], rows)
+    except ValueError as err:
+        raise UserError(f"designer reward: {err}") from None
+    return prompts, reward.combine(chosen).tolist(), reward.combine(rejected).tolist()
+
+
+def dataset_label(dataset: str) -> str:
+    """How ``frontier.json`` names the data: a shipped file by its place in the repository, others as given."""
+    from upo.rewards import RESOURCES_DIR
+
+    path = Path(dataset).expanduser()
+    if path.is_file() and path.resolve().parent == RESOURCES_DIR:
+        return f"upo/resources/{path.name}"
+    return dataset
+
+
+def prepare_study(args, reward, runs: list[RunSpec], train_settings: dict, train_args: list[str]) -> Study:
+    """Load, split and score the data, write the held-out split, check every run's settings."""
+    output_dir = Path(args.output_dir).expanduser()
+    records = load_records(args.dataset, args.dataset_split).head(args.max_examples)
+    rows = [dict(row) for row in records]
+    train_idx, eval_idx = split_train_eval(len(rows), args.eval_fraction, args.seed)
+    if not eval_idx:
+        raise UserError(f"--eval-fraction {args.eval_fraction} of {len(rows)} pairs holds out none: raise it")
+    train_rows, eval_rows = [rows[i] for i in train_idx], [rows[i] for i in eval_idx]
+    _, *train_aux = score_rows(train_rows, reward)
+    eval_prompts, eval_c, eval_r = score_rows(eval_rows, reward)
+    generate = None
+    if args.generate:
+        generate = GenerateSettings(args.generate, args.generate_max_tokens, args.generate_temperature, args.seed)
+    study = Study(output_dir, dataset_label(args.dataset), list(args.aux_reward), reward, args.steps, args.seed,
+                  train_rows, tuple(train_aux), write_rows(eval_rows, output_dir / "data" / "eval.jsonl"),
+                  HeldOut(eval_prompts, eval_c, eval_r), runs, train_settings, generate, args.overwrite, train_args)
+    from upo.train.objective import check_loss_names, check_loss_options
+
+    for spec in runs:  # every run's settings, before the first one trains
+        config = run_config(study, spec, dataset=study.eval_path)
+        check_loss_names(config.loss_type)
+        check_loss_options(config, list(reward.weights) if spec.method == "upo" else None)
+    return study
+
+
+def run_config(study: Study, spec: RunSpec, dataset: str) -> TrainConfig:
+    """The run's ``upo-train`` settings: frontier defaults < passed-through flags < what the frontier fixes."""
+    settings = {"eval_every": study.steps, "save_every": study.steps, "keep_checkpoints": 1,
+                **study.train_settings}
+    if spec.method != "upo":  # UPO's own settings would be refused (and do nothing) without 'upo'
+        settings = {k: v for k, v in settings.items() if k not in UPO_SETTINGS}
+    settings.update(dataset=dataset, eval_dataset=study.eval_path, loss_type=spec.loss_type, max_steps=study.steps,
+                    seed=study.seed, output_dir=str(study.output_dir / "runs" / spec.name),
+                    overwrite=study.overwrite, progress=False)
+    if spec.method == "upo":
+        settings.update(upo_lambda=spec.upo_lambda, aux_reward=list(study.aux_reward))
+    return build_config({}, settings)
+
+
+def train_data_for(study: Study, spec: RunSpec) -> tuple[str, int]:
+    """The training file of a run (relabelled for ``relabel``) and how many pairs were swapped."""
+    if spec.method != "relabel":
+        return write_rows(study.train_rows, study.output_dir / "data" / "train.jsonl"), 0
+    rows, swapped = relabel(study.train_rows, *study.train_aux, spec.relabel_mix, study.seed)
+    return write_rows(rows, study.output_dir / "data" / f"train-mix{spec.relabel_mix:g}.jsonl"), len(swapped)
+
+
+def run_one(study: Study, spec: RunSpec, runtime) -> dict:
+    """Train one run of the grid and measure it on the held-out split."""
+    from upo.train.generation import reference_generator
+    from upo.train.trainer import Trainer
+
+    started = time.perf_counter()
+    dataset, swapped = train_data_for(study, spec)
+    config = run_config(study, spec, dataset)
+    lines: list[str] = []
+    trainer = Trainer(config, runtime, log=lines.append)
+    summary = trainer.train()
+    logps = trainer.sequence_logps(trainer.eval_indices)
+    run = {"method": spec.method, "base": spec.base, "upo_lambda": spec.upo_lambda, "relabel_mix": spec.relabel_mix,
+           **pair_metrics(logps, trainer.eval_indices, study.held_out), "aux_reward_generated": None}
+    if study.generate is not None:
+        indices = trainer.eval_indices[:study.generate.prompts]
+        prompt_ids = [trainer.data.examples[i].prompt_ids for i in indices]
+        prompts = study.held_out.prompts[:len(indices)]
+        run["aux_reward_generated"], texts = generated_reward(trainer.module.policy, trainer.tokenizer, prompt_ids,
+                                                              prompts, study.reward, study.generate)
+        run["generated_examples"] = texts[:3]
+        reference = reference_generator(trainer.module)  # None with --precompute-ref: no reference model held
+        if study.reference_generated is None and reference is not None:  # every run starts from the same policy
+            with reference as model:
+                study.reference_generated, _ = generated_reward(model, trainer.tokenizer, prompt_ids, prompts,
+                                                                study.reward, study.generate)
+    run.update(name=spec.name, swapped_pairs=swapped if spec.method == "relabel" else None,
+               eval_rewards_accuracies=summary["eval"].get("rewards/accuracies"),
+               train_loss=summary["train"].get("loss"), train_seconds=round(summary["train_seconds"], 2),
+               wall_seconds=round(time.perf_counter() - started, 2),
+               output_dir=os.path.relpath(config.output_dir, study.output_dir))
+    (Path(config.output_dir) / "upo-train.log").write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    return run
+
+
+def study_report(study: Study, runs: list[dict], wall_seconds: float, started: datetime.datetime) -> dict:
+    held_out = study.held_out
+    train_disagreeing = len(disagreeing_pairs(*study.train_aux))
+    import torch
+
+    return {
+        "runs": runs,
+        "dataset": {
+            "path": study.dataset, "train_pairs": len(study.train_rows), "eval_pairs": len(held_out.prompts),
+            "aux_reward": study.aux_reward,
+            "disagreeing_train_pairs": train_disagreeing,
+            "disagreeing_share_train": train_disagreeing / len(study.train_rows),
+            "disagreeing_share_eval": held_out.agreeing.count(False) / len(held_out.prompts),
+            "aux_reward_chosen_eval": sum(held_out.aux_chosen) / len(held_out.prompts),
+            "aux_reward_rejected_eval": sum(held_out.aux_rejected) / len(held_out.prompts),
+        },
+        "steps": study.steps,
+        "seed": study.seed,
+        "upo_train_args": study.train_args,
+        "generate": None if study.generate is None else {
+            "prompts": study.generate.prompts, "max_new_tokens": study.generate.max_tokens,
+            "temperature": study.generate.temperature, "aux_reward_reference": study.reference_generated},
+        "attainable_frontier": attainable_frontier(held_out),
+        "wall_seconds": round(wall_seconds, 1),
+        "started": started.isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
+    }
