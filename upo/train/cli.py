@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", help="local path or Hugging Face id for AutoModelForCausalLM "
                    "(default: a tiny byte-level Llama built from a config, no download)")
+    g.add_argument("--no-logit-check", dest="logit_check", action="store_false",
+                   help="skip the start-up check that upo's logit-free log-probs equal the model's own "
+                   "log_softmax(logits) on a small slice (docs/models.md); for models you know it misjudges")
     g.add_argument("--model-config", help="LlamaConfig settings for the tiny model, as JSON text or a JSON file "
                    "(overrides the built-in tiny config; used when --model is not given)")
     g.add_argument("--dataset", help="local .jsonl/.json/.parquet or a Hugging Face dataset with prompt/chosen/"

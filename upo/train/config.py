@@ -26,6 +26,7 @@ class TrainConfig:
     # model and data
     model: str | None = None  # local path or HF id; None = tiny Llama from config
     model_config: Any = None  # LlamaConfig kwargs: dict, JSON string or JSON file path
+    logit_check: bool = True  # compare the fused log-probs with the model's own at start-up
     dataset: str | None = None  # None = shipped preferences.jsonl
     dataset_split: str = "train"
     max_examples: int | None = None
