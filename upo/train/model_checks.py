@@ -1,4 +1,4 @@
-"""Start-up check of the models a run trains with: their logits.
+"""Start-up checks of the models a run trains with: their logits, and a ``--ref-model``'s fit with the policy.
 
 Every model is read through ``upo.heads`` (hidden states the LM head consumes + the head's description);
 before anything trains, the logit-free log-probs are compared with the model's own
@@ -16,6 +16,7 @@ from upo.heads.check import ROWS, TOKENS
 from upo.train.config import TrainConfig
 from upo.train.data import collate
 from upo.train.errors import UserError
+from upo.train.models import check_same_tokenizer, load_reference_model
 from upo.train.runtime import Runtime
 
 
@@ -40,3 +41,20 @@ def check_logits(model: nn.Module, what: str, examples: list, pad_id: int, confi
     return (f"logit check: {head.summary}: agrees with its own logits (max |d log p| {error:.1e}, "
             f"{time.perf_counter() - started:.2f} s)")
 
+
+def load_checked_reference(policy: nn.Module, tokenizer, config: TrainConfig, runtime: Runtime,
+                           check) -> nn.Module:
+    """``--ref-model``: loaded as the policy was, same tokenizer, ``check(model, what)``-ed like it; it must
+    share the policy's fused pass (hidden size, soft cap) unless its log-probs are precomputed."""
+    reference, ref_tokenizer = load_reference_model(config, runtime.device)
+    head, policy_head = describe_lm_head(reference), describe_lm_head(policy)
+    check_same_tokenizer(tokenizer, ref_tokenizer, head.vocab_size, config.ref_model)
+    check(reference, f"--ref-model {config.ref_model}")
+    if config.precompute_ref:
+        return reference
+    for what, ours, theirs in (("hidden size", head.hidden_size, policy_head.hidden_size),
+                               ("logit soft cap", head.logit_map.softcap, policy_head.logit_map.softcap)):
+        if ours != theirs:
+            raise UserError(f"--ref-model {config.ref_model}: its {what} ({ours}) differs from the policy's "
+                            f"({theirs}), so they cannot share a fused pass; add --precompute-ref")
+    return reference

@@ -3,8 +3,8 @@
 One step runs the policy's own forward with its LM head stubbed out (``upo.heads``) once over the
 chosen and rejected sequences together, and hands the hidden states the head would have received,
 with the head's weight, bias and logit options, to :func:`upo.fused_loss`, so ``[tokens, vocab]``
-logits never exist. The reference is a frozen copy of the initial policy, the policy with LoRA
-adapters disabled, or precomputed log-probs.
+logits never exist. The reference is a frozen copy of the initial policy, ``--ref-model``, the
+policy with LoRA adapters disabled, or precomputed log-probs.
 """
 from __future__ import annotations
 

@@ -34,7 +34,8 @@ def reference_cache_path(output_dir: Path, model: nn.Module, data: PreferenceDat
     digest.update(model_signature(model).encode())
     for e in data.examples:
         digest.update(json.dumps([e.index, e.prompt_ids, e.chosen_ids, e.rejected_ids]).encode())
-    settings = [config.model, config.max_length, config.max_prompt_length, config.truncation, config.precision]
+    settings = [config.model, config.max_length, config.max_prompt_length, config.truncation, config.precision,
+                config.ref_model, config.model_dtype]
     digest.update(json.dumps(settings).encode())
     return output_dir / "ref_logps" / f"{digest.hexdigest()[:24]}.pt"
 

@@ -29,7 +29,7 @@ from upo.train.errors import RunStopped, UserError
 from upo.train.evaluation import evaluate_pairs, implicit_and_aux_rewards, pearson, policy_and_reference_logps
 from upo.train.final_model import save_final_model
 from upo.train.metrics import MetricMean, peak_memory_bytes, postfix, reward_metrics, run_summary, scalar_metrics
-from upo.train.model_checks import check_logits
+from upo.train.model_checks import check_logits, load_checked_reference
 from upo.train.models import add_lora, enable_activation_checkpointing, frozen_copy, load_policy_and_tokenizer
 from upo.train.objective import (build_reward, check_loss_names, check_loss_options, loss_kwargs_from_config,
                                  needs_reference, uses_aux_objective)
@@ -144,10 +144,15 @@ class Trainer:
         if not needs_reference(config.loss_type):
             if config.precompute_ref:
                 self.log("note: --precompute-ref is ignored: the selected losses use no reference")
+            if config.ref_model:
+                self.log("note: --ref-model is ignored: the selected losses use no reference")
         elif config.precompute_ref:
-            self.ref_logps = load_or_compute_reference(policy, self.data, self.pad_id, config, self.runtime,
+            source = self._load_reference(policy) if config.ref_model else policy
+            self.ref_logps = load_or_compute_reference(source, self.data, self.pad_id, config, self.runtime,
                                                        self.autocast_dtype, self.log)
             reference = "precomputed"
+        elif config.ref_model:
+            reference = self._load_reference(policy)
         elif config.lora:
             reference = "adapters"
         else:
@@ -158,6 +163,9 @@ class Trainer:
         if config.lora:
             policy = add_lora(policy, config)
         return policy, reference
+
+    def _load_reference(self, policy: nn.Module) -> nn.Module:
+        return load_checked_reference(policy, self.tokenizer, self.config, self.runtime, self._check_logits)
 
     def _check_logits(self, model: nn.Module, what: str) -> None:
         """Checked at load; said when the run starts (a set-up error stays the only line)."""
