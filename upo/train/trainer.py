@@ -105,7 +105,7 @@ class Trainer:
         policy, self.tokenizer = load_policy_and_tokenizer(config, self.runtime.device)
         self.pad_id = pad_token_id(self.tokenizer)
         self._prepare_data()
-        self._check_logits(policy, "--model" if config.model else "the built-in model")
+        self._check_logits(policy, f"--model {config.model}" if config.model else "the built-in model")
         policy, reference = self._prepare_reference(policy)
         self.module = self._build_module(policy, reference)
         self.model = wrap_for_processes(self.module, self.runtime, self.config.fsdp, self.log)
