@@ -15,3 +15,16 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The all-architectures test's counts (``test_model_heads.py``), summed over its chunks and workers."""
+    totals: dict[str, int] = {}
+    for report in terminalreporter.stats.get("passed", []) + terminalreporter.stats.get("failed", []):
+        for name, counts in getattr(report, "user_properties", []):
+            if name == "model_heads_counts" and report.when == "call":
+                for kind, n in counts.items():
+                    totals[kind] = totals.get(kind, 0) + n
+    if totals:
+        terminalreporter.write_line("model heads (transformers causal LMs): " + " / ".join(
+            f"{totals.get(kind, 0)} {kind}" for kind in ("agree", "refused", "not buildable")))

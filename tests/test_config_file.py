@@ -47,7 +47,8 @@ def test_trl_dpo_config_names(tmp_path, monkeypatch):
             "num_train_epochs: 2\nmax_length: 256\nmax_prompt_length: 64\nmax_completion_length: 100\nbeta: 0.05\n"
             "loss_type: [sigmoid, upo]\nloss_weights: [1.0, 0.5]\nprecompute_ref_log_probs: true\npadding_free: true\n"
             "seed: 7\nbf16: true\nlr_scheduler_type: cosine\noptim: adamw_torch\nsave_steps: 20\nsave_total_limit: 3\n"
-            "truncation_mode: keep_start\ndisable_tqdm: true\nmodel_name_or_path: org/model\nuse_peft: yes\n")
+            "truncation_mode: keep_start\ndisable_tqdm: true\nmodel_name_or_path: org/model\nuse_peft: yes\n"
+            "dtype: bfloat16\n")
     monkeypatch.setenv("WORLD_SIZE", "2")  # per-device batch x processes = our global batch
     c = config_from(tmp_path, text)
     assert (c.lr, c.batch_size, c.grad_accum, c.epochs, c.max_length, c.max_prompt_length) == (5e-7, 4, 4, 2.0, 256, 64)
@@ -56,6 +57,7 @@ def test_trl_dpo_config_names(tmp_path, monkeypatch):
         True, True, 7, "bf16", "cosine", "adamw")
     assert (c.save_every, c.keep_checkpoints, c.truncation, c.progress, c.model, c.lora) == (
         20, 3, "keep_start", False, "org/model", True)
+    assert c.model_dtype == "bf16"
     assert set(TRL_ALIASES) <= set(text.replace(":", " ").split()) | {
         "eval_steps", "resume_from_checkpoint", "dataset_name", "dataset_train_split", "dataset_test_split"}
 

@@ -8,11 +8,14 @@ User API::
     upo.available_losses()
     upo.loss_spec(name)                              # a loss's LossSpec: needs_reference, options, ...
     upo.ValueHead(hidden_size)
+    upo.causal_lm_logprobs(model, input_ids, labels=None, *, attention_mask=None, position_ids=None,
+                           backend="auto", check=True)  # a HF causal LM's own log-probs, no logits formed
 
 The library (this package minus ``upo.train``) never imports the training application;
 ``upo.train`` is the ``upo-train`` command built on it. Map of the code: docs/layout.md.
 """
 from upo.fused import fused_loss, sequence_logprobs
+from upo.heads import causal_lm_logprobs
 from upo.losses import LossOutput, available_losses, loss, loss_spec, register_loss
 from upo.value_head import ValueHead
 
@@ -20,6 +23,7 @@ __all__ = [
     "LossOutput",
     "ValueHead",
     "available_losses",
+    "causal_lm_logprobs",
     "fused_loss",
     "loss",
     "loss_spec",

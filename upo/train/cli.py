@@ -60,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", help="local path or Hugging Face id for AutoModelForCausalLM "
                    "(default: a tiny byte-level Llama built from a config, no download)")
+    g.add_argument("--model-dtype", choices=["fp32", "bf16", "fp16"],
+                   help="dtype the weights are held in, the reference model's too (with --precision bf16 the "
+                   "compute is bf16 autocast over them)" + _default("model_dtype"))
+    g.add_argument("--ref-model", help="local path or Hugging Face id of the reference model (default: a frozen "
+                   "copy of the initial policy; with --lora, the policy with its adapters off); same tokenizer")
+    g.add_argument("--no-logit-check", dest="logit_check", action="store_false",
+                   help="skip the start-up check that upo's logit-free log-probs equal the model's own "
+                   "log_softmax(logits) on a small slice (docs/models.md); for models you know it misjudges")
     g.add_argument("--model-config", help="LlamaConfig settings for the tiny model, as JSON text or a JSON file "
                    "(overrides the built-in tiny config; used when --model is not given)")
     g.add_argument("--dataset", help="local .jsonl/.json/.parquet or a Hugging Face dataset with prompt/chosen/"

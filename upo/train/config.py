@@ -26,6 +26,9 @@ class TrainConfig:
     # model and data
     model: str | None = None  # local path or HF id; None = tiny Llama from config
     model_config: Any = None  # LlamaConfig kwargs: dict, JSON string or JSON file path
+    model_dtype: str = "fp32"  # the dtype the weights are held in (policy and reference)
+    ref_model: str | None = None  # local path or HF id of another reference model; None = the initial policy
+    logit_check: bool = True  # compare the fused log-probs with the model's own at start-up
     dataset: str | None = None  # None = shipped preferences.jsonl
     dataset_split: str = "train"
     max_examples: int | None = None
@@ -105,6 +108,7 @@ CHOICES = {
     "optimizer": ("adamw", "rmsprop"),
     "lr_scheduler": ("constant", "linear", "cosine"),
     "precision": ("fp32", "bf16"),
+    "model_dtype": ("fp32", "bf16", "fp16"),
     "backend": ("auto", "triton", "torch"),
 }
 

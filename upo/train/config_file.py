@@ -37,6 +37,7 @@ TRL_ALIASES = {
     "disable_tqdm": "progress",  # negated
     "resume_from_checkpoint": "resume",
     "model_name_or_path": "model",
+    "dtype": "model_dtype",  # TRL's ModelConfig: bfloat16, float16, float32
     "use_peft": "lora",
     "dataset_name": "dataset",
     "dataset_train_split": "dataset_split",
@@ -46,6 +47,7 @@ TRL_ALIASES = {
 TRL_VALUES = {
     "optimizer": {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw"},
     "lr_scheduler": {"constant_with_warmup": "constant"},
+    "model_dtype": {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"},
 }
 YAML_TRUE = ("true", "yes", "on", "y")
 YAML_FALSE = ("false", "no", "off", "n")

@@ -1,9 +1,20 @@
-"""``model/``: the trained policy in Hugging Face format, with its tokenizer, loadable with ``from_pretrained``."""
+"""``model/``: the trained policy in Hugging Face format, with its tokenizer, loadable with ``from_pretrained``.
+
+Without LoRA ``model/`` is the whole model (``AutoModelForCausalLM`` + ``AutoTokenizer``). With LoRA it
+holds the adapters (``AutoPeftModelForCausalLM``), whose ``base_model_name_or_path`` names a loadable
+base: ``--model``'s folder (absolute) or Hugging Face id, or for the built-in tiny model ``model/base/``,
+written beside them. The built-in byte tokenizer is saved as an equivalent ``PreTrainedTokenizerFast``.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 from torch import nn
+
+from upo.train.data import ByteTokenizer
+from upo.train.data.tokenizer import hf_byte_tokenizer
+
+BASE_DIR = "base"
 
 
 def save_final_model(policy: nn.Module, tokenizer, target: Path, gathered_state: dict | None = None) -> None:
@@ -16,15 +27,44 @@ def save_final_model(policy: nn.Module, tokenizer, target: Path, gathered_state:
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # ours is the only progress bar
+    prefix = "policy."
+    state = None if gathered_state is None else {k[len(prefix):]: v for k, v in gathered_state.items()
+                                                 if k.startswith(prefix)}
     try:
-        if gathered_state is not None:
-            prefix = "policy."
-            policy_state = {k[len(prefix):]: v for k, v in gathered_state.items() if k.startswith(prefix)}
-            policy.save_pretrained(target, state_dict=policy_state)
-        else:
-            policy.save_pretrained(target)
+        if hasattr(policy, "peft_config"):
+            _point_adapters_at_base(policy, tokenizer, target, state)
+        policy.save_pretrained(target, **({} if state is None else {"state_dict": state}))
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    if hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(target)
+    save_tokenizer(tokenizer, target)
+
+
+def save_tokenizer(tokenizer, target: Path) -> None:
+    hf = hf_byte_tokenizer() if isinstance(tokenizer, ByteTokenizer) else tokenizer
+    if hasattr(hf, "save_pretrained"):
+        hf.save_pretrained(target)
+
+
+def _point_adapters_at_base(policy: nn.Module, tokenizer, target: Path, state: dict | None) -> None:
+    """``base_model_name_or_path`` of every adapter: the model it was loaded from, or a saved copy of the base."""
+    base = policy.get_base_model()
+    source = getattr(base, "name_or_path", "") or ""
+    if not source:  # the built-in tiny model: built from a config, saved here
+        source = str((target / BASE_DIR).resolve())
+        save_base_model(policy, target / BASE_DIR, state)
+        save_tokenizer(tokenizer, target / BASE_DIR)
+    for config in policy.peft_config.values():
+        config.base_model_name_or_path = source
+
+
+def save_base_model(policy: nn.Module, target: Path, state: dict | None = None) -> None:
+    """The frozen base weights of a PEFT model, as a plain transformers model (adapter layers taken out)."""
+    from transformers import AutoModelForCausalLM
+
+    base = policy.get_base_model()
+    state = base.state_dict() if state is None else {k.removeprefix("base_model.model."): v for k, v in state.items()}
+    plain = {k.replace(".base_layer.", "."): v for k, v in state.items() if "lora_" not in k}
+    model = AutoModelForCausalLM.from_config(base.config)
+    model.load_state_dict(plain, strict=True)
+    model.to(next(base.parameters()).dtype).save_pretrained(target)

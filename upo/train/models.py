@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from upo.train.config import TrainConfig
-from upo.train.data import ByteTokenizer
+from upo.train.data import ByteTokenizer, encode_text
 from upo.train.errors import UserError
 
 # The default model: a byte-level Llama small enough to train in minutes on two CPU cores.
@@ -80,8 +80,12 @@ def _parse_model_config(value: Any) -> dict:
     return parsed
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def load_policy_and_tokenizer(config: TrainConfig, device: torch.device):
-    """The initial policy (seeded, so every process and every resume builds the same one) and its tokenizer."""
+    """The initial policy (seeded, so every process and every resume builds the same one) and its tokenizer,
+    weights in ``--model-dtype``."""
     from transformers import AutoModelForCausalLM
 
     attn = attention_implementation(device, config.packing)
@@ -96,23 +100,54 @@ def load_policy_and_tokenizer(config: TrainConfig, device: torch.device):
         model = AutoModelForCausalLM.from_config(model_config, attn_implementation=attn)
         tokenizer = ByteTokenizer()
     else:
-        model, tokenizer = _load_pretrained(config.model, attn)
-    return model.to(device=device, dtype=torch.float32), tokenizer
+        model, tokenizer = _load_pretrained(config.model, attn, DTYPES[config.model_dtype], "--model")
+    return model.to(device=device, dtype=DTYPES[config.model_dtype]), tokenizer
 
 
-def _load_pretrained(name: str, attn: str):
+def load_reference_model(config: TrainConfig, device: torch.device) -> tuple[nn.Module, Any]:
+    """``--ref-model``, frozen, in ``--model-dtype``, and its tokenizer (None when it has none)."""
+    attn = attention_implementation(device, config.packing)
+    model, tokenizer = _load_pretrained(config.ref_model, attn, DTYPES[config.model_dtype], "--ref-model",
+                                        tokenizer_required=False)
+    model = model.to(device=device, dtype=DTYPES[config.model_dtype]).eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def _load_pretrained(name: str, attn: str, dtype: torch.dtype, flag: str, tokenizer_required: bool = True):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
-        raise UserError(f"model not found: {name}")
-
+    local = Path(name).expanduser()
+    if name.startswith(("/", ".", "~")) and not local.exists():
+        raise UserError(f"{flag}: model not found: {name}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, attn_implementation=attn, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(name, attn_implementation=attn, dtype=dtype)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except Exception:
+            if tokenizer_required:
+                raise
+            tokenizer = None
     except Exception as err:  # missing path, no network, unknown architecture: user-facing
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"could not load model '{name}': {message}") from None
+        raise UserError(f"{flag}: could not load model '{name}': {message}") from None
+    if local.is_dir():  # where LoRA adapters say their base model is: loadable from any folder
+        model.name_or_path = model.config._name_or_path = str(local.resolve())
     return model, tokenizer
+
+
+def check_same_tokenizer(tokenizer, ref_tokenizer, ref_vocab: int, ref_name: str) -> None:
+    """The reference scores the policy's token ids: same ids for the same text, and a vocabulary covering them."""
+    if len(tokenizer) > ref_vocab:
+        raise UserError(f"--ref-model {ref_name} has {ref_vocab} vocabulary entries, the tokenizer {len(tokenizer)}: "
+                        "the reference must use the policy's tokenizer")
+    if ref_tokenizer is None:
+        return
+    sample = "Preference pairs, scored twice: ünïcode 123 <|user|>\n"
+    if encode_text(tokenizer, sample) != encode_text(ref_tokenizer, sample) or any(
+            getattr(tokenizer, f, None) != getattr(ref_tokenizer, f, None) for f in ("eos_token_id", "bos_token_id")):
+        raise UserError(f"--ref-model {ref_name} has another tokenizer than the policy (other token ids for the "
+                        "same text): the reference must use the policy's tokenizer")
 
 
 def add_lora(model: nn.Module, config: TrainConfig) -> nn.Module:

@@ -1,9 +1,10 @@
 """The module that computes the loss from a batch: the unit DDP/FSDP wrap.
 
-One step runs the policy's *backbone* (never its LM head) once over the chosen and rejected
-sequences together and hands the final hidden states with ``lm_head.weight`` to
-:func:`upo.fused_loss`, so ``[tokens, vocab]`` logits never exist. The reference is a frozen
-copy of the initial policy, the policy with LoRA adapters disabled, or precomputed log-probs.
+One step runs the policy's own forward with its LM head stubbed out (``upo.heads``) once over the
+chosen and rejected sequences together, and hands the hidden states the head would have received,
+with the head's weight, bias and logit options, to :func:`upo.fused_loss`, so ``[tokens, vocab]``
+logits never exist. The reference is a frozen copy of the initial policy, ``--ref-model``, the
+policy with LoRA adapters disabled, or precomputed log-probs.
 """
 from __future__ import annotations
 
@@ -14,14 +15,16 @@ import torch
 from torch import nn
 
 import upo
-from upo.heads import final_hidden_states, head_weight_and_bias, lm_head_of, logit_options
+from upo.heads import LMHead, describe_lm_head
 from upo.train.data import PreferenceBatch
 
 
-def backbone_hidden(causal_lm: nn.Module, batch: PreferenceBatch) -> torch.Tensor:
-    """Final hidden states: ``[2B, T, D]`` padded, ``[N, D]`` packed."""
-    hidden = final_hidden_states(causal_lm, batch.input_ids, batch.attention_mask, batch.position_ids)
-    return hidden[0] if batch.packed else hidden
+def head_inputs(causal_lm: nn.Module, batch: PreferenceBatch) -> tuple[LMHead, torch.Tensor]:
+    """The model's head description and the hidden states its head consumes: ``[2B, T, D]`` padded,
+    ``[N, D]`` packed."""
+    head = describe_lm_head(causal_lm)
+    hidden = head.hidden_states(causal_lm, batch.input_ids, batch.attention_mask, batch.position_ids)
+    return head, hidden[0] if batch.packed else hidden
 
 
 class PreferenceModel(nn.Module):
@@ -43,7 +46,6 @@ class PreferenceModel(nn.Module):
         self.loss_kwargs = loss_kwargs
         self.backend = backend
         self.autocast_dtype = autocast_dtype
-        self.logit_options = logit_options(policy)
 
     def _autocast(self, device: torch.device):
         if self.autocast_dtype is None:
@@ -53,29 +55,26 @@ class PreferenceModel(nn.Module):
     def forward(self, batch: PreferenceBatch):
         device = batch.input_ids.device
         with self._autocast(device):
-            hidden = backbone_hidden(self.policy, batch)
-            weight, bias = head_weight_and_bias(lm_head_of(self.policy), hidden.dtype)
+            head, hidden = head_inputs(self.policy, batch)
+            weight, bias = head.weight_and_bias(hidden.dtype)
             kwargs = dict(self.loss_kwargs)
-            kwargs.update(self._reference_kwargs(batch))
+            kwargs.update(self._reference_kwargs(batch, head))
             kwargs.update(self._aux_kwargs(batch, hidden))
             # token_stats: TRL's entropy / mean_token_accuracy / logits/* metrics, from the same pass
             return upo.fused_loss(hidden, weight, batch.labels, bias=bias, cu_seqlens=batch.cu_seqlens,
-                                  backend=self.backend, token_stats=True, **self.logit_options, **kwargs)
+                                  backend=self.backend, token_stats=True, **head.logit_options, **kwargs)
 
-    def _reference_kwargs(self, batch: PreferenceBatch) -> dict:
+    def _reference_kwargs(self, batch: PreferenceBatch, policy_head: LMHead) -> dict:
         if self.reference is None:
             return {}
         if self.reference == "precomputed":
             return {"ref_chosen_logps": batch.ref_chosen_logps, "ref_rejected_logps": batch.ref_rejected_logps}
         with torch.no_grad():
-            if self.reference == "adapters":
-                with self.policy.disable_adapter():
-                    ref_hidden = backbone_hidden(self.policy, batch)
-                head = lm_head_of(self.policy)
-            else:
-                ref_hidden = backbone_hidden(self.reference, batch)
-                head = lm_head_of(self.reference)
-            ref_weight, ref_bias = head_weight_and_bias(head, ref_hidden.dtype)
+            adapters_off = self.policy.disable_adapter() if self.reference == "adapters" else contextlib.nullcontext()
+            with adapters_off:  # the head's weight too is read with the adapters off (LoRA on the head)
+                model = self.policy if self.reference == "adapters" else self.reference
+                head, ref_hidden = head_inputs(model, batch)
+                ref_weight, ref_bias = head.weight_and_bias_for(policy_head.logit_options, ref_hidden.dtype)
         return {"ref_hidden": ref_hidden, "ref_weight": ref_weight.detach(),
                 "ref_bias": None if ref_bias is None else ref_bias.detach()}
 

@@ -10,11 +10,10 @@ import torch
 from torch import nn
 
 from upo.fused import sequence_logprobs
-from upo.heads import head_weight_and_bias, lm_head_of, logit_options
 from upo.train.atomic import atomic_save
 from upo.train.config import TrainConfig
 from upo.train.data import PreferenceData, collate
-from upo.train.preference_model import backbone_hidden
+from upo.train.preference_model import head_inputs
 from upo.train.runtime import Runtime, barrier
 
 
@@ -35,7 +34,8 @@ def reference_cache_path(output_dir: Path, model: nn.Module, data: PreferenceDat
     digest.update(model_signature(model).encode())
     for e in data.examples:
         digest.update(json.dumps([e.index, e.prompt_ids, e.chosen_ids, e.rejected_ids]).encode())
-    settings = [config.model, config.max_length, config.max_prompt_length, config.truncation, config.precision]
+    settings = [config.model, config.max_length, config.max_prompt_length, config.truncation, config.precision,
+                config.ref_model, config.model_dtype]
     digest.update(json.dumps(settings).encode())
     return output_dir / "ref_logps" / f"{digest.hexdigest()[:24]}.pt"
 
@@ -52,16 +52,16 @@ def compute_sequence_logps(model: nn.Module, examples: list, pad_id: int, device
     model.eval()
     n = max((e.index for e in examples), default=-1) + 1
     result = {key: torch.zeros(n) for key in ("chosen", "rejected", "chosen_tokens", "rejected_tokens")}
-    options = logit_options(model)
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         batch = collate(chunk, pad_id, packing=False).to(device)
         autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype
                     else contextlib.nullcontext())
         with autocast:
-            hidden = backbone_hidden(model, batch)
-            weight, bias = head_weight_and_bias(lm_head_of(model), hidden.dtype)
-            sums, counts = sequence_logprobs(hidden, weight, batch.labels, bias=bias, backend=backend, **options)
+            head, hidden = head_inputs(model, batch)
+            weight, bias = head.weight_and_bias(hidden.dtype)
+            sums, counts = sequence_logprobs(hidden, weight, batch.labels, bias=bias, backend=backend,
+                                             **head.logit_options)
         idx = torch.tensor([e.index for e in chunk])
         sums, counts = sums.float().cpu(), counts.float().cpu()
         result["chosen"][idx], result["rejected"][idx] = sums[:len(chunk)], sums[len(chunk):]

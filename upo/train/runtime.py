@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from upo.heads import backbone_of
+from upo.heads import decoder_layers
 from upo.train.errors import UserError
 
 
@@ -139,7 +139,7 @@ def wrap_for_processes(module: nn.Module, runtime: Runtime, fsdp: bool, log) -> 
 
         if isinstance(module.reference, nn.Module):
             log("note: with --fsdp every process holds a full reference copy; --precompute-ref or --lora avoid it")
-        for layer in getattr(backbone_of(module.policy), "layers", []):
+        for layer in decoder_layers(module.policy):
             fully_shard(layer)
         fully_shard(module)
         return module

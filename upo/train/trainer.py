@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import upo
-from upo.heads import lm_head_of
+from upo.heads import describe_lm_head
 from upo.train.atomic import atomic_write_text
 from upo.train.checkpoints import restore_training_state, trainable_state, training_state_payload, write_checkpoint
 from upo.train.config import TrainConfig
@@ -30,6 +30,7 @@ from upo.train.evaluation import evaluate_pairs, implicit_and_aux_rewards, pears
 from upo.train.final_model import save_final_model
 from upo.train.generation import evaluate_generations
 from upo.train.metrics import MetricMean, peak_memory_bytes, postfix, reward_metrics, run_summary, scalar_metrics
+from upo.train.model_checks import check_logits, load_checked_reference
 from upo.train.models import add_lora, enable_activation_checkpointing, frozen_copy, load_policy_and_tokenizer
 from upo.train.objective import (build_reward, check_loss_names, check_loss_options, loss_kwargs_from_config,
                                  needs_reference, uses_aux_objective)
@@ -101,9 +102,11 @@ class Trainer:
         check_backend(config.backend, self.runtime.device)
         self._check_objective()
         self.autocast_dtype = torch.bfloat16 if config.precision == "bf16" else None
+        self.model_notes: list[str] = []  # what the start-up logit checks found
         policy, self.tokenizer = load_policy_and_tokenizer(config, self.runtime.device)
         self.pad_id = pad_token_id(self.tokenizer)
         self._prepare_data()
+        self._check_logits(policy, f"--model {config.model}" if config.model else "the built-in model")
         policy, reference = self._prepare_reference(policy)
         self.module = self._build_module(policy, reference)
         self.model = wrap_for_processes(self.module, self.runtime, self.config.fsdp, self.log)
@@ -142,25 +145,39 @@ class Trainer:
         if not needs_reference(config.loss_type):
             if config.precompute_ref:
                 self.log("note: --precompute-ref is ignored: the selected losses use no reference")
+            if config.ref_model:
+                self.log("note: --ref-model is ignored: the selected losses use no reference")
         elif config.precompute_ref:
-            self.ref_logps = load_or_compute_reference(policy, self.data, self.pad_id, config, self.runtime,
+            source = self._load_reference(policy) if config.ref_model else policy
+            self.ref_logps = load_or_compute_reference(source, self.data, self.pad_id, config, self.runtime,
                                                        self.autocast_dtype, self.log)
             reference = "precomputed"
+        elif config.ref_model:
+            reference = self._load_reference(policy)
         elif config.lora:
             reference = "adapters"
         else:
             reference = frozen_copy(policy)
+            describe_lm_head(reference)  # read once here, as the policy's (a copy: same numbers, no check)
         if config.gradient_checkpointing:
             enable_activation_checkpointing(policy)
         if config.lora:
             policy = add_lora(policy, config)
         return policy, reference
 
+    def _load_reference(self, policy: nn.Module) -> nn.Module:
+        return load_checked_reference(policy, self.tokenizer, self.config, self.runtime, self._check_logits)
+
+    def _check_logits(self, model: nn.Module, what: str) -> None:
+        """Checked at load; said when the run starts (a set-up error stays the only line)."""
+        self.model_notes.append(check_logits(model, what, self.data.examples[:1], self.pad_id, self.config,
+                                             self.runtime))
+
     def _build_module(self, policy: nn.Module, reference) -> "PreferenceModel":
         config = self.config
         value_head = None
         if config.baseline == "value" and uses_aux_objective(config.loss_type):
-            value_head = upo.ValueHead(lm_head_of(policy).weight.shape[1]).to(self.runtime.device)
+            value_head = upo.ValueHead(describe_lm_head(policy).hidden_size).to(self.runtime.device)
         loss_kwargs = loss_kwargs_from_config(config, list(self.reward.weights) if self.reward else None)
         module = PreferenceModel(policy, value_head, reference, loss_kwargs, config.backend, self.autocast_dtype)
         return module.train()
@@ -292,6 +309,8 @@ class Trainer:
                     atomic_write_text(json.dumps(self.config.to_dict(), indent=2) + "\n",
                                       self.output_dir / "config.json")
                 self.log(self._describe())
+                for note in self.model_notes:
+                    self.log(note)
                 progress, metrics_file = self._progress_bar(), self._open_metrics()
                 while self.state.step < self.total_steps:
                     record = self.train_step()

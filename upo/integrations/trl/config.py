@@ -55,6 +55,9 @@ class UPOConfig(DPOConfig):
         "help": "Train a value head V(x) as UPO's baseline (default: on when loss_type has 'upo')."})
     value_lr: float = field(default=1e-3, metadata={
         "help": "Learning rate of the value head (its own optimizer parameter group, no weight decay)."})
+    logit_check: bool = field(default=True, metadata={
+        "help": "At construction, compare upo's logit-free log-probs with the model's own log_softmax(logits) "
+                "on a slice of the first training example (policy and ref_model) and refuse a disagreement."})
     upo_backend: str = field(default="auto", metadata={
         "help": "upo's kernels: 'auto' (Triton on CUDA, chunked PyTorch elsewhere), 'triton' or 'torch'."})
 

@@ -20,7 +20,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 import upo
-from upo.heads import final_hidden_states, head_weight_and_bias, lm_head_of, logit_options
+from upo.heads import describe_lm_head
 from upo.integrations.trl.batch import (
     AuxRewardCollator,
     aux_rewards,
@@ -30,6 +30,7 @@ from upo.integrations.trl.batch import (
 )
 from upo.integrations.trl.config import UPOConfig, plan_loss, setting
 from upo.integrations.trl.forward import causal_lm_of, run_inside_forward
+from upo.integrations.trl.logit_check import check_models
 from upo.integrations.trl.rewards import AUX_COLUMNS, CHOSEN_COLUMN, AuxRewards
 from upo.integrations.trl.value_head import ATTRIBUTE, attach_value_head, load_value_head_into, save_value_head
 
@@ -68,6 +69,8 @@ class UPOTrainer(DPOTrainer):
                              "router_aux_loss_coef=0.0 to train without it")
         if self._plan.uses_aux_rewards:
             self.data_collator = AuxRewardCollator(self.data_collator)
+        if setting(args, "logit_check"):
+            check_models(self.model, self.ref_model, self.train_dataset, self._plan.backend)
         if self._plan.use_value_head:
             self._value_head = attach_value_head(causal_lm_of(self.model))
 
@@ -106,9 +109,10 @@ class UPOTrainer(DPOTrainer):
         backend, ld_alpha = self._plan.backend, self._plan.kwargs.get("ld_alpha")
 
         def reference_sums(causal_lm, input_ids, attention_mask):
-            hidden = final_hidden_states(causal_lm, input_ids=input_ids, attention_mask=attention_mask)
-            weight, bias = head_weight_and_bias(lm_head_of(causal_lm), hidden.dtype)
-            options = dict(bias=bias, backend=backend, allow_empty=True, **logit_options(causal_lm))
+            head = describe_lm_head(causal_lm)
+            hidden = head.hidden_states(causal_lm, input_ids, attention_mask)
+            weight, bias = head.weight_and_bias(hidden.dtype)
+            options = dict(bias=bias, backend=backend, allow_empty=True, **head.logit_options)
             sums = upo.sequence_logprobs(hidden, weight, labels.to(hidden.device), **options)[0]
             if ld_alpha is None:
                 return sums
@@ -123,15 +127,16 @@ class UPOTrainer(DPOTrainer):
         plan = self._plan
 
         def policy_loss(causal_lm, input_ids, attention_mask):
-            hidden = final_hidden_states(causal_lm, input_ids=input_ids, attention_mask=attention_mask)
-            weight, bias = head_weight_and_bias(lm_head_of(causal_lm), hidden.dtype)
+            head = describe_lm_head(causal_lm)
+            hidden = head.hidden_states(causal_lm, input_ids, attention_mask)
+            weight, bias = head.weight_and_bias(hidden.dtype)
             kwargs = dict(loss_inputs)
             if plan.use_value_head:
                 rows = torch.arange(prompt_index.numel(), device=hidden.device)
                 prompt_hidden = hidden[rows, prompt_index.to(hidden.device)]
                 kwargs["values_chosen"] = getattr(causal_lm, ATTRIBUTE)(prompt_hidden).float()
             return upo.fused_loss(hidden, weight, labels.to(hidden.device), bias=bias, backend=plan.backend,
-                                  **logit_options(causal_lm), **kwargs)
+                                  **head.logit_options, **kwargs)
 
         return policy_loss
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from upo import ValueHead
-from upo.heads import lm_head_of
+from upo.heads import describe_lm_head
 
 ATTRIBUTE = "upo_value_head"
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -23,8 +23,8 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 def attach_value_head(causal_lm: nn.Module) -> ValueHead:
     """A new value head on ``causal_lm`` (hidden size and device of its LM head), fp32."""
-    head_weight = lm_head_of(causal_lm).weight
-    head = ValueHead(head_weight.shape[1]).to(head_weight.device)
+    described = describe_lm_head(causal_lm)
+    head = ValueHead(described.hidden_size).to(described.weight_and_bias()[0].device)
     causal_lm.add_module(ATTRIBUTE, head)
     keys = {f"{ATTRIBUTE}.{name}" for name in head.state_dict()}
     causal_lm._keys_to_ignore_on_save = set(getattr(causal_lm, "_keys_to_ignore_on_save", None) or ()) | keys

@@ -51,6 +51,47 @@ class ByteTokenizer:
         return self.encode(text) if tokenize else text
 
 
+# simple_chat_template as a Jinja template, for the saved Hugging Face copy of the byte tokenizer.
+SIMPLE_CHAT_JINJA = ("{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endfor %}"
+                     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable character for each byte: what the ``tokenizers`` ByteLevel pre-tokenizer emits."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def hf_byte_tokenizer():
+    """A ``PreTrainedTokenizerFast`` with :class:`ByteTokenizer`'s ids (pad 0, eos 1, bos 2, byte b -> b + 3),
+    built in code from the ``tokenizers`` library: what ``model/`` saves, for ``AutoTokenizer``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {"<pad>": ByteTokenizer.pad_token_id, "</s>": ByteTokenizer.eos_token_id,
+                "<s>": ByteTokenizer.bos_token_id}
+    vocab = dict(specials)
+    vocab.update({char: b + ByteTokenizer.offset for b, char in _bytes_to_unicode().items()})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: one token per byte
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                           special_tokens=[("<s>", ByteTokenizer.bos_token_id)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+                                        bos_token="<s>", unk_token="<s>",
+                                        split_special_tokens=True)  # "<s>" in text is three bytes, as ours
+    tokenizer.chat_template = SIMPLE_CHAT_JINJA
+    return tokenizer
+
+
 def simple_chat_template(messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
     """``"<|role|>\\ncontent\\n"`` per message, then ``"<|assistant|>\\n"`` if a reply is expected."""
     text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
