@@ -177,6 +177,22 @@ def test_precomputed_reference_equals_on_the_fly(tmp_path):
     assert len(list((tmp_path / "b" / "out" / "ref_logps").glob("*.pt"))) == 2
 
 
+def test_precomputed_reference_serves_ld_dpo(tmp_path):
+    """--ld-alpha with --precompute-ref: the cache holds the reference's shared-prefix sums too, and the
+    run equals the one with the reference model on the fly; a cache without them is recomputed."""
+    settings = dict(loss_type=["sigmoid"], ld_alpha=0.5)
+    plain_cache = make_trainer(tmp_path / "b", precompute_ref=True, loss_type=["sigmoid"])
+    assert "chosen_shared" not in plain_cache.ref_logps
+    plain_cache.close()
+    on_the_fly = make_trainer(tmp_path / "a", **settings)
+    precomputed = make_trainer(tmp_path / "b", precompute_ref=True, overwrite=True, **settings)
+    assert {"chosen_shared", "rejected_shared"} <= set(precomputed.ref_logps)
+    a, b = train_steps(on_the_fly, 2), train_steps(precomputed, 2)
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-5)
+        assert x["rewards/margins"] == pytest.approx(y["rewards/margins"], rel=1e-4, abs=1e-5)
+
+
 def test_reference_free_losses_need_no_reference(tmp_path):
     trainer = make_trainer(tmp_path, loss_type=["simpo"], precompute_ref=True)
     assert trainer.module.reference is None and trainer.ref_logps is None

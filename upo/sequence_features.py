@@ -32,6 +32,18 @@ def shared_prefix(keep, seq_ids, counts):
     return keep & (position <= shared_len[seq_ids])
 
 
+def shared_prefix_labels(labels, ignore_index=-100):
+    """Padded ``[2B, T]`` labels (B chosen rows, then B rejected) keeping only each pair's first
+    ``min(n_chosen, n_rejected)`` labelled tokens: summed log-probs over them are LD-DPO's shared sums
+    (the same tokens as :func:`shared_prefix`), for callers that precompute reference sums."""
+    valid = labels != ignore_index
+    position = valid.cumsum(dim=1)  # 1, 2, ... over a row's labelled tokens
+    counts = valid.sum(dim=1)
+    half = labels.shape[0] // 2
+    shared = torch.minimum(counts[:half], counts[half:]).repeat(2)
+    return labels.masked_fill(position > shared.unsqueeze(1), ignore_index)
+
+
 def shared_sums(logp, shared, seq_ids, rows):
     """``[R]`` sums of the per-token log-probs over the shared prefix (with gradient)."""
     return per_sequence_sum(torch.where(shared, logp, torch.zeros_like(logp)), seq_ids, rows)

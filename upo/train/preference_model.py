@@ -68,7 +68,11 @@ class PreferenceModel(nn.Module):
         if self.reference is None:
             return {}
         if self.reference == "precomputed":
-            return {"ref_chosen_logps": batch.ref_chosen_logps, "ref_rejected_logps": batch.ref_rejected_logps}
+            given = {"ref_chosen_logps": batch.ref_chosen_logps, "ref_rejected_logps": batch.ref_rejected_logps}
+            if "ld_alpha" in self.loss_kwargs:
+                given.update(ref_chosen_shared_logps=batch.ref_chosen_shared_logps,
+                             ref_rejected_shared_logps=batch.ref_rejected_shared_logps)
+            return given
         with torch.no_grad():
             adapters_off = self.policy.disable_adapter() if self.reference == "adapters" else contextlib.nullcontext()
             with adapters_off:  # the head's weight too is read with the adapters off (LoRA on the head)

@@ -10,11 +10,14 @@ import torch
 from torch import nn
 
 from upo.fused import sequence_logprobs
+from upo.sequence_features import shared_prefix_labels
 from upo.train.atomic import atomic_save
 from upo.train.config import TrainConfig
 from upo.train.data import PreferenceData, collate
 from upo.train.preference_model import head_inputs
 from upo.train.runtime import Runtime, barrier
+
+SHARED_KEYS = ("chosen_shared", "rejected_shared")
 
 
 def model_signature(model: nn.Module) -> str:
@@ -42,16 +45,20 @@ def reference_cache_path(output_dir: Path, model: nn.Module, data: PreferenceDat
 
 @torch.no_grad()
 def compute_sequence_logps(model: nn.Module, examples: list, pad_id: int, device: torch.device,
-                           batch_size: int, backend: str, autocast_dtype: torch.dtype | None = None) -> dict:
+                           batch_size: int, backend: str, autocast_dtype: torch.dtype | None = None,
+                           shared_prefix: bool = False) -> dict:
     """Per-example response log-prob sums and token counts of ``model`` (no grad, fp32, on CPU).
 
     Returns ``{"chosen", "rejected", "chosen_tokens", "rejected_tokens"}``, each indexed by
-    ``example.index`` (entries of examples not given stay 0).
+    ``example.index`` (entries of examples not given stay 0); with ``shared_prefix`` also
+    ``"chosen_shared"``, ``"rejected_shared"``: LD-DPO's sums over each pair's first
+    ``min(n_chosen, n_rejected)`` response tokens (one more head pass, no backbone pass).
     """
     was_training = model.training
     model.eval()
     n = max((e.index for e in examples), default=-1) + 1
-    result = {key: torch.zeros(n) for key in ("chosen", "rejected", "chosen_tokens", "rejected_tokens")}
+    keys = ("chosen", "rejected", "chosen_tokens", "rejected_tokens") + (SHARED_KEYS if shared_prefix else ())
+    result = {key: torch.zeros(n) for key in keys}
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         batch = collate(chunk, pad_id, packing=False).to(device)
@@ -62,7 +69,13 @@ def compute_sequence_logps(model: nn.Module, examples: list, pad_id: int, device
             weight, bias = head.weight_and_bias(hidden.dtype)
             sums, counts = sequence_logprobs(hidden, weight, batch.labels, bias=bias, backend=backend,
                                              **head.logit_options)
+            if shared_prefix:
+                shared, _ = sequence_logprobs(hidden, weight, shared_prefix_labels(batch.labels), bias=bias,
+                                              backend=backend, **head.logit_options)
         idx = torch.tensor([e.index for e in chunk])
+        if shared_prefix:
+            shared = shared.float().cpu()
+            result["chosen_shared"][idx], result["rejected_shared"][idx] = shared[:len(chunk)], shared[len(chunk):]
         sums, counts = sums.float().cpu(), counts.float().cpu()
         result["chosen"][idx], result["rejected"][idx] = sums[:len(chunk)], sums[len(chunk):]
         result["chosen_tokens"][idx], result["rejected_tokens"][idx] = counts[:len(chunk)], counts[len(chunk):]
@@ -73,26 +86,29 @@ def compute_sequence_logps(model: nn.Module, examples: list, pad_id: int, device
 def load_or_compute_reference(model, data, pad_id, config, runtime: Runtime, autocast_dtype, log) -> dict:
     """Reference log-probs from the on-disk cache, or computed by rank 0 and written atomically."""
     path = reference_cache_path(Path(config.output_dir), model, data, config)
-    if runtime.is_main and path.is_file() and not _cache_is_readable(path, len(data)):
-        log(f"note: the cached reference log-probs {path} are unreadable (a damaged file): computing them again")
+    shared_prefix = config.ld_alpha is not None  # LD-DPO also needs the reference's shared-prefix sums
+    sides = ("chosen", "rejected") + (SHARED_KEYS if shared_prefix else ())
+    if runtime.is_main and path.is_file() and not _cache_is_readable(path, len(data), sides):
+        log(f"note: the cached reference log-probs {path} are unreadable or lack what this run needs: "
+            "computing them again")
         path.unlink()
     if runtime.is_main and not path.is_file():
         log(f"precomputing reference log-probs for {len(data)} pairs -> {path}")
         values = compute_sequence_logps(model, data.examples, pad_id, runtime.device, config.batch_size,
-                                        config.backend, autocast_dtype)
-        atomic_save({"chosen": values["chosen"], "rejected": values["rejected"]}, path)
+                                        config.backend, autocast_dtype, shared_prefix=shared_prefix)
+        atomic_save({side: values[side] for side in sides}, path)
     elif runtime.is_main:
         log(f"using cached reference log-probs {path}")
     barrier(runtime)
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _cache_is_readable(path: Path, num_examples: int) -> bool:
-    """A cache file that loads and holds one chosen and one rejected value per example (it is only a cache:
-    a damaged one is recomputed, not an error)."""
+def _cache_is_readable(path: Path, num_examples: int, sides=("chosen", "rejected")) -> bool:
+    """A cache file that loads and holds one value per example for each of ``sides`` (it is only a cache:
+    a damaged or incomplete one is recomputed, not an error)."""
     try:
         values = torch.load(path, map_location="cpu", weights_only=True)
         return all(isinstance(values.get(side), torch.Tensor) and tuple(values[side].shape) == (num_examples,)
-                   for side in ("chosen", "rejected"))
+                   for side in sides)
     except Exception:
         return False

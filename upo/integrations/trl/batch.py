@@ -25,16 +25,6 @@ def next_token_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor) ->
     return labels
 
 
-def shared_prefix_labels(labels: torch.Tensor) -> torch.Tensor:
-    """``labels`` keeping only each pair's first ``min(n_chosen, n_rejected)`` response tokens (LD-DPO)."""
-    valid = labels != IGNORE_INDEX
-    position = valid.cumsum(dim=1)  # 1, 2, ... over a row's response tokens
-    counts = valid.sum(dim=1)
-    half = labels.shape[0] // 2
-    shared = torch.minimum(counts[:half], counts[half:]).repeat(2)
-    return labels.masked_fill(position > shared.unsqueeze(1), IGNORE_INDEX)
-
-
 def last_prompt_index(completion_mask: torch.Tensor) -> torch.Tensor:
     """``(B,)`` position of each pair's last prompt token, read on the chosen rows.
 

@@ -26,13 +26,18 @@ from upo.integrations.trl.batch import (
     aux_rewards,
     last_prompt_index,
     next_token_labels,
-    shared_prefix_labels,
 )
 from upo.integrations.trl.config import UPOConfig, plan_loss, setting
 from upo.integrations.trl.forward import causal_lm_of, run_inside_forward
 from upo.integrations.trl.logit_check import check_models
 from upo.integrations.trl.rewards import AUX_COLUMNS, CHOSEN_COLUMN, AuxRewards
-from upo.integrations.trl.value_head import ATTRIBUTE, attach_value_head, load_value_head_into, save_value_head
+from upo.integrations.trl.value_head import (
+    ATTRIBUTE,
+    attach_value_head,
+    load_value_head_into,
+    save_value_head,
+)
+from upo.sequence_features import shared_prefix_labels
 
 
 class UPOTrainer(DPOTrainer):

@@ -35,6 +35,8 @@ class PreferenceBatch:
     aux_rejected: torch.Tensor | None = None
     ref_chosen_logps: torch.Tensor | None = None  # [B], when precomputed
     ref_rejected_logps: torch.Tensor | None = None
+    ref_chosen_shared_logps: torch.Tensor | None = None  # [B], LD-DPO's shared-prefix sums, when precomputed
+    ref_rejected_shared_logps: torch.Tensor | None = None
     example_indices: list[int] = field(default_factory=list)
     num_tokens: int = 0
 
@@ -73,6 +75,9 @@ def _aux_and_ref(examples, ref_logps) -> dict:
         idx = torch.tensor([e.index for e in examples], dtype=torch.long)
         extra["ref_chosen_logps"] = ref_logps["chosen"][idx].float()
         extra["ref_rejected_logps"] = ref_logps["rejected"][idx].float()
+        if "chosen_shared" in ref_logps:  # cached with --ld-alpha
+            extra["ref_chosen_shared_logps"] = ref_logps["chosen_shared"][idx].float()
+            extra["ref_rejected_shared_logps"] = ref_logps["rejected_shared"][idx].float()
     return extra
 
 
