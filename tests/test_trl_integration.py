@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import math
 import subprocess
 import sys
@@ -24,20 +23,11 @@ trl = pytest.importorskip("trl")
 import torch  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
-import upo  # noqa: E402
 from upo.integrations.trl import VALUE_HEAD_FILE, UPOConfig, UPOTrainer, load_value_head  # noqa: E402
 from upo.integrations.trl.rewards import AuxRewards  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PARITY_CASES = [["sigmoid"], ["ipo"], ["sigmoid", "sft"], ["apo_zero"]]
-
-
-def _upo_lacks(name: str) -> bool:
-    try:
-        upo.loss_spec(name)
-    except ValueError:
-        return True
-    return False
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,11 +42,7 @@ def relative_errors(reference: list[dict], ours: list[dict], key: str = "loss") 
 
 # -- parity with DPOTrainer
 
-@pytest.mark.parametrize("loss_type", [
-    pytest.param(case, marks=pytest.mark.xfail(_upo_lacks("sft"), strict=True,
-                                               reason="needs loss 'sft' from the loss-parity branch"))
-    if "sft" in case else case
-    for case in PARITY_CASES], ids="+".join)
+@pytest.mark.parametrize("loss_type", PARITY_CASES, ids="+".join)
 def test_losses_and_updates_match_dpo_trainer(loss_type):
     reference = dpo_run(tuple(loss_type))
     ours = trl_tiny.run(UPOTrainer, UPOConfig, loss_type=loss_type)
@@ -65,9 +51,8 @@ def test_losses_and_updates_match_dpo_trainer(loss_type):
     print(f"\nparity {loss_type}: loss rel errors {[f'{e:.1e}' for e in errors]}, update ratio {ratio:.1e}")
     assert errors[0] < 1e-5 and max(errors[1:]) < 1e-4, errors
     assert ratio < 0.01, ratio
-    keys = ["rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"]
-    if "token_stats" in inspect.signature(upo.fused_loss).parameters:  # TRL's token statistics, from upo's kernels
-        keys += ["entropy", "mean_token_accuracy", "logits/chosen", "logits/rejected"]
+    keys = ["rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
+            "entropy", "mean_token_accuracy", "logits/chosen", "logits/rejected"]  # the last four from upo's kernels
     for key in keys:
         assert [h[key] for h in ours.logs] == pytest.approx([h[key] for h in reference.logs], rel=1e-3, abs=2e-4), key
 
@@ -260,22 +245,20 @@ def test_upo_option_errors_name_the_option():
         _trainer(loss_type=["sigmoid"], upo_lambda=0.5)
 
 
-@pytest.mark.parametrize("field, value", [("use_weighting", True), ("ld_alpha", 0.5),
-                                          ("f_divergence_type", "js_divergence")])
-def test_trl_options_upo_cannot_do_are_refused(field, value):
-    if field in inspect.signature(upo.loss).parameters:
-        pytest.skip(f"upo.loss implements {field}")
-    with pytest.raises(ValueError, match=f"{field}={value!r}"):
-        _trainer(loss_type=["sigmoid"], **{field: value})
+# DPOConfig options that change TRL's numbers, and TRL 1.16's newer loss types: the same losses and updates.
+TRL_OPTION_CASES = [dict(loss_type=["sigmoid"], use_weighting=True), dict(loss_type=["sigmoid"], ld_alpha=0.5),
+                    dict(loss_type=["sigmoid"], f_divergence_type="js_divergence"),
+                    dict(loss_type=["sigmoid"], label_smoothing=0.1), dict(loss_type=["sigmoid_norm"]),
+                    dict(loss_type=["aot"]), dict(loss_type=["bco_pair"])]
 
 
-def test_label_smoothing_with_sigmoid_follows_trl_or_is_refused():
-    try:
-        run = _trainer(loss_type=["sigmoid"], label_smoothing=0.1)
-    except ValueError as err:
-        assert "label_smoothing=0.1 with loss 'sigmoid'" in str(err)
-    else:  # upo's sigmoid ignores it, as TRL 1.16's
-        assert run.trainer._plan.kwargs["label_smoothing"] == 0.1
+@pytest.mark.parametrize("settings", TRL_OPTION_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_trl_options_match_dpo_trainer(settings):
+    reference = trl_tiny.run(DPOTrainer, DPOConfig, max_steps=2, **settings)
+    ours = trl_tiny.run(UPOTrainer, UPOConfig, max_steps=2, **settings)
+    errors = relative_errors(reference.logs, ours.logs)
+    assert errors[0] < 1e-5 and max(errors[1:]) < 1e-4, errors
+    assert trl_tiny.update_ratio(reference, ours) < 0.01
 
 
 def test_reward_specs_and_conversational_rows():

@@ -22,7 +22,7 @@ import upo
 TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 # DPOConfig fields that change TRL's numbers when not at their default: field -> (default, what it is).
-# They go to upo.loss under the same name, which must implement them.
+# They go to upo.loss under the same name (a field upo.loss lacks is refused, never ignored).
 TRL_LOSS_FIELDS = {
     "use_weighting": (False, "WPO weighting"),
     "ld_alpha": (None, "LD-DPO length weighting"),
@@ -105,7 +105,6 @@ def plan_loss(args: Any, n_rewards: int, reward_weights: list[float] | None = No
     options = _options(args, names, reward_weights)
     kwargs = dict(loss_type=list(names), loss_weights=args.loss_weights, beta=args.beta,
                   label_smoothing=args.label_smoothing, **options)
-    _check_label_smoothing(names, args.label_smoothing)
     uses_aux = any(spec.needs_aux_rewards for spec in specs)
     if uses_aux and n_rewards == 0:
         losses = [spec.name for spec in specs if spec.needs_aux_rewards]
@@ -119,8 +118,7 @@ def plan_loss(args: Any, n_rewards: int, reward_weights: list[float] | None = No
         use_value_head = "upo" in names
     if use_value_head and "upo" not in names:
         raise ValueError("use_value_head=True needs loss 'upo' in loss_type (the value head is UPO's baseline)")
-    if "token_stats" in inspect.signature(upo.fused_loss).parameters:
-        kwargs["token_stats"] = True  # TRL's entropy, mean_token_accuracy and logits/* metrics
+    kwargs["token_stats"] = True  # TRL's entropy, mean_token_accuracy and logits/* metrics
     plan = LossPlan(names, kwargs, any(spec.needs_reference for spec in specs), uses_aux, bool(use_value_head),
                     setting(args, "upo_backend"))
     dry_run(plan, n_rewards)
@@ -171,19 +169,6 @@ def _options(args: Any, names: tuple[str, ...], reward_weights: list[float] | No
     if "bco_pair" in names:
         options.setdefault("bco_delta", 0.0)  # TRL 1.16: no running mean, delta = 0
     return options
-
-
-def _check_label_smoothing(names: tuple[str, ...], label_smoothing: float) -> None:
-    """TRL 1.16's 'sigmoid' ignores label_smoothing; refuse it while upo's 'sigmoid' applies it (cDPO)."""
-    if "sigmoid" not in names or not label_smoothing:
-        return
-    margin, zero = torch.tensor([0.3]), torch.zeros(1)
-    plain = upo.loss(margin, zero, zero, zero, loss_type="sigmoid").loss
-    smoothed = upo.loss(margin, zero, zero, zero, loss_type="sigmoid", label_smoothing=0.25).loss
-    if not torch.equal(plain, smoothed):
-        raise ValueError(f"label_smoothing={label_smoothing} with loss 'sigmoid': TRL 1.16's 'sigmoid' ignores "
-                         "label_smoothing while this upo's applies it (conservative DPO); set label_smoothing=0.0, "
-                         "or use 'robust' for a loss that reads it")
 
 
 def dry_run(plan: LossPlan, n_rewards: int) -> None:
