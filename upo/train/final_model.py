@@ -1,4 +1,5 @@
-"""``model/``: the trained policy in Hugging Face format, with its tokenizer, loadable with ``from_pretrained``."""
+"""``model/``: the trained policy in Hugging Face format, with its tokenizer, loadable with ``from_pretrained``;
+UPO's value head beside it as ``model/value_head.safetensors`` (``upo.value_head.load_value_head``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,3 +29,14 @@ def save_final_model(policy: nn.Module, tokenizer, target: Path, gathered_state:
             hf_logging.enable_progress_bar()
     if hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(target)
+
+
+def save_final_value_head(value_head: nn.Module, target: Path, gathered_state: dict | None = None) -> Path:
+    """``target/value_head.safetensors``; ``gathered_state`` as in :func:`save_final_model` (keys ``value_head.*``)."""
+    from upo.value_head import save_value_head
+
+    if gathered_state is not None:
+        prefix = "value_head."
+        return Path(save_value_head({k[len(prefix):]: v for k, v in gathered_state.items() if k.startswith(prefix)},
+                                    target))
+    return Path(save_value_head(value_head, target))

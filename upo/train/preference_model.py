@@ -15,7 +15,7 @@ from torch import nn
 
 import upo
 from upo.heads import final_hidden_states, head_weight_and_bias, lm_head_of, logit_options
-from upo.train.data import PreferenceBatch
+from upo.train.data import PreferenceBatch, UnpairedBatch
 
 
 def backbone_hidden(causal_lm: nn.Module, batch: PreferenceBatch) -> torch.Tensor:
@@ -51,13 +51,18 @@ class PreferenceModel(nn.Module):
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
     def forward(self, batch: PreferenceBatch):
+        from upo.train.kto_pairs import mismatched_kwargs, unpaired_forward
+
         device = batch.input_ids.device
         with self._autocast(device):
             hidden = backbone_hidden(self.policy, batch)
             weight, bias = head_weight_and_bias(lm_head_of(self.policy), hidden.dtype)
+            if isinstance(batch, UnpairedBatch):
+                return unpaired_forward(self, batch, hidden, weight, bias)
             kwargs = dict(self.loss_kwargs)
             kwargs.update(self._reference_kwargs(batch))
             kwargs.update(self._aux_kwargs(batch, hidden))
+            kwargs.update(mismatched_kwargs(self, batch))  # KTO's reference point
             return upo.fused_loss(hidden, weight, batch.labels, bias=bias, cu_seqlens=batch.cu_seqlens,
                                   backend=self.backend, **self.logit_options, **kwargs)
 

@@ -13,7 +13,7 @@ from upo.fused import sequence_logprobs
 from upo.heads import head_weight_and_bias, lm_head_of, logit_options
 from upo.train.atomic import atomic_save
 from upo.train.config import TrainConfig
-from upo.train.data import PreferenceData, collate
+from upo.train.data import PreferenceData, rows_of
 from upo.train.preference_model import backbone_hidden
 from upo.train.runtime import Runtime, barrier
 
@@ -34,10 +34,26 @@ def reference_cache_path(output_dir: Path, model: nn.Module, data: PreferenceDat
     digest = hashlib.sha256()
     digest.update(model_signature(model).encode())
     for e in data.examples:
-        digest.update(json.dumps([e.index, e.prompt_ids, e.chosen_ids, e.rejected_ids]).encode())
+        digest.update(json.dumps([e.index, e.prompt_ids, *e.responses.values()]).encode())
     settings = [config.model, config.max_length, config.max_prompt_length, config.truncation, config.precision]
     digest.update(json.dumps(settings).encode())
     return output_dir / "ref_logps" / f"{digest.hexdigest()[:24]}.pt"
+
+
+@torch.no_grad()
+def sequences_logps(model: nn.Module, seqs: list, pad_id: int, device: torch.device, backend: str,
+                    autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs and token counts (fp32, on CPU) of ``(token ids, prompt length)`` rows,
+    run as one padded batch in the model's current mode, without grad."""
+    batch = rows_of(seqs, pad_id, packing=False).to(device)
+    autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype
+                else contextlib.nullcontext())
+    with autocast:
+        hidden = backbone_hidden(model, batch)
+        weight, bias = head_weight_and_bias(lm_head_of(model), hidden.dtype)
+        sums, counts = sequence_logprobs(hidden, weight, batch.labels, bias=bias, backend=backend,
+                                         **logit_options(model))
+    return sums.float().cpu(), counts.float().cpu()
 
 
 @torch.no_grad()
@@ -45,27 +61,23 @@ def compute_sequence_logps(model: nn.Module, examples: list, pad_id: int, device
                            batch_size: int, backend: str, autocast_dtype: torch.dtype | None = None) -> dict:
     """Per-example response log-prob sums and token counts of ``model`` (no grad, fp32, on CPU).
 
-    Returns ``{"chosen", "rejected", "chosen_tokens", "rejected_tokens"}``, each indexed by
-    ``example.index`` (entries of examples not given stay 0).
+    Returns, per side of the examples' responses (``"chosen"``, ``"rejected"``; ``"completion"`` for
+    unpaired rows), ``side`` and ``side_tokens``, each indexed by ``example.index`` (entries of
+    examples not given stay 0).
     """
     was_training = model.training
     model.eval()
     n = max((e.index for e in examples), default=-1) + 1
-    result = {key: torch.zeros(n) for key in ("chosen", "rejected", "chosen_tokens", "rejected_tokens")}
-    options = logit_options(model)
+    sides = list(examples[0].responses) if examples else ["chosen", "rejected"]
+    result = {key: torch.zeros(n) for side in sides for key in (side, f"{side}_tokens")}
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        batch = collate(chunk, pad_id, packing=False).to(device)
-        autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype
-                    else contextlib.nullcontext())
-        with autocast:
-            hidden = backbone_hidden(model, batch)
-            weight, bias = head_weight_and_bias(lm_head_of(model), hidden.dtype)
-            sums, counts = sequence_logprobs(hidden, weight, batch.labels, bias=bias, backend=backend, **options)
+        seqs = [(e.prompt_ids + e.responses[side], len(e.prompt_ids)) for side in sides for e in chunk]
+        sums, counts = sequences_logps(model, seqs, pad_id, device, backend, autocast_dtype)
         idx = torch.tensor([e.index for e in chunk])
-        sums, counts = sums.float().cpu(), counts.float().cpu()
-        result["chosen"][idx], result["rejected"][idx] = sums[:len(chunk)], sums[len(chunk):]
-        result["chosen_tokens"][idx], result["rejected_tokens"][idx] = counts[:len(chunk)], counts[len(chunk):]
+        for k, side in enumerate(sides):
+            result[side][idx] = sums[k * len(chunk):(k + 1) * len(chunk)]
+            result[f"{side}_tokens"][idx] = counts[k * len(chunk):(k + 1) * len(chunk)]
     model.train(was_training)
     return result
 
@@ -73,26 +85,27 @@ def compute_sequence_logps(model: nn.Module, examples: list, pad_id: int, device
 def load_or_compute_reference(model, data, pad_id, config, runtime: Runtime, autocast_dtype, log) -> dict:
     """Reference log-probs from the on-disk cache, or computed by rank 0 and written atomically."""
     path = reference_cache_path(Path(config.output_dir), model, data, config)
-    if runtime.is_main and path.is_file() and not _cache_is_readable(path, len(data)):
+    sides = list(data.examples[0].responses)
+    if runtime.is_main and path.is_file() and not _cache_is_readable(path, len(data), sides):
         log(f"note: the cached reference log-probs {path} are unreadable (a damaged file): computing them again")
         path.unlink()
     if runtime.is_main and not path.is_file():
         log(f"precomputing reference log-probs for {len(data)} pairs -> {path}")
         values = compute_sequence_logps(model, data.examples, pad_id, runtime.device, config.batch_size,
                                         config.backend, autocast_dtype)
-        atomic_save({"chosen": values["chosen"], "rejected": values["rejected"]}, path)
+        atomic_save({side: values[side] for side in sides}, path)
     elif runtime.is_main:
         log(f"using cached reference log-probs {path}")
     barrier(runtime)
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _cache_is_readable(path: Path, num_examples: int) -> bool:
-    """A cache file that loads and holds one chosen and one rejected value per example (it is only a cache:
-    a damaged one is recomputed, not an error)."""
+def _cache_is_readable(path: Path, num_examples: int, sides: list[str]) -> bool:
+    """A cache file that loads and holds one value per example and side (it is only a cache: a damaged one is
+    recomputed, not an error)."""
     try:
         values = torch.load(path, map_location="cpu", weights_only=True)
         return all(isinstance(values.get(side), torch.Tensor) and tuple(values[side].shape) == (num_examples,)
-                   for side in ("chosen", "rejected"))
+                   for side in sides)
     except Exception:
         return False
