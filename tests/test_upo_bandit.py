@@ -5,6 +5,9 @@ import torch
 
 import bandit as B
 import upo
+from helpers import one_thread  # noqa: F401  (fixture used by pytestmark)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # 8 x 8 tables: threads only cost
 
 F64 = torch.float64
 # Designer rewards that disagree with the preferences (correlation -0.5): there is something to trade.
@@ -68,7 +71,7 @@ def test_designer_reward_rises_with_lambda(bandit):
 
 def test_designer_reward_rises_with_lambda_under_unpaired_kto(bandit):
     designer = []
-    for lam in (0.003, 0.03, 0.3):
+    for lam in (0.01, 0.03, 0.3):
         solved = B.solve(upo, bandit, ["kto", "upo"], paired=False, upo_lambda=lam, baseline="batch_mean")
         assert solved["grad_norm"] < 1e-6 and solved["kl"] is not None
         designer.append(B.measures(bandit, solved["logp"])["aux"])
@@ -91,3 +94,17 @@ def test_learned_value_head_centres_the_advantage(bandit, paired):
             assert abs(advantage) < 1e-7
         else:
             assert advantage < -0.05  # an upper expectile: most responses below the baseline
+
+
+def test_the_lambda_benchmark_runs_on_a_small_grid():
+    """benchmarks/upo_lambda_bandit.py (whose output docs/upo_lambda.md cites): its pieces on two lambdas."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks import upo_lambda_bandit as bench
+
+    small = B.make_bandit(prompts=2, candidates=4, seed=1, correlation=-0.5)
+    rows = bench.lambda_grid(small, "dpo", [0.0, 0.1])
+    assert rows[0]["kept"] == 1.0 and rows[1]["kept"] < 1.0 and rows[1]["aux"] > rows[0]["aux"]
+    assert 1e-5 < bench.lambda_half(small, "dpo", steps=3) < 1e3
