@@ -58,7 +58,8 @@ def lambda_grid(bandit, kind: str, lambdas=LAMBDAS, **options) -> list[dict]:
     reference = B.measures(bandit, torch.log_softmax(bandit.ref_logits, -1))
     rows = [optimum(bandit, kind, lam, **options) for lam in lambdas]
     gain0 = rows[0]["utility"] - reference["utility"]
-    return [{"lambda": lam, "kept": (r["utility"] - reference["utility"]) / gain0, **r} for lam, r in zip(lambdas, rows)]
+    return [{"lambda": lam, "kept": (r["utility"] - reference["utility"]) / gain0, **r}
+            for lam, r in zip(lambdas, rows)]
 
 
 def lambda_half(bandit, kind: str, low=1e-5, high=1e3, steps=11, **options) -> float:
@@ -115,7 +116,8 @@ def run() -> dict:
         row["aux@10"] = optimum(equal, "dpo", 10.0, baseline="value", values=values)["aux"]
         results["baseline_grid"].append(row)
     results["seconds"] = time.time() - started
-    results["machine"] = {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(), "python": platform.python_version(),
+    results["machine"] = {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+                          "python": platform.python_version(),
                           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d", time.gmtime())}
     return results
 

@@ -81,9 +81,9 @@ def unpaired_rows(b: Bandit) -> Rows:
     """The pairs unpaired: each candidate once desirable (weight: how often it wins) and once undesirable."""
     pairs = paired_rows(b)
     prompts, k = b.shape
-    desirable = torch.zeros(prompts, k, dtype=F64).index_put_((pairs.prompt, pairs.first), pairs.weight, accumulate=True)
-    undesirable = torch.zeros(prompts, k, dtype=F64).index_put_((pairs.prompt, pairs.second), pairs.weight,
-                                                                accumulate=True)
+    wins = torch.zeros(prompts, k, dtype=F64)
+    desirable = wins.index_put((pairs.prompt, pairs.first), pairs.weight, accumulate=True)
+    undesirable = wins.index_put((pairs.prompt, pairs.second), pairs.weight, accumulate=True)
     p, c = torch.meshgrid(torch.arange(prompts), torch.arange(k), indexing="ij")
     p, c = p.reshape(-1), c.reshape(-1)
     label = torch.cat([torch.ones(len(p), dtype=torch.bool), torch.zeros(len(p), dtype=torch.bool)])

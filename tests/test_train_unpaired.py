@@ -171,7 +171,8 @@ def test_unpaired_mistakes_are_one_line(tmp_path, capsys, extra, fragments):
 
 @pytest.mark.parametrize("label", ["yes", 2, None])
 def test_labels_must_be_bool_like(tmp_path, capsys, label):
-    rows = [{"prompt": "p", "completion": "c", "label": True}] * 3 + [{"prompt": "p", "completion": "d", "label": label}]
+    rows = [{"prompt": "p", "completion": "c", "label": True}] * 3
+    rows.append({"prompt": "p", "completion": "d", "label": label})
     code, _, err = run_main(micro_args(tmp_path, "--dataset", write_jsonl(tmp_path / "d.jsonl", rows), "--loss-type",
                                        "kto"), capsys)
     assert_one_line_error(code, err, "d.jsonl line 4", "'label' must be true (desirable) or false")

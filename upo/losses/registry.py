@@ -54,7 +54,6 @@ class _Options:
         return value.reshape(())
 
 
-
 @dataclass
 class LossContext(_Options):
     """Everything a registered loss may read; tensors are [B] in the compute dtype.
@@ -145,12 +144,6 @@ class UnpairedContext(_Options):
         if self.ref_logps is None:
             raise ValueError(f"ref_logps is required by loss {self.name!r}")
         return self.logps - self.ref_logps
-
-    @property
-    def mean_logps(self) -> Tensor:
-        if self.lengths is None:
-            raise ValueError(f"lengths is required by loss {self.name!r}")
-        return self.logps / self.lengths
 
 
 LossFn = Callable[[LossContext], tuple[Tensor, Mapping[str, Any]]]

@@ -383,7 +383,8 @@ class Trainer:
             save_final_model(self.module.policy, self.tokenizer, self.output_dir / "model",
                              model_state if sharded else None)
             if self.module.value_head is not None:
-                save_final_value_head(self.module.value_head, self.output_dir / "model", model_state if sharded else None)
+                save_final_value_head(self.module.value_head, self.output_dir / "model",
+                                      model_state if sharded else None)
             plot_history(self.history, self.output_dir / "plot.png")
         barrier(self.runtime)
         return summary

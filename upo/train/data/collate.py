@@ -19,10 +19,28 @@ Sequences = list[tuple[list[int], int]]  # (token ids, prompt length) per row
 
 
 class _Movable:
+    """Rows that move to a device together; packed when they carry ``cu_seqlens``."""
+
+    cu_seqlens: torch.Tensor | None
+
     def to(self, device):
         moved = {name: (value.to(device) if isinstance(value, (torch.Tensor, _Movable)) else value)
                  for name, value in self.__dict__.items()}
         return type(self)(**moved)
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seqlens is not None
+
+
+class _Batch(_Movable):
+    """A batch of examples (pairs or unpaired rows), ``example_indices`` naming them."""
+
+    example_indices: list[int]
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.example_indices)
 
 
 @dataclass
@@ -36,10 +54,6 @@ class SequenceRows(_Movable):
     position_ids: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None
     num_tokens: int = 0
-
-    @property
-    def packed(self) -> bool:
-        return self.cu_seqlens is not None
 
     def last_prompt_positions(self, prompt_lengths: Sequence[int]) -> torch.Tensor:
         """The last prompt token of the first ``len(prompt_lengths)`` rows: row positions (padded) or flat
@@ -105,7 +119,7 @@ def mismatched_sequences(prompts: list[list[int]], responses: list[list[int]], m
 
 
 @dataclass
-class PreferenceBatch(_Movable):
+class PreferenceBatch(_Batch):
     """Model inputs for ``B`` pairs: rows (or packed sequences) ``0..B-1`` chosen, ``B..2B-1`` rejected.
 
     Padded: ``input_ids``/``attention_mask``/``labels`` are ``[2B, T]``. Packed: ``input_ids`` and
@@ -133,14 +147,6 @@ class PreferenceBatch(_Movable):
     @property
     def num_pairs(self) -> int:
         return len(self.example_indices)
-
-    @property
-    def num_examples(self) -> int:
-        return len(self.example_indices)
-
-    @property
-    def packed(self) -> bool:
-        return self.cu_seqlens is not None
 
 
 def _sequences(examples: Sequence[PreferenceExample]) -> Sequences:

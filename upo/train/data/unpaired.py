@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
-from upo.train.data.collate import SequenceRows, _Movable, rows_of
+from upo.train.data.collate import SequenceRows, _Batch, rows_of
 from upo.train.data.pairs import TokenizeSettings, _is_conversation, render_messages, tokenize_responses
 from upo.train.errors import UserError
 
@@ -97,7 +97,7 @@ def score_completions(reward, rows: list[dict], rendered: list[RenderedCompletio
 
 
 @dataclass
-class UnpairedBatch(_Movable):
+class UnpairedBatch(_Batch):
     """Model inputs for ``N`` unpaired rows (one sequence each, padded ``[N, T]`` or packed ``[1, T]``),
     ``desirable`` ``[N]`` their labels; ``kl``: KTO's ``N`` mismatched rows (``ref_kl_logps`` when cached)."""
 
@@ -114,14 +114,6 @@ class UnpairedBatch(_Movable):
     ref_kl_logps: torch.Tensor | None = None
     example_indices: list[int] = field(default_factory=list)
     num_tokens: int = 0
-
-    @property
-    def num_examples(self) -> int:
-        return len(self.example_indices)
-
-    @property
-    def packed(self) -> bool:
-        return self.cu_seqlens is not None
 
 
 def collate_unpaired(examples: Sequence[UnpairedExample], pad_id: int, packing: bool, ref_logps: dict | None,
