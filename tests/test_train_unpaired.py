@@ -85,6 +85,14 @@ def _mismatched_mean(trainer, indices):
     return float((policy.double() - ref.double()).mean())
 
 
+def test_evaluation_never_mismatches_an_example_with_itself():
+    from upo.train.kto_pairs import eval_chunks
+
+    assert eval_chunks(list(range(9)), 4, True) == [[0, 1, 2, 3], [4, 5, 6, 7, 8]]
+    assert eval_chunks(list(range(9)), 4, False) == [[0, 1, 2, 3], [4, 5, 6, 7], [8]]
+    assert eval_chunks(list(range(6)), 4, True) == [[0, 1, 2, 3], [4, 5]]
+
+
 @pytest.mark.parametrize("data", ["unpaired", "paired"])
 def test_trainer_kl_is_the_clamped_mean_over_the_mismatched_pairs(tmp_path, data):
     trainer = (unpaired_trainer(tmp_path, lr=1e-2) if data == "unpaired"
