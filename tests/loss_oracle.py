@@ -274,7 +274,10 @@ def upo_parts(
     else:
         base = torch.full_like(r, r.mean().item())
     advantage = r - base
-    omega = torch.minimum(torch.exp(advantage / beta_aux), torch.tensor(omega_max, dtype=F64)).detach()
+    if omega_max is None:  # no cap: only the exponent is bounded, at 50 (docs/losses.md)
+        omega = torch.exp(torch.minimum(advantage / beta_aux, torch.tensor(50.0, dtype=F64))).detach()
+    else:
+        omega = torch.minimum(torch.exp(advantage / beta_aux), torch.tensor(omega_max, dtype=F64)).detach()
     s = torch.cat([b["S_c"], b["S_r"]])
     x = s / torch.cat([b["n_c"], b["n_r"]]) if aux_normalize == "mean" else s
     aux = -omega * x  # per response; mean over 2B is L_aux

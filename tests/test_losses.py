@@ -153,6 +153,7 @@ OPTION_CASES = [
     ("upo", dict(values=True, expectile=0.9)),
     ("upo", dict(values=True, baseline="pair_mean")),
     ("upo", dict(values=True, baseline="value", beta_aux=3.0, omega_max=5.0)),
+    ("upo", dict(omega_max=None, beta_aux=0.3)),
 ]
 
 
@@ -255,6 +256,18 @@ def test_upo_omega_max_actually_clamps():
     assert out.metrics["aux/weight_mean"] == pytest.approx(expected_mean, rel=1e-6)
 
 
+def test_upo_without_omega_max_caps_nothing_but_stays_finite():
+    batch = make_batch(3, columns=1)
+    batch["a_c"] = torch.full_like(batch["a_c"], 3.0)  # pair-mean advantages of 3: exp(3 / 0.5) ~ 403, past 20
+    batch["a_r"] = torch.full_like(batch["a_r"], -3.0)
+    out = assert_matches_oracle(batch, "upo", torch.float32, omega_max=None, beta_aux=0.5)
+    assert out.metrics["aux/weight_max"] == pytest.approx(math.exp(6.0), rel=1e-5)
+    batch["a_c"] = torch.full_like(batch["a_c"], 1e4)  # exp would overflow to inf: the exponent stops at 50
+    batch["a_r"] = torch.full_like(batch["a_r"], -1e4)
+    out = assert_matches_oracle(batch, "upo", torch.float32, omega_max=None)
+    assert math.isfinite(out.loss.item()) and out.metrics["aux/weight_max"] == pytest.approx(math.exp(50.0), rel=1e-5)
+
+
 def test_aux_rewards_as_vectors_equal_one_column():
     batch = make_batch(4, columns=1)
     out_matrix, _ = call_loss(batch, "upo")
@@ -300,7 +313,8 @@ def test_combination_is_weighted_sum_of_terms(names, weights):
 BASE_METRICS = {
     "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
 }
-UPO_METRICS = {"aux/advantage_mean", "aux/weight_mean", "aux/reward_chosen", "aux/reward_rejected", "value/loss"}
+UPO_METRICS = {"aux/advantage_mean", "aux/advantage_std", "aux/weight_mean", "aux/weight_max", "aux/reward_chosen",
+               "aux/reward_rejected", "value/loss"}
 
 
 @pytest.mark.parametrize(
@@ -345,6 +359,8 @@ def test_upo_metrics_values():
     batch_size = len(batch["S_c"])
     assert out.metrics["aux/advantage_mean"] == pytest.approx(parts["advantage"].mean().item())
     assert out.metrics["aux/weight_mean"] == pytest.approx(parts["omega"].mean().item())
+    assert out.metrics["aux/advantage_std"] == pytest.approx(parts["advantage"].std(unbiased=False).item())
+    assert out.metrics["aux/weight_max"] == pytest.approx(parts["omega"].max().item())
     assert out.metrics["aux/reward_chosen"] == pytest.approx(parts["reward"][:batch_size].mean().item())
     assert out.metrics["aux/reward_rejected"] == pytest.approx(parts["reward"][batch_size:].mean().item())
     assert out.metrics["value/loss"] == pytest.approx(parts["value"].mean().item())

@@ -3,6 +3,8 @@
 User API::
 
     upo.loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, ...)
+    upo.unpaired_loss(policy_logps, ref_logps, desirable, lengths=..., ...)   # KTO's unpaired rows (kto, upo)
+    upo.kto_reference_point(kl_policy_logps, kl_ref_logps)                  # KTO's z from mismatched pairs
     upo.fused_loss(hidden, weight, labels, ...)      # straight from hidden states + LM head
     upo.sequence_logprobs(hidden, weight, labels)    # per-sequence sums (use under no_grad for a reference)
     upo.available_losses()
@@ -16,7 +18,8 @@ The library (this package minus ``upo.train``) never imports the training applic
 """
 from upo.fused import fused_loss, sequence_logprobs
 from upo.heads import causal_lm_logprobs
-from upo.losses import LossOutput, available_losses, loss, loss_spec, register_loss
+from upo.losses import (LossOutput, available_losses, kto_reference_point, loss, loss_spec, register_loss,
+                        unpaired_loss, unpaired_losses)
 from upo.value_head import ValueHead
 
 __all__ = [
@@ -25,9 +28,12 @@ __all__ = [
     "available_losses",
     "causal_lm_logprobs",
     "fused_loss",
+    "kto_reference_point",
     "loss",
     "loss_spec",
     "register_loss",
     "sequence_logprobs",
+    "unpaired_loss",
+    "unpaired_losses",
 ]
 __version__ = "0.1.0"

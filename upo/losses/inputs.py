@@ -100,14 +100,15 @@ def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     return dtype
 
 
-def batch_size(policy_chosen_logps: Any) -> int:
-    if not isinstance(policy_chosen_logps, Tensor):
-        raise ValueError(f"policy_chosen_logps must be a 1-D tensor [B], got {type(policy_chosen_logps)}")
-    if policy_chosen_logps.ndim != 1:
-        raise ValueError(f"policy_chosen_logps must be a 1-D tensor [B], got {tuple(policy_chosen_logps.shape)}")
-    if policy_chosen_logps.numel() == 0:
-        raise ValueError("policy_chosen_logps is empty: a batch needs at least one pair")
-    return policy_chosen_logps.shape[0]
+def batch_size(logps: Any, argument: str = "policy_chosen_logps", rows: str = "B", unit: str = "pair") -> int:
+    """The batch size read off the first log-prob vector (``argument``, ``[B]`` pairs or ``[N]`` rows)."""
+    if not isinstance(logps, Tensor):
+        raise ValueError(f"{argument} must be a 1-D tensor [{rows}], got {type(logps)}")
+    if logps.ndim != 1:
+        raise ValueError(f"{argument} must be a 1-D tensor [{rows}], got {tuple(logps.shape)}")
+    if logps.numel() == 0:
+        raise ValueError(f"{argument} is empty: a batch needs at least one {unit}")
+    return logps.shape[0]
 
 
 def check_finite(tensor: Tensor, argument: str) -> None:
@@ -118,8 +119,9 @@ def check_finite(tensor: Tensor, argument: str) -> None:
 class VectorChecker:
     """Converts and validates the per-pair inputs against batch size, dtype and device."""
 
-    def __init__(self, batch: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, batch: int, dtype: torch.dtype, device: torch.device, first: str = "policy_chosen_logps"):
         self.batch, self.dtype, self.device = batch, dtype, device
+        self.first = first  # the argument the batch size was read from, for messages
 
     def _tensor(self, value: Any) -> Tensor:
         # Python numbers go straight to the compute dtype (never through float32).
@@ -129,7 +131,7 @@ class VectorChecker:
         tensor = self._tensor(value)
         if tensor.shape != (self.batch,):
             raise ValueError(
-                f"{argument} must have shape ({self.batch},) like policy_chosen_logps, got {tuple(tensor.shape)}"
+                f"{argument} must have shape ({self.batch},) like {self.first}, got {tuple(tensor.shape)}"
             )
         tensor = tensor.to(device=self.device, dtype=self.dtype)  # differentiable cast
         check_finite(tensor, argument)
@@ -182,6 +184,19 @@ class VectorChecker:
                 "must have the same shape"
             )
         return matrices[0], matrices[1]
+
+    def flags(self, value: Any, argument: str) -> Tensor:
+        """A ``[B]`` bool tensor from booleans or 0/1 numbers (``ValueError`` for anything else)."""
+        tensor = value if isinstance(value, Tensor) else torch.as_tensor(value)
+        if tensor.shape != (self.batch,):
+            raise ValueError(
+                f"{argument} must have shape ({self.batch},) like {self.first}, got {tuple(tensor.shape)}"
+            )
+        if tensor.dtype != torch.bool:
+            if tensor.is_complex() or not bool(((tensor == 0) | (tensor == 1)).all()):
+                raise ValueError(f"{argument} must hold booleans (True: desirable) or 0/1, got {tensor.tolist()}")
+            tensor = tensor != 0
+        return tensor.to(self.device)
 
     def aux_rewards(self, chosen: Any, rejected: Any) -> tuple[Tensor | None, Tensor | None]:
         return self.matrix_pair(chosen, rejected, ("aux_rewards_chosen", "aux_rewards_rejected"))

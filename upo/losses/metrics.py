@@ -37,3 +37,25 @@ def reward_metrics(
         "logps/chosen": to_float(chosen_logps.mean()),
         "logps/rejected": to_float(rejected_logps.mean()),
     }
+
+
+@torch.no_grad()
+def unpaired_reward_metrics(logps: Tensor, ref_logps: Tensor | None, lengths: Tensor | None, desirable: Tensor,
+                            beta: float) -> dict[str, float]:
+    """TRL's ``KTOTrainer`` metrics: ``rewards/*`` and ``logps/*`` of the desirable ("chosen") and undesirable
+    ("rejected") rows; a class absent from the batch is left out, and so is ``rewards/margins`` then."""
+    if ref_logps is not None:
+        scores = logps - ref_logps
+    elif lengths is not None:
+        scores = logps / lengths
+    else:
+        scores = logps
+    rewards = beta * scores
+    metrics: dict[str, float] = {}
+    for side, rows in (("chosen", desirable), ("rejected", ~desirable)):
+        if bool(rows.any()):
+            metrics[f"rewards/{side}"] = to_float(rewards[rows].mean())
+            metrics[f"logps/{side}"] = to_float(logps[rows].mean())
+    if "rewards/chosen" in metrics and "rewards/rejected" in metrics:
+        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+    return metrics

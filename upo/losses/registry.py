@@ -2,10 +2,13 @@
 
 A loss is one function ``fn(ctx) -> (per_pair_loss [B], extra_metrics)`` registered with
 :func:`register_loss` in the file of its family (``dpo.py``, ``reference_free.py``, ``kto.py``,
-``upo.py``, ``variants.py``). The math of every registered loss is in ``docs/losses.md``.
+``upo.py``, ``variants.py``). A loss that also reads unpaired rows (``kto``, ``upo``) adds a second
+function ``fn(ctx: UnpairedContext) -> (per_example_loss [N], extra_metrics)`` with
+:func:`register_unpaired_loss`. The math of every registered loss is in ``docs/losses.md``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,11 +19,43 @@ from torch import Tensor
 
 from upo.losses.f_divergence import f_scores
 
-__all__ = ["LossContext", "LossSpec", "available_losses", "loss_spec", "register_loss"]
+__all__ = ["LossContext", "LossSpec", "UnpairedContext", "available_losses", "loss_spec", "register_loss",
+           "register_unpaired_loss"]
+
+
+class _Options:
+    """Typed reads of a loss's options (``self.options``, ``self.name``)."""
+
+    name: str
+    options: dict[str, Any]
+
+    def float_option(self, key: str, *, positive: bool = False, nonnegative: bool = False) -> float:
+        """Option ``key`` as a finite float (``ValueError`` naming the option and the loss otherwise)."""
+        value = self.options[key]
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"option {key} of loss {self.name!r} must be a number, got {value!r}") from None
+        if not math.isfinite(value) or (positive and value <= 0) or (nonnegative and value < 0):
+            bound = " > 0" if positive else " >= 0" if nonnegative else ""
+            raise ValueError(f"option {key} of loss {self.name!r} must be finite{bound}, got {value}")
+        return value
+
+    def scalar_option(self, key: str, like: Tensor) -> Tensor:
+        """A user-given scalar option (float or tensor) as a detached 0-d tensor in ``like``'s dtype."""
+        # dtype given up front: a Python float must not pass through float32 on its way to float64.
+        try:
+            value = torch.as_tensor(self.options[key], dtype=like.dtype, device=like.device).detach()
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"option {key} of loss {self.name!r} must be one finite number, "
+                             f"got {self.options[key]!r}") from None
+        if value.numel() != 1 or not bool(torch.isfinite(value).all()):
+            raise ValueError(f"option {key} of loss {self.name!r} must be one finite number, got {self.options[key]!r}")
+        return value.reshape(())
 
 
 @dataclass
-class LossContext:
+class LossContext(_Options):
     """Everything a registered loss may read; tensors are [B] in the compute dtype.
 
     With ``ld_alpha`` the log-prob sums (policy and reference) are the LD-DPO weighted ones;
@@ -89,29 +124,26 @@ class LossContext:
             raise ValueError(f"{argument} is required by loss {self.name!r}")
         return value
 
-    def float_option(self, key: str, *, positive: bool = False, nonnegative: bool = False) -> float:
-        """Option ``key`` as a finite float (``ValueError`` naming the option and the loss otherwise)."""
-        value = self.options[key]
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"option {key} of loss {self.name!r} must be a number, got {value!r}") from None
-        if not math.isfinite(value) or (positive and value <= 0) or (nonnegative and value < 0):
-            bound = " > 0" if positive else " >= 0" if nonnegative else ""
-            raise ValueError(f"option {key} of loss {self.name!r} must be finite{bound}, got {value}")
-        return value
 
-    def scalar_option(self, key: str, like: Tensor) -> Tensor:
-        """A user-given scalar option (float or tensor) as a detached 0-d tensor in ``like``'s dtype."""
-        # dtype given up front: a Python float must not pass through float32 on its way to float64.
-        try:
-            value = torch.as_tensor(self.options[key], dtype=like.dtype, device=like.device).detach()
-        except (TypeError, ValueError, RuntimeError):
-            raise ValueError(f"option {key} of loss {self.name!r} must be one finite number, "
-                             f"got {self.options[key]!r}") from None
-        if value.numel() != 1 or not bool(torch.isfinite(value).all()):
-            raise ValueError(f"option {key} of loss {self.name!r} must be one finite number, got {self.options[key]!r}")
-        return value.reshape(())
+@dataclass
+class UnpairedContext(_Options):
+    """What a loss reads on ``N`` unpaired rows (``upo.unpaired_loss``); tensors are [N] in the compute dtype."""
+
+    name: str
+    logps: Tensor  # S
+    ref_logps: Tensor | None  # R
+    desirable: Tensor  # [N] bool: True for a desirable completion (TRL's label)
+    lengths: Tensor | None  # n
+    aux_rewards: Tensor | None  # [N, K], detached
+    values: Tensor | None  # V(x), keeps its gradient (for the value loss)
+    beta: float
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def logratios(self) -> Tensor:
+        if self.ref_logps is None:
+            raise ValueError(f"ref_logps is required by loss {self.name!r}")
+        return self.logps - self.ref_logps
 
 
 LossFn = Callable[[LossContext], tuple[Tensor, Mapping[str, Any]]]
@@ -130,6 +162,7 @@ class LossSpec:
     options: Mapping[str, Any]  # option name -> default
     f_divergence: bool = False  # takes a non-default f_divergence_type (reads the scores, or no reference)
     weighting: bool = True  # takes WPO's per-pair weights (False for the sorting aot losses)
+    unpaired_fn: Callable[[UnpairedContext], tuple[Tensor, Mapping[str, Any]]] | None = None  # on unpaired rows
 
 
 _REGISTRY: dict[str, LossSpec] = {}
@@ -164,6 +197,22 @@ def register_loss(
                 raise ValueError(f"loss {key!r} is already registered")
         for key in (name, *aliases):
             _REGISTRY[key] = spec
+        return fn
+
+    return decorator
+
+
+def register_unpaired_loss(name: str) -> Callable:
+    """Decorator adding ``fn(ctx: UnpairedContext) -> (per_example_loss [N], extra_metrics)`` to the
+    registered loss ``name``: what it computes on unpaired rows (:func:`upo.unpaired_loss`), with the
+    same options and needs."""
+
+    def decorator(fn):
+        spec = loss_spec(name)
+        updated = dataclasses.replace(spec, unpaired_fn=fn)
+        for key, value in list(_REGISTRY.items()):
+            if value is spec:
+                _REGISTRY[key] = updated
         return fn
 
     return decorator

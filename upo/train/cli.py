@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from upo.heads import UnsupportedModelError
-from upo.train.config import PRETRAINED_LR, TINY_MODEL_LR, TrainConfig, build_config
+from upo.train.config import PRETRAINED_LR, TINY_MODEL_LR, VALUE_LR, TrainConfig, build_config
 from upo.train.config_file import alias_help, load_config_file
 from upo.train.errors import EXIT_USER_ERROR, RunStopped, StopNow, UserError
 from upo.train.signals import StopRequests
@@ -31,6 +31,19 @@ def _default(name: str) -> str:
     if isinstance(value, list):
         value = " ".join(map(str, value))
     return f" (default: {value})"
+
+
+def _float_or_none(text: str) -> float | None:
+    """A number, or ``none`` (no value: e.g. no cap)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number or 'none': '{text}'") from None
+
+
+_float_or_none.__name__ = "number or none"  # argparse names the type in its message
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "log_softmax(logits) on a small slice (docs/models.md); for models you know it misjudges")
     g.add_argument("--model-config", help="LlamaConfig settings for the tiny model, as JSON text or a JSON file "
                    "(overrides the built-in tiny config; used when --model is not given)")
-    g.add_argument("--dataset", help="local .jsonl/.json/.parquet or a Hugging Face dataset with prompt/chosen/"
-                   "rejected columns, strings or chat message lists (default: the shipped preferences.jsonl)")
+    g.add_argument("--dataset", help="local .jsonl/.json/.parquet or a Hugging Face dataset: paired (prompt/chosen/"
+                   "rejected) or unpaired (prompt/completion/label, TRL's KTO format; label true = desirable), "
+                   "strings or chat message lists (default: the shipped preferences.jsonl)")
     g.add_argument("--dataset-split", help="split of a Hugging Face dataset" + _default("dataset_split"))
     g.add_argument("--max-examples", type=int, help="use only the first N rows of the dataset")
     g.add_argument("--max-length", type=int, help="max tokens of prompt + response" + _default("max_length"))
@@ -102,11 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "column:COLUMN:WEIGHT; the first use replaces the default" + _default("aux_reward"))
     g.add_argument("--upo-lambda", type=float, help="weight lambda of the UPO auxiliary term" + _default("upo_lambda"))
     g.add_argument("--beta-aux", type=float, help="AWR temperature beta_aux" + _default("beta_aux"))
-    g.add_argument("--omega-max", type=float, help="cap of the AWR weights" + _default("omega_max"))
+    g.add_argument("--omega-max", type=_float_or_none, help="cap of the AWR weights exp(A / beta_aux); none: no "
+                   "cap (the exponent stops at 50, to stay finite)" + _default("omega_max"))
     g.add_argument("--expectile", type=float, help="expectile tau of the value loss" + _default("expectile"))
     g.add_argument("--baseline", choices=["value", "pair_mean", "batch_mean"],
-                   help="UPO advantage baseline: value = learned ValueHead on the last prompt token"
-                   + _default("baseline"))
+                   help="UPO advantage baseline: value = learned ValueHead on the last prompt token "
+                   "(pair_mean needs paired data)" + _default("baseline"))
+    g.add_argument("--value-lr", type=float, help="learning rate of the value head (its own optimiser parameter "
+                   f"group, same schedule; the head starts at 0) (default: {VALUE_LR:g})")
+    g.add_argument("--value-weight-decay", type=float, help="weight decay of the value head"
+                   + _default("value_weight_decay"))
+    g.add_argument("--desirable-weight", type=float, help="KTO: weight of the desirable (chosen) completions' "
+                   "losses (TRL's)" + _default("desirable_weight"))
+    g.add_argument("--undesirable-weight", type=float, help="KTO: weight of the undesirable (rejected) "
+                   "completions' losses (TRL's)" + _default("undesirable_weight"))
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, help="pairs per micro-batch, over all processes" + _default("batch_size"))

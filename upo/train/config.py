@@ -17,6 +17,9 @@ from upo.train.errors import SettingError
 DEFAULT_AUX_REWARDS = ("readability:1.0",)
 TINY_MODEL_LR = 1e-3  # a randomly initialised model with a few hundred thousand parameters
 PRETRAINED_LR = 1e-6  # TRL's DPOConfig default, for --model
+# The value head starts at 0 and has one linear layer: it needs a learning rate of its own, far above a
+# pretrained policy's 1e-6 (with which V barely moves and the advantage stays the raw reward).
+VALUE_LR = 1e-3
 
 
 @dataclass
@@ -48,9 +51,13 @@ class TrainConfig:
     aux_reward: list[str] = field(default_factory=lambda: list(DEFAULT_AUX_REWARDS))
     upo_lambda: float = 1.0
     beta_aux: float = 1.0
-    omega_max: float = 20.0
+    omega_max: float | None = 20.0  # None: no cap
     expectile: float = 0.7
     baseline: str = "value"
+    value_lr: float = VALUE_LR  # the value head's own AdamW / RMSprop parameter group
+    value_weight_decay: float = 0.0
+    desirable_weight: float = 1.0  # KTO's class weights (TRL's KTOConfig names and defaults)
+    undesirable_weight: float = 1.0
     # optimisation
     batch_size: int = 8
     grad_accum: int = 1
@@ -119,7 +126,9 @@ def flag(name: str) -> str:
 
 
 # Settings only the UPO objective reads: given without 'upo' in --loss-type they would do nothing.
-UPO_SETTINGS = ("aux_reward", "upo_lambda", "beta_aux", "omega_max", "expectile", "baseline")
+UPO_SETTINGS = ("aux_reward", "upo_lambda", "beta_aux", "omega_max", "expectile", "baseline", "value_lr",
+                "value_weight_decay")
+KTO_SETTINGS = ("desirable_weight", "undesirable_weight")
 
 
 def build_config(file_settings: dict, flag_settings: dict, sources: dict[str, str] | None = None) -> TrainConfig:
@@ -167,7 +176,11 @@ NUMBER_RANGES = {
     "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
     "upo_lambda": (lambda v: True, ""),  # any finite weight, as upo.loss takes
     "beta_aux": (lambda v: v > 0, "> 0"),
-    "omega_max": (lambda v: v > 0, "> 0"),
+    "omega_max": (lambda v: v > 0, "> 0 (or none: no cap)"),
+    "value_lr": (lambda v: v > 0, "> 0"),
+    "value_weight_decay": (lambda v: v >= 0, ">= 0"),
+    "desirable_weight": (lambda v: v >= 0, ">= 0"),
+    "undesirable_weight": (lambda v: v >= 0, ">= 0"),
     "expectile": (lambda v: 0 < v < 1, "in (0, 1)"),
     "weight_decay": (lambda v: v >= 0, ">= 0"),
     "max_grad_norm": (lambda v: v >= 0, ">= 0 (0 disables clipping)"),
@@ -178,7 +191,7 @@ NUMBER_RANGES = {
     "f_alpha_divergence_coef": (lambda v: True, ""),  # upo.loss checks it against the divergence
     "eval_generate_temperature": (lambda v: v >= 0, ">= 0 (0: greedy)"),
 }
-OPTIONAL_NUMBERS = ("lr", "ld_alpha")  # None: the default for the kind of model / LD-DPO off
+OPTIONAL_NUMBERS = ("lr", "ld_alpha", "omega_max")  # None: the default for the kind of model / LD-DPO off / no cap
 
 
 def validate(config: TrainConfig, given: set[str] = frozenset()) -> None:
@@ -209,11 +222,13 @@ def validate(config: TrainConfig, given: set[str] = frozenset()) -> None:
                                f"{len(config.loss_type)} loss type(s)")
         if not all(_is_number(w) and math.isfinite(w) for w in config.loss_weights):
             raise SettingError("loss_weights", f"--loss-weights must be finite numbers, got {config.loss_weights}")
-    if "upo" not in config.loss_type:
-        for name in UPO_SETTINGS:
+    for loss, settings in (("upo", UPO_SETTINGS), ("kto", KTO_SETTINGS)):
+        if loss in config.loss_type:
+            continue
+        for name in settings:
             if name in given and not (name == "aux_reward" and config.eval_generate):  # it scores generations
                 also = " (or to score --eval-generate completions)" if name == "aux_reward" else ""
-                raise SettingError(name, f"{flag(name)} only applies with 'upo' in --loss-type{also} "
+                raise SettingError(name, f"{flag(name)} only applies with '{loss}' in --loss-type{also} "
                                    f"(got: {' '.join(config.loss_type)})")
     if config.eval_generate and config.fsdp:
         raise SettingError("eval_generate", "--eval-generate needs the whole model in one process: not with --fsdp")

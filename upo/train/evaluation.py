@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from upo.train.data import PreferenceExample
+from upo.train.kto_pairs import eval_chunks
 from upo.train.metrics import MetricMean, reward_metrics, scalar_metrics
 from upo.train.reference import compute_sequence_logps
 
@@ -24,11 +25,10 @@ def evaluate_pairs(trainer, indices: list[int]) -> dict[str, float]:
     progress = EvalProgress(len(indices), config.progress and runtime.is_main)
     trainer.model.eval()
     try:
-        for start in range(0, len(indices), config.batch_size):
-            chunk = indices[start:start + config.batch_size]
+        for chunk in eval_chunks(indices, config.batch_size, trainer.mismatched):
             batch = trainer.make_batch(chunk)
             values = {**scalar_metrics(trainer.model(batch)), **reward_metrics(batch, trainer.data.reward_names)}
-            means.add(values, batch.num_pairs)
+            means.add(values, batch.num_examples)
             if with_correlation:
                 x, y = implicit_and_aux_rewards([trainer.data.examples[i] for i in chunk],
                                                 trainer.sequence_logps(chunk), trainer.reward.weights)
@@ -54,31 +54,33 @@ def policy_and_reference_logps(module: nn.Module, examples: list[PreferenceExamp
     """
     policy = compute_sequence_logps(module.policy, examples, *args)
     reference = module.reference
+    sides = list(examples[0].responses) if examples else []
     if reference == "precomputed":
-        ref = {side: ref_logps[side] for side in ("chosen", "rejected")}
+        ref = {side: ref_logps[side] for side in sides}
     elif reference == "adapters":
         with module.policy.disable_adapter():
             ref = compute_sequence_logps(module.policy, examples, *args)
     elif reference is not None:
         ref = compute_sequence_logps(reference, examples, *args)
     else:
-        ref = {side: torch.zeros_like(policy[side]) for side in ("chosen", "rejected")}
+        ref = {side: torch.zeros_like(policy[side]) for side in sides}
     return {"policy": policy, "reference": ref}
 
 
 def implicit_and_aux_rewards(examples: list[PreferenceExample], logps: dict[str, dict],
                              reward_weights: list[float]) -> tuple[list[float], list[float]]:
-    """For both responses of each example: the per-token implicit reward ``(S - R) / n`` and the
-    combined auxiliary reward ``sum_k w_k a_k``."""
+    """For every response of each example (both of a pair, an unpaired row's one): the per-token implicit
+    reward ``(S - R) / n`` and the combined auxiliary reward ``sum_k w_k a_k``."""
     policy, reference = logps["policy"], logps["reference"]
     weights = torch.tensor(reward_weights)
     implicit, aux = [], []
     for example in examples:
         i = example.index
-        for side in ("chosen", "rejected"):
+        for side in example.responses:
             tokens = max(float(policy[f"{side}_tokens"][i]), 1.0)
             implicit.append(float(policy[side][i] - reference[side][i]) / tokens)
-            aux.append(float(torch.tensor(getattr(example, f"aux_{side}")) @ weights))
+            scores = example.aux if side == "completion" else getattr(example, f"aux_{side}")
+            aux.append(float(torch.tensor(scores) @ weights))
     return implicit, aux
 
 

@@ -4,6 +4,7 @@ Without LoRA ``model/`` is the whole model (``AutoModelForCausalLM`` + ``AutoTok
 holds the adapters (``AutoPeftModelForCausalLM``), whose ``base_model_name_or_path`` names a loadable
 base: ``--model``'s folder (absolute) or Hugging Face id, or for the built-in tiny model ``model/base/``,
 written beside them. The built-in byte tokenizer is saved as an equivalent ``PreTrainedTokenizerFast``.
+UPO's value head goes beside it as ``model/value_head.safetensors`` (``upo.value_head.load_value_head``).
 """
 from __future__ import annotations
 
@@ -68,3 +69,14 @@ def save_base_model(policy: nn.Module, target: Path, state: dict | None = None) 
     model = AutoModelForCausalLM.from_config(base.config)
     model.load_state_dict(plain, strict=True)
     model.to(next(base.parameters()).dtype).save_pretrained(target)
+
+
+def save_final_value_head(value_head: nn.Module, target: Path, gathered_state: dict | None = None) -> Path:
+    """``target/value_head.safetensors``; ``gathered_state`` as in :func:`save_final_model` (keys ``value_head.*``)."""
+    from upo.value_head import save_value_head
+
+    if gathered_state is not None:
+        prefix = "value_head."
+        return Path(save_value_head({k[len(prefix):]: v for k, v in gathered_state.items() if k.startswith(prefix)},
+                                    target))
+    return Path(save_value_head(value_head, target))

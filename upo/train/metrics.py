@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from upo.train.data import PreferenceBatch
 
 
 def scalar_metrics(out) -> dict[str, float]:
@@ -31,31 +30,49 @@ def _to_float(value) -> float | None:
     return None
 
 
-def reward_metrics(batch: PreferenceBatch, names: list[str]) -> dict[str, float]:
-    """Batch means of each auxiliary reward, unweighted: ``aux/<name>/chosen|rejected``."""
-    if batch.aux_chosen is None:
+def reward_metrics(batch, names: list[str]) -> dict[str, float]:
+    """Batch means of each auxiliary reward, unweighted: ``aux/<name>/chosen|rejected`` (unpaired rows:
+    over the desirable / undesirable completions, a class absent from the batch left out)."""
+    if getattr(batch, "desirable", None) is not None:
+        if batch.aux is None:
+            return {}
+        sides = [(side, batch.aux[rows]) for side, rows in (("chosen", batch.desirable), ("rejected", ~batch.desirable))
+                 if bool(rows.any())]
+    elif batch.aux_chosen is None:
         return {}
-    values = {}
-    for k, name in enumerate(names):
-        values[f"aux/{name}/chosen"] = float(batch.aux_chosen[:, k].mean())
-        values[f"aux/{name}/rejected"] = float(batch.aux_rejected[:, k].mean())
-    return values
+    else:
+        sides = [("chosen", batch.aux_chosen), ("rejected", batch.aux_rejected)]
+    return {f"aux/{name}/{side}": float(scores[:, k].mean()) for side, scores in sides for k, name in enumerate(names)}
 
 
 class MetricMean:
-    """Pair-weighted running means of named metrics."""
+    """Example-weighted running means of named metrics (a metric absent from a micro-batch, such as unpaired
+    rows' ``rewards/rejected`` without undesirable rows, is averaged over the micro-batches that have it)."""
 
     def __init__(self):
         self.sums: dict[str, float] = {}
-        self.weight = 0.0
+        self.weights: dict[str, float] = {}
 
     def add(self, values: dict[str, float], weight: float) -> None:
         for name, value in values.items():
             self.sums[name] = self.sums.get(name, 0.0) + value * weight
-        self.weight += weight
+            self.weights[name] = self.weights.get(name, 0.0) + weight
 
     def means(self) -> dict[str, float]:
-        return {name: total / max(self.weight, 1e-12) for name, total in self.sums.items()}
+        return {name: total / max(self.weights[name], 1e-12) for name, total in self.sums.items()}
+
+    def all_reduced(self, runtime) -> dict[str, float]:
+        """The means over every rank's micro-batches (ranks may hold different metrics)."""
+        if not runtime.distributed:
+            return self.means()
+        import torch.distributed as dist
+
+        gathered: list = [None] * runtime.world_size
+        dist.all_gather_object(gathered, sorted(self.sums))
+        names = sorted(set().union(*gathered))
+        vector = torch.tensor([[self.sums.get(n, 0.0), self.weights.get(n, 0.0)] for n in names], dtype=torch.float64)
+        dist.all_reduce(vector)
+        return {n: float(total / weight) for n, (total, weight) in zip(names, vector.tolist()) if weight > 0}
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -130,3 +147,15 @@ def run_summary(trainer) -> dict:
         "world_size": trainer.runtime.world_size,
         "output_dir": str(trainer.output_dir),
     }
+
+
+def describe_run(trainer) -> str:
+    """The line a run starts with: model, data, loss, steps, processes."""
+    n_params = sum(p.numel() for p in trainer.module.policy.parameters())
+    n_train = sum(p.numel() for p in trainer.params) + sum(p.numel() for p in trainer.value_params)
+    c = trainer.config
+    rows = "unpaired completions" if trainer.unpaired else "pairs"
+    return (f"upo-train: {c.model or 'tiny byte-level Llama'} ({n_params:,} params, {n_train:,} trained), "
+            f"{len(trainer.train_indices)} train / {len(trainer.eval_indices)} eval {rows}, "
+            f"loss {'+'.join(c.loss_type)}, {trainer.total_steps} steps of {c.batch_size}x{c.grad_accum} {rows}, "
+            f"{trainer.runtime.world_size} process(es) on {trainer.runtime.device}")

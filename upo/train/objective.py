@@ -4,23 +4,28 @@ from __future__ import annotations
 from typing import Any
 
 import upo
-from upo.train.config import TrainConfig
+from upo.train.config import TrainConfig, flag
 from upo.train.errors import UserError
 
 
-def loss_kwargs_from_config(config: TrainConfig, reward_weights: list[float] | None) -> dict:
-    """The ``upo.loss`` options that stay fixed over training (UPO options only with ``upo``)."""
+# Settings of the pair losses (their defaults): unpaired rows refuse any other value.
+PAIRED_ONLY = {"label_smoothing": 0.0, "f_divergence_type": "reverse_kl", "ld_alpha": None, "use_weighting": False}
+
+
+def loss_kwargs_from_config(config: TrainConfig, reward_weights: list[float] | None, unpaired: bool = False) -> dict:
+    """The ``upo.loss`` (``upo.unpaired_loss``) options that stay fixed over training (UPO's only with ``upo``,
+    KTO's class weights only with ``kto``)."""
     kwargs: dict[str, Any] = {
         "loss_type": list(config.loss_type) if len(config.loss_type) > 1 else config.loss_type[0],
         "beta": config.beta,
-        "label_smoothing": config.label_smoothing,
-        "f_divergence_type": config.f_divergence_type,
-        "f_alpha_divergence_coef": config.f_alpha_divergence_coef,
-        "ld_alpha": config.ld_alpha,
-        "use_weighting": config.use_weighting,
     }
+    if not unpaired:
+        kwargs.update({name: getattr(config, name) for name in PAIRED_ONLY},
+                      f_alpha_divergence_coef=config.f_alpha_divergence_coef)
     if config.loss_weights is not None:
         kwargs["loss_weights"] = list(config.loss_weights)
+    if "kto" in config.loss_type:
+        kwargs.update(desirable_weight=config.desirable_weight, undesirable_weight=config.undesirable_weight)
     if uses_aux_objective(config.loss_type):
         kwargs.update(upo_lambda=config.upo_lambda, beta_aux=config.beta_aux, omega_max=config.omega_max,
                       expectile=config.expectile, baseline=config.baseline)
@@ -59,6 +64,38 @@ def check_loss_options(config: TrainConfig, reward_weights: list[float] | None) 
         for flag, needed in (("--use-weighting", "wpo_weights"), ("--ld-alpha", "shared_logps")):
             if needed in message:
                 message = f"{flag} needs per-token data that this upo.fused_loss does not compute ({message})"
+        raise UserError(f"loss settings: {message}") from None
+
+
+def check_unpaired_objective(config: TrainConfig, reward_weights: list[float] | None) -> None:
+    """Unpaired rows take only the losses that read single completions (kto, upo) and none of the pair
+    losses' settings; one ``upo.unpaired_loss`` call on a tiny synthetic batch checks the rest."""
+    import torch
+
+    paired_only = [name for name in config.loss_type if upo.loss_spec(name).unpaired_fn is None]
+    if paired_only:
+        raise UserError(f"--loss-type {paired_only[0]} compares the two responses of a pair, but the dataset is "
+                        "unpaired (prompt/completion/label): use " + " and/or ".join(upo.unpaired_losses()))
+    for name, default in PAIRED_ONLY.items():
+        if getattr(config, name) != default:
+            raise UserError(f"{flag(name)} applies to pairs (prompt/chosen/rejected), but the dataset is unpaired")
+    rows = 4
+    generator = torch.Generator().manual_seed(0)
+    extra: dict[str, Any] = {"kl": 0.0} if "kto" in config.loss_type else {}
+    if needs_reference(config.loss_type):
+        extra["ref_logps"] = -torch.rand(rows, generator=generator)
+    if uses_aux_objective(config.loss_type):
+        extra["aux_rewards"] = torch.randn(rows, len(reward_weights or [1.0]), generator=generator)
+        if config.baseline == "value":
+            extra["values"] = torch.zeros(rows)
+    try:
+        upo.unpaired_loss(-torch.rand(rows, generator=generator), desirable=[True, False, True, False],
+                          lengths=torch.full((rows,), 3.0), **loss_kwargs_from_config(config, reward_weights, True),
+                          **extra)
+    except ValueError as err:
+        message = str(err)
+        if "baseline" in message:
+            message = f"--baseline {config.baseline} needs pairs: on unpaired data use value or batch_mean"
         raise UserError(f"loss settings: {message}") from None
 
 

@@ -8,10 +8,16 @@ import torch
 from upo.train.config import TrainConfig
 
 
-def build_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    return torch.optim.RMSprop(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+def build_optimizer(params, config: TrainConfig, value_params=()) -> torch.optim.Optimizer:
+    """The policy's parameters, and UPO's value head in a group of its own (``--value-lr``,
+    ``--value-weight-decay``): a freshly initialised head needs a far larger step than a pretrained policy.
+    The schedule scales both groups alike."""
+    groups = [{"params": list(params), "lr": config.learning_rate, "weight_decay": config.weight_decay}]
+    value_params = list(value_params)
+    if value_params:
+        groups.append({"params": value_params, "lr": config.value_lr, "weight_decay": config.value_weight_decay})
+    kind = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.RMSprop
+    return kind(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
 def build_scheduler(optimizer, config: TrainConfig, total_steps: int):

@@ -16,10 +16,10 @@ from torch import nn
 
 import upo
 from upo.heads import LMHead, describe_lm_head
-from upo.train.data import PreferenceBatch
+from upo.train.data import PreferenceBatch, UnpairedBatch
 
 
-def head_inputs(causal_lm: nn.Module, batch: PreferenceBatch) -> tuple[LMHead, torch.Tensor]:
+def head_inputs(causal_lm: nn.Module, batch) -> tuple[LMHead, torch.Tensor]:
     """The model's head description and the hidden states its head consumes: ``[2B, T, D]`` padded,
     ``[N, D]`` packed."""
     head = describe_lm_head(causal_lm)
@@ -53,13 +53,18 @@ class PreferenceModel(nn.Module):
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
     def forward(self, batch: PreferenceBatch):
+        from upo.train.kto_pairs import mismatched_kwargs, unpaired_forward
+
         device = batch.input_ids.device
         with self._autocast(device):
             head, hidden = head_inputs(self.policy, batch)
             weight, bias = head.weight_and_bias(hidden.dtype)
+            if isinstance(batch, UnpairedBatch):
+                return unpaired_forward(self, batch, hidden, weight, bias, head.logit_options)
             kwargs = dict(self.loss_kwargs)
             kwargs.update(self._reference_kwargs(batch, head))
             kwargs.update(self._aux_kwargs(batch, hidden))
+            kwargs.update(mismatched_kwargs(self, batch))  # KTO's reference point
             # token_stats: TRL's entropy / mean_token_accuracy / logits/* metrics, from the same pass
             return upo.fused_loss(hidden, weight, batch.labels, bias=bias, cu_seqlens=batch.cu_seqlens,
                                   backend=self.backend, token_stats=True, **head.logit_options, **kwargs)

@@ -13,7 +13,7 @@ from upo.fused import sequence_logprobs
 from upo.sequence_features import shared_prefix_labels
 from upo.train.atomic import atomic_save
 from upo.train.config import TrainConfig
-from upo.train.data import PreferenceData, collate
+from upo.train.data import PreferenceData, rows_of
 from upo.train.preference_model import head_inputs
 from upo.train.runtime import Runtime, barrier
 
@@ -36,11 +36,34 @@ def reference_cache_path(output_dir: Path, model: nn.Module, data: PreferenceDat
     digest = hashlib.sha256()
     digest.update(model_signature(model).encode())
     for e in data.examples:
-        digest.update(json.dumps([e.index, e.prompt_ids, e.chosen_ids, e.rejected_ids]).encode())
+        digest.update(json.dumps([e.index, e.prompt_ids, *e.responses.values()]).encode())
     settings = [config.model, config.max_length, config.max_prompt_length, config.truncation, config.precision,
                 config.ref_model, config.model_dtype]
     digest.update(json.dumps(settings).encode())
     return output_dir / "ref_logps" / f"{digest.hexdigest()[:24]}.pt"
+
+
+@torch.no_grad()
+def sequences_logps(model: nn.Module, seqs: list, pad_id: int, device: torch.device, backend: str,
+                    autocast_dtype: torch.dtype | None = None, shared_prefix: bool = False):
+    """Summed response log-probs and token counts (fp32, on CPU) of ``(token ids, prompt length)`` rows,
+    run as one padded batch in the model's current mode, without grad. With ``shared_prefix`` (rows: B chosen
+    then B rejected) also LD-DPO's sums over each pair's first ``min(n_c, n_r)`` response tokens (one more
+    head pass, no backbone pass), else None."""
+    batch = rows_of(seqs, pad_id, packing=False).to(device)
+    autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype
+                else contextlib.nullcontext())
+    shared = None
+    with autocast:
+        head, hidden = head_inputs(model, batch)
+        weight, bias = head.weight_and_bias(hidden.dtype)
+        sums, counts = sequence_logprobs(hidden, weight, batch.labels, bias=bias, backend=backend,
+                                         **head.logit_options)
+        if shared_prefix:
+            shared, _ = sequence_logprobs(hidden, weight, shared_prefix_labels(batch.labels), bias=bias,
+                                          backend=backend, **head.logit_options)
+            shared = shared.float().cpu()
+    return sums.float().cpu(), counts.float().cpu(), shared
 
 
 @torch.no_grad()
@@ -49,36 +72,27 @@ def compute_sequence_logps(model: nn.Module, examples: list, pad_id: int, device
                            shared_prefix: bool = False) -> dict:
     """Per-example response log-prob sums and token counts of ``model`` (no grad, fp32, on CPU).
 
-    Returns ``{"chosen", "rejected", "chosen_tokens", "rejected_tokens"}``, each indexed by
-    ``example.index`` (entries of examples not given stay 0); with ``shared_prefix`` also
-    ``"chosen_shared"``, ``"rejected_shared"``: LD-DPO's sums over each pair's first
-    ``min(n_chosen, n_rejected)`` response tokens (one more head pass, no backbone pass).
+    Returns, per side of the examples' responses (``"chosen"``, ``"rejected"``; ``"completion"`` for
+    unpaired rows), ``side`` and ``side_tokens``, each indexed by ``example.index`` (entries of
+    examples not given stay 0); with ``shared_prefix`` (pairs) also ``"chosen_shared"``,
+    ``"rejected_shared"``: LD-DPO's sums over each pair's first ``min(n_chosen, n_rejected)`` response tokens.
     """
     was_training = model.training
     model.eval()
     n = max((e.index for e in examples), default=-1) + 1
-    keys = ("chosen", "rejected", "chosen_tokens", "rejected_tokens") + (SHARED_KEYS if shared_prefix else ())
+    sides = list(examples[0].responses) if examples else ["chosen", "rejected"]
+    keys = [key for side in sides for key in (side, f"{side}_tokens")] + (list(SHARED_KEYS) if shared_prefix else [])
     result = {key: torch.zeros(n) for key in keys}
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        batch = collate(chunk, pad_id, packing=False).to(device)
-        autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype
-                    else contextlib.nullcontext())
-        with autocast:
-            head, hidden = head_inputs(model, batch)
-            weight, bias = head.weight_and_bias(hidden.dtype)
-            sums, counts = sequence_logprobs(hidden, weight, batch.labels, bias=bias, backend=backend,
-                                             **head.logit_options)
-            if shared_prefix:
-                shared, _ = sequence_logprobs(hidden, weight, shared_prefix_labels(batch.labels), bias=bias,
-                                              backend=backend, **head.logit_options)
+        seqs = [(e.prompt_ids + e.responses[side], len(e.prompt_ids)) for side in sides for e in chunk]
+        sums, counts, shared = sequences_logps(model, seqs, pad_id, device, backend, autocast_dtype, shared_prefix)
         idx = torch.tensor([e.index for e in chunk])
-        if shared_prefix:
-            shared = shared.float().cpu()
-            result["chosen_shared"][idx], result["rejected_shared"][idx] = shared[:len(chunk)], shared[len(chunk):]
-        sums, counts = sums.float().cpu(), counts.float().cpu()
-        result["chosen"][idx], result["rejected"][idx] = sums[:len(chunk)], sums[len(chunk):]
-        result["chosen_tokens"][idx], result["rejected_tokens"][idx] = counts[:len(chunk)], counts[len(chunk):]
+        for k, side in enumerate(sides):
+            result[side][idx] = sums[k * len(chunk):(k + 1) * len(chunk)]
+            result[f"{side}_tokens"][idx] = counts[k * len(chunk):(k + 1) * len(chunk)]
+            if shared is not None:
+                result[f"{side}_shared"][idx] = shared[k * len(chunk):(k + 1) * len(chunk)]
     model.train(was_training)
     return result
 
@@ -87,7 +101,7 @@ def load_or_compute_reference(model, data, pad_id, config, runtime: Runtime, aut
     """Reference log-probs from the on-disk cache, or computed by rank 0 and written atomically."""
     path = reference_cache_path(Path(config.output_dir), model, data, config)
     shared_prefix = config.ld_alpha is not None  # LD-DPO also needs the reference's shared-prefix sums
-    sides = ("chosen", "rejected") + (SHARED_KEYS if shared_prefix else ())
+    sides = list(data.examples[0].responses) + (list(SHARED_KEYS) if shared_prefix else [])
     if runtime.is_main and path.is_file() and not _cache_is_readable(path, len(data), sides):
         log(f"note: the cached reference log-probs {path} are unreadable or lack what this run needs: "
             "computing them again")
@@ -103,7 +117,7 @@ def load_or_compute_reference(model, data, pad_id, config, runtime: Runtime, aut
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _cache_is_readable(path: Path, num_examples: int, sides=("chosen", "rejected")) -> bool:
+def _cache_is_readable(path: Path, num_examples: int, sides: list[str]) -> bool:
     """A cache file that loads and holds one value per example for each of ``sides`` (it is only a cache:
     a damaged or incomplete one is recomputed, not an error)."""
     try:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from upo.train.config import TrainConfig
-from upo.train.data import (PreferenceData, TokenizeSettings, build_preference_data, load_records,
+from upo.train.data import (PreferenceData, TokenizeSettings, build_preference_data, check_columns, load_records,
                             load_split_if_present, split_train_eval)
+from upo.train.errors import UserError
 
 
 @dataclass
@@ -16,12 +17,13 @@ class RunData:
     eval_indices: list[int]
 
 
-def load_run_data(config: TrainConfig, tokenizer, reward, log) -> RunData:
-    """The tokenised pairs and the train/eval indices into them.
+def load_run_data(config: TrainConfig, tokenizer, reward, log, check_format=None) -> RunData:
+    """The tokenised pairs (or unpaired rows) and the train/eval indices into them.
 
     Held-out pairs come from ``--eval-dataset``, else from the dataset's ``--eval-split`` when it
     has one (then every ``--dataset`` pair trains), else ``--eval-fraction`` of ``--dataset``;
-    ``--eval-max-pairs`` keeps the first N of them.
+    ``--eval-max-pairs`` keeps the first N of them. ``check_format(unpaired)`` is called once the
+    rows' format is known, before any is tokenised.
     """
     c = config
     records = load_records(c.dataset, c.dataset_split).head(c.max_examples)
@@ -31,6 +33,13 @@ def load_run_data(config: TrainConfig, tokenizer, reward, log) -> RunData:
         held_out = load_split_if_present(c.dataset, c.eval_split)
     else:
         held_out = None
+    unpaired = check_columns(records)
+    if held_out and check_columns(held_out) != unpaired:
+        kinds = ("unpaired (prompt/completion/label)", "paired (prompt/chosen/rejected)")
+        raise UserError(f"the held-out rows are {kinds[not check_columns(held_out)]} but the training rows are "
+                        f"{kinds[not unpaired]}: give both in one format")
+    if check_format is not None:
+        check_format(unpaired)
     num_train = len(records)
     if held_out is not None:
         records = records + held_out.head(c.eval_max_pairs)

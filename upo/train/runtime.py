@@ -92,16 +92,6 @@ def barrier(runtime: Runtime) -> None:
         torch.distributed.barrier()
 
 
-def all_reduce_mean(values: dict[str, float], runtime: Runtime) -> dict[str, float]:
-    """Average named scalars across ranks (names sorted so every rank packs the same vector)."""
-    if not runtime.distributed or not values:
-        return values
-    names = sorted(values)
-    vector = torch.tensor([values[n] for n in names], dtype=torch.float64)
-    torch.distributed.all_reduce(vector)
-    return {n: float(v) / runtime.world_size for n, v in zip(names, vector)}
-
-
 def all_reduce_max(values: list[float], runtime: Runtime) -> list[float]:
     """Each value's maximum over the ranks: one tiny all-reduce, so that every rank decides alike."""
     if not runtime.distributed:

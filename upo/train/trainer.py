@@ -23,24 +23,26 @@ from upo.heads import describe_lm_head
 from upo.train.atomic import atomic_write_text
 from upo.train.checkpoints import restore_training_state, trainable_state, training_state_payload, write_checkpoint
 from upo.train.config import TrainConfig
-from upo.train.data import DataPosition, PairSampler, PreferenceBatch, collate, pad_token_id
+from upo.train.data import DataPosition, PairSampler, PreferenceBatch, UnpairedBatch, collate, pad_token_id
 from upo.train.divergence import DivergenceGuard, is_non_finite_error, non_finite_problem
 from upo.train.errors import RunStopped, UserError
 from upo.train.evaluation import evaluate_pairs, implicit_and_aux_rewards, pearson, policy_and_reference_logps
-from upo.train.final_model import save_final_model
+from upo.train.final_model import save_final_model, save_final_value_head
 from upo.train.generation import evaluate_generations
-from upo.train.metrics import MetricMean, peak_memory_bytes, postfix, reward_metrics, run_summary, scalar_metrics
+from upo.train.metrics import (MetricMean, describe_run, peak_memory_bytes, postfix, reward_metrics, run_summary,
+                               scalar_metrics)
 from upo.train.model_checks import check_logits, load_checked_reference
 from upo.train.models import add_lora, enable_activation_checkpointing, frozen_copy, load_policy_and_tokenizer
-from upo.train.objective import (build_reward, check_loss_names, check_loss_options, loss_kwargs_from_config,
-                                 needs_reference, uses_aux_objective)
+from upo.train.kto_pairs import kl_reference_of_run, uses_mismatched_pairs
+from upo.train.objective import (build_reward, check_loss_names, check_loss_options, check_unpaired_objective,
+                                 loss_kwargs_from_config, needs_reference, uses_aux_objective)
 from upo.train.optim import build_optimizer, build_scheduler
 from upo.train.output_dir import claim_output_dir
 from upo.train.plot import plot_history
 from upo.train.preference_model import PreferenceModel
 from upo.train.reference import load_or_compute_reference
 from upo.train.run_data import load_run_data
-from upo.train.runtime import (Runtime, all_reduce_max, all_reduce_mean, all_reduce_sum, barrier, check_backend,
+from upo.train.runtime import (Runtime, all_reduce_max, all_reduce_sum, barrier, check_backend,
                                gradient_sync, setup_runtime, wrap_for_processes)
 from upo.train.signals import StopRequests, exit_code, signal_name
 
@@ -110,8 +112,14 @@ class Trainer:
         policy, reference = self._prepare_reference(policy)
         self.module = self._build_module(policy, reference)
         self.model = wrap_for_processes(self.module, self.runtime, self.config.fsdp, self.log)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.params, config)
+        # UPO's value head learns in a parameter group of its own, clipped on its own (its gradient must not
+        # scale the policy's); read after wrapping, which may replace the parameters (FSDP).
+        head = self.module.value_head
+        value_ids = {id(p) for p in head.parameters()} if head is not None else set()
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        self.params = [p for p in trained if id(p) not in value_ids]
+        self.value_params = [p for p in trained if id(p) in value_ids]
+        self.optimizer = build_optimizer(self.params, config, self.value_params)
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
         if self.resume_path is not None:
             restore_training_state(self, self.resume_path)
@@ -123,11 +131,17 @@ class Trainer:
         self.reward = build_reward(self.config.aux_reward) if uses_aux_objective(loss_types) else None
         if uses_aux_objective(loss_types) and self.reward is None:
             raise UserError("loss type 'upo' needs at least one --aux-reward (e.g. readability:1.0)")
+        self.mismatched = uses_mismatched_pairs(self.config, self.runtime.world_size)  # KTO's reference point
         check_loss_options(self.config, list(self.reward.weights) if self.reward else None)
+
+    def _check_format(self, unpaired: bool) -> None:
+        self.unpaired = unpaired
+        if unpaired:
+            check_unpaired_objective(self.config, list(self.reward.weights) if self.reward else None)
 
     def _prepare_data(self) -> None:
         config = self.config
-        run_data = load_run_data(config, self.tokenizer, self.reward, self.log)
+        run_data = load_run_data(config, self.tokenizer, self.reward, self.log, self._check_format)
         self.data, self.train_indices, self.eval_indices = run_data.data, run_data.train_indices, run_data.eval_indices
         self.sampler = PairSampler(self.train_indices, config.batch_size, config.seed, self.runtime.rank,
                                    self.runtime.world_size)
@@ -151,6 +165,8 @@ class Trainer:
             source = self._load_reference(policy) if config.ref_model else policy
             self.ref_logps = load_or_compute_reference(source, self.data, self.pad_id, config, self.runtime,
                                                        self.autocast_dtype, self.log)
+            if self.mismatched:
+                self.ref_logps["kl"] = kl_reference_of_run(self, policy)
             reference = "precomputed"
         elif config.ref_model:
             reference = self._load_reference(policy)
@@ -178,7 +194,8 @@ class Trainer:
         value_head = None
         if config.baseline == "value" and uses_aux_objective(config.loss_type):
             value_head = upo.ValueHead(describe_lm_head(policy).hidden_size).to(self.runtime.device)
-        loss_kwargs = loss_kwargs_from_config(config, list(self.reward.weights) if self.reward else None)
+        loss_kwargs = loss_kwargs_from_config(config, list(self.reward.weights) if self.reward else None,
+                                              self.unpaired)
         module = PreferenceModel(policy, value_head, reference, loss_kwargs, config.backend, self.autocast_dtype)
         return module.train()
 
@@ -209,10 +226,11 @@ class Trainer:
         return path
 
     # ---- batches -----------------------------------------------------------------------
-    def make_batch(self, indices: list[int]) -> PreferenceBatch:
-        """The batch of these examples, on the run's device."""
+    def make_batch(self, indices: list[int]) -> PreferenceBatch | UnpairedBatch:
+        """The batch of these examples (with KTO, their mismatched rows too), on the run's device."""
         examples = [self.data.examples[i] for i in indices]
-        return collate(examples, self.pad_id, self.config.packing, self.ref_logps).to(self.runtime.device)
+        return collate(examples, self.pad_id, self.config.packing, self.ref_logps, kl=self.mismatched,
+                       max_length=self.config.max_length).to(self.runtime.device)
 
     # ---- one optimiser step ------------------------------------------------------------
     def train_step(self) -> dict[str, float] | None:
@@ -243,11 +261,15 @@ class Trainer:
                 (out.loss / config.grad_accum).backward()
             values = {**scalar_metrics(out), **reward_metrics(batch, self.data.reward_names)}
             losses.append(values["loss"])
-            accumulated.add(values, batch.num_pairs)
+            accumulated.add(values, batch.num_examples)
             tokens += batch.num_tokens
         # A max norm of 0 disables clipping; the norm is still logged.
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm or float("inf")))
-        problem = non_finite_problem(losses, grad_norm, forward_error)
+        max_norm = config.max_grad_norm or float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        value_grad_norm = (float(torch.nn.utils.clip_grad_norm_(self.value_params, max_norm))
+                           if self.value_params else None)
+        problem = non_finite_problem(losses, grad_norm if value_grad_norm is None else grad_norm + value_grad_norm,
+                                     forward_error)
         signum, any_problem = all_reduce_max([float(self.stop.signum), float(problem is not None)], self.runtime)
         self.stop_signum = int(signum)
         if any_problem:
@@ -258,21 +280,23 @@ class Trainer:
             self.state.skipped_batches = self.guard.skipped
             return None
         self.optimizer.step()
-        lr = self.scheduler.get_last_lr()[0]
+        lrs = self.scheduler.get_last_lr()  # the policy's group, then the value head's
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
 
-        metrics = all_reduce_mean(accumulated.means(), self.runtime)
+        metrics = accumulated.all_reduced(self.runtime)
         tokens = int(all_reduce_sum(tokens, self.runtime))
         elapsed = time.perf_counter() - started
         self.state.tokens_seen += tokens
         self.state.train_seconds += elapsed
         metrics.update({
-            "step": self.state.step, "epoch": self.state.position.epoch, "lr": lr,
+            "step": self.state.step, "epoch": self.state.position.epoch, "lr": lrs[0],
             "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / max(elapsed, 1e-9),
             "peak_memory_bytes": peak_memory_bytes(self.runtime.device),
         })
+        if value_grad_norm is not None:
+            metrics.update({"value/grad_norm": value_grad_norm, "value/lr": lrs[1]})
         return metrics
 
     def evaluate(self, indices: list[int] | None = None) -> dict[str, float]:
@@ -308,7 +332,7 @@ class Trainer:
                 if self.runtime.is_main:  # the run claims its folder: from here on it holds a run
                     atomic_write_text(json.dumps(self.config.to_dict(), indent=2) + "\n",
                                       self.output_dir / "config.json")
-                self.log(self._describe())
+                self.log(describe_run(self))
                 for note in self.model_notes:
                     self.log(note)
                 progress, metrics_file = self._progress_bar(), self._open_metrics()
@@ -359,15 +383,6 @@ class Trainer:
                    f"{self.last_checkpoint[1]} written; continue with --resume auto")
         return RunStopped(message, exit_code(self.stop_signum))
 
-    def _describe(self) -> str:
-        n_params = sum(p.numel() for p in self.module.policy.parameters())
-        n_train = sum(p.numel() for p in self.params)
-        c = self.config
-        return (f"upo-train: {c.model or 'tiny byte-level Llama'} ({n_params:,} params, {n_train:,} trained), "
-                f"{len(self.train_indices)} train / {len(self.eval_indices)} eval pairs, "
-                f"loss {'+'.join(c.loss_type)}, {self.total_steps} steps of {c.batch_size}x{c.grad_accum} pairs, "
-                f"{self.runtime.world_size} process(es) on {self.runtime.device}")
-
     def _progress_bar(self):
         if not (self.config.progress and self.runtime.is_main):
             return None
@@ -389,6 +404,9 @@ class Trainer:
             sharded = self.config.fsdp and self.runtime.distributed  # save the gathered copy
             save_final_model(self.module.policy, self.tokenizer, self.output_dir / "model",
                              model_state if sharded else None)
+            if self.module.value_head is not None:
+                save_final_value_head(self.module.value_head, self.output_dir / "model",
+                                      model_state if sharded else None)
             plot_history(self.history, self.output_dir / "plot.png")
         barrier(self.runtime)
         return summary

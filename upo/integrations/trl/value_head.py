@@ -8,17 +8,17 @@ so ``from_pretrained`` of a saved output loads a plain model, and it is written 
 """
 from __future__ import annotations
 
-import os
-
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from upo import ValueHead
 from upo.heads import describe_lm_head
+from upo.value_head import VALUE_HEAD_FILE, load_value_head, load_value_head_state
+from upo.value_head import save_value_head as write_value_head
 
 ATTRIBUTE = "upo_value_head"
-VALUE_HEAD_FILE = "value_head.safetensors"
+__all__ = ["ATTRIBUTE", "VALUE_HEAD_FILE", "attach_value_head", "load_value_head", "load_value_head_into",
+           "save_value_head", "value_head_state"]
 
 
 def attach_value_head(causal_lm: nn.Module) -> ValueHead:
@@ -44,28 +44,10 @@ def save_value_head(source: nn.Module | dict, directory: str) -> bool:
     state = value_head_state(source)
     if not state:
         return False
-    hidden_size = state["proj.weight"].shape[1]
-    state = {name: tensor.detach().to("cpu", torch.float32).contiguous() for name, tensor in state.items()}
-    os.makedirs(directory, exist_ok=True)
-    save_file(state, os.path.join(directory, VALUE_HEAD_FILE), metadata={"hidden_size": str(hidden_size)})
+    write_value_head(state, directory)
     return True
-
-
-def _saved_state(directory: str, device: str = "cpu") -> dict[str, torch.Tensor]:
-    path = os.path.join(directory, VALUE_HEAD_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: this directory was not written with UPO's value head")
-    return load_file(path, device=device)
 
 
 def load_value_head_into(head: nn.Module, directory: str) -> None:
     """Restore ``head`` from ``directory``'s ``value_head.safetensors`` (``FileNotFoundError`` if absent)."""
-    head.load_state_dict(_saved_state(directory, str(next(head.parameters()).device)))
-
-
-def load_value_head(directory: str) -> ValueHead:
-    """The value head saved in ``directory`` (a checkpoint or the final output directory)."""
-    state = _saved_state(directory)
-    head = ValueHead(state["proj.weight"].shape[1])
-    head.load_state_dict(state)
-    return head
+    head.load_state_dict(load_value_head_state(directory, str(next(head.parameters()).device)))

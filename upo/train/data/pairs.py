@@ -1,7 +1,7 @@
 """Records to tokenised pairs: render (standard or conversational) text, tokenise and truncate, score rewards.
 
-A preference record has a ``prompt`` and two responses, ``chosen`` and ``rejected``. Two
-formats are accepted, as in TRL:
+A preference record has a ``prompt`` and two responses, ``chosen`` and ``rejected`` (unpaired
+rows, ``prompt``/``completion``/``label``: ``unpaired.py``). Two formats are accepted, as in TRL:
 
 * standard: the three columns are strings;
 * conversational: they are lists of ``{"role", "content"}`` messages (``prompt`` may be
@@ -36,17 +36,23 @@ class RenderedPair:
     rejected_plain: str
 
 
-def check_columns(records: list[dict]) -> None:
-    """Fail with the names of the missing columns (``prompt`` may be implicit in conversations)."""
+def check_columns(records: list[dict]) -> bool:
+    """Whether the rows are unpaired (TRL's ``prompt``/``completion``/``label``) rather than pairs; fail with
+    the names of the missing columns (``prompt`` may be implicit in paired conversations)."""
+    from upo.train.data.unpaired import UNPAIRED_COLUMNS, is_unpaired
+
     if not records:
         raise UserError("the dataset has no rows")
     first = records[0]
-    missing = [c for c in REQUIRED_COLUMNS if c not in first]
-    if missing == ["prompt"] and _is_conversation(first.get("chosen")):
-        return
+    unpaired = is_unpaired(first)
+    missing = [c for c in (UNPAIRED_COLUMNS if unpaired else REQUIRED_COLUMNS) if c not in first]
+    if not unpaired and missing == ["prompt"] and _is_conversation(first.get("chosen")):
+        return False
     if missing:
         found = ", ".join(sorted(first)) or "none"
-        raise UserError(f"dataset is missing column(s) {', '.join(missing)} (found: {found})")
+        raise UserError(f"dataset is missing column(s) {', '.join(missing)} (found: {found}); pairs have "
+                        "prompt, chosen, rejected and unpaired rows prompt, completion, label")
+    return unpaired
 
 
 def _is_conversation(value: Any) -> bool:
@@ -95,7 +101,15 @@ def _render_conversation(record: dict, tokenizer, row: str) -> RenderedPair:
         while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
             shared += 1
         prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
-    elif isinstance(prompt, str):
+    prompt_text, prompt_plain, [(chosen_text, chosen_plain), (rejected_text, rejected_plain)] = render_messages(
+        prompt, [chosen, rejected], tokenizer, row)
+    return RenderedPair(prompt_text, chosen_text, rejected_text, prompt_plain, chosen_plain, rejected_plain)
+
+
+def render_messages(prompt: Any, responses: list[list[dict]], tokenizer, row: str):
+    """A prompt (a string: one user message, or messages) and response conversations as text: ``(prompt_text,
+    prompt_plain, [(response_text, response_plain), ...])``; ``*_text`` for the tokenizer, ``*_plain`` for rewards."""
+    if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
     if not isinstance(prompt, list) or not all(isinstance(m, dict) for m in prompt):
         raise UserError(f"{row}: 'prompt' must be a string or a list of messages")
@@ -110,11 +124,10 @@ def _render_conversation(record: dict, tokenizer, row: str) -> RenderedPair:
             return full[len(prompt_text):]
         return "".join(str(m["content"]) for m in messages)
 
-    plain_prompt = "\n".join(str(m["content"]) for m in prompt)
-    return RenderedPair(
-        prompt_text, response(chosen), response(rejected), plain_prompt,
-        "\n".join(str(m["content"]) for m in chosen), "\n".join(str(m["content"]) for m in rejected),
-    )
+    def plain(messages: list[dict]) -> str:
+        return "\n".join(str(m["content"]) for m in messages)
+
+    return prompt_text, plain(prompt), [(response(messages), plain(messages)) for messages in responses]
 
 
 def _chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -136,6 +149,11 @@ class PreferenceExample:
     prompt_truncated: bool = False
     response_truncated: bool = False
 
+    @property
+    def responses(self) -> dict[str, list[int]]:
+        """The response token ids by side, in the order batches hold them."""
+        return {"chosen": self.chosen_ids, "rejected": self.rejected_ids}
+
 
 @dataclass
 class TokenizeSettings:
@@ -156,10 +174,20 @@ def tokenize_pair(rendered: RenderedPair, tokenizer, settings: TokenizeSettings,
     Empty responses are an error (nothing to learn from); over-long responses are cut at the end.
     ``where`` names the pair in errors (default ``row <index>``).
     """
-    for column, text in (("chosen", rendered.chosen_text), ("rejected", rendered.rejected_text)):
+    prompt, responses, prompt_truncated, response_truncated = tokenize_responses(
+        rendered.prompt_text, {"chosen": rendered.chosen_text, "rejected": rendered.rejected_text}, tokenizer,
+        settings, where or f"row {index}")
+    return PreferenceExample(index, prompt, responses[0], responses[1],
+                             prompt_truncated=prompt_truncated, response_truncated=response_truncated)
+
+
+def tokenize_responses(prompt_text: str, texts: dict[str, str], tokenizer, settings: TokenizeSettings, where: str):
+    """BOS + the prompt, truncated per ``settings``, and each response + EOS, cut at the end to the room left:
+    ``(prompt_ids, [response_ids, ...], prompt_truncated, response_truncated)``. An empty response is an error."""
+    for column, text in texts.items():
         if not text.strip():
-            raise UserError(f"{where or f'row {index}'}: '{column}' response is empty")
-    prompt = encode_text(tokenizer, rendered.prompt_text)
+            raise UserError(f"{where}: '{column}' response is empty")
+    prompt = encode_text(tokenizer, prompt_text)
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is not None and (not prompt or prompt[0] != bos):
         prompt = [bos] + prompt  # also gives an empty prompt a token for the value head
@@ -173,12 +201,11 @@ def tokenize_pair(rendered: RenderedPair, tokenizer, settings: TokenizeSettings,
     if settings.max_completion_length is not None:
         room = min(room, settings.max_completion_length)
     responses, response_truncated = [], False
-    for text in (rendered.chosen_text, rendered.rejected_text):
+    for text in texts.values():
         ids = encode_text(tokenizer, text) + ([eos] if eos is not None else [])
         response_truncated |= len(ids) > room
         responses.append(ids[:room])
-    return PreferenceExample(index, prompt, responses[0], responses[1],
-                             prompt_truncated=prompt_truncated, response_truncated=response_truncated)
+    return prompt, responses, prompt_truncated, response_truncated
 
 
 @dataclass
@@ -191,6 +218,7 @@ class PreferenceData:
     truncated_responses: int = 0
     plain_texts: list[RenderedPair] = field(default_factory=list)
     locations: list[tuple[str, str, int]] = field(default_factory=list)  # where each pair's row came from
+    unpaired: bool = False  # rows of prompt/completion/label (examples: UnpairedExample)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -210,23 +238,33 @@ def build_preference_data(records: list[dict], tokenizer, settings: TokenizeSett
     """
     if max_examples is not None:
         records = records.head(max_examples) if hasattr(records, "head") else records[:max_examples]
-    check_columns(records)
+    unpaired = check_columns(records)
     locations = locations_of(records)
     where = [f"row {i}" + (f" ({describe_location(loc)})" if loc[0] else "") for i, loc in enumerate(locations)]
-    rendered = [render_record(r, tokenizer, where[i]) for i, r in enumerate(records)]
-    examples = [tokenize_pair(p, tokenizer, settings, i, where[i]) for i, p in enumerate(rendered)]
+    if unpaired:
+        from upo.train.data import unpaired as rows
+
+        rendered, labels = zip(*[rows.render_unpaired(r, tokenizer, where[i]) for i, r in enumerate(records)])
+        examples = [rows.tokenize_completion(p, labels[i], tokenizer, settings, i, where[i])
+                    for i, p in enumerate(rendered)]
+        score = rows.score_completions
+    else:
+        rendered = [render_record(r, tokenizer, where[i]) for i, r in enumerate(records)]
+        examples = [tokenize_pair(p, tokenizer, settings, i, where[i]) for i, p in enumerate(rendered)]
+        score = _score_slice
     names: list[str] = []
     if reward is not None:
         names = list(reward.names)
         for start in range(0, len(records), reward_batch_size):
             stop = min(start + reward_batch_size, len(records))
-            _score_slice(reward, records[start:stop], rendered[start:stop], examples[start:stop])
+            score(reward, records[start:stop], rendered[start:stop], examples[start:stop])
     return PreferenceData(
         examples, names,
         truncated_prompts=sum(e.prompt_truncated for e in examples),
         truncated_responses=sum(e.response_truncated for e in examples),
-        plain_texts=rendered,
+        plain_texts=list(rendered),
         locations=locations,
+        unpaired=unpaired,
     )
 
 
