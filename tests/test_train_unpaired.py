@@ -80,8 +80,8 @@ def test_mismatched_rows_rotate_the_micro_batch_as_trl(tmp_path):
 def _mismatched_mean(trainer, indices):
     """The float64 mean of policy minus reference log-probs over the micro-batch's mismatched pairs."""
     seqs, _ = kl_keys([trainer.data.examples[i] for i in indices], trainer.config.max_length)
-    policy, _ = sequences_logps(trainer.module.policy, seqs, trainer.pad_id, torch.device("cpu"), "torch")
-    ref, _ = sequences_logps(trainer.module.reference, seqs, trainer.pad_id, torch.device("cpu"), "torch")
+    policy, _, _ = sequences_logps(trainer.module.policy, seqs, trainer.pad_id, torch.device("cpu"), "torch")
+    ref, _, _ = sequences_logps(trainer.module.reference, seqs, trainer.pad_id, torch.device("cpu"), "torch")
     return float((policy.double() - ref.double()).mean())
 
 

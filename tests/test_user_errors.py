@@ -139,7 +139,7 @@ def test_damaged_reference_cache_is_recomputed(tmp_path, capsys):
     cache.write_bytes(cache.read_bytes()[:40])  # a write cut short
     code, _, err = run_main(micro_args(tmp_path, "--precompute-ref", "--overwrite"), capsys)
     assert code == 0 and "Traceback" not in err, err
-    assert "are unreadable (a damaged file): computing them again" in err
+    assert "are unreadable or lack what this run needs: computing them again" in err
     assert torch.equal(torch.load(cache, weights_only=True)["chosen"], expected["chosen"])
 
 

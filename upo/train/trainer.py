@@ -2,9 +2,9 @@
 
 The global batch is split across ranks (``torchrun``: DDP, or FSDP2 with ``--fsdp``); rank 0
 writes every output. The pieces live beside this file: output_dir.py (the claimed, locked
-folder), run_data.py and data/, models.py, objective.py, preference_model.py, reference.py,
-checkpoints.py, optim.py, signals.py (stop requests), divergence.py (non-finite steps),
-evaluation.py, metrics.py, plot.py.
+folder), run_data.py and data/, models.py, objective.py, preference_model.py,
+reference_choice.py, reference.py, checkpoints.py, optim.py, signals.py (stop requests),
+divergence.py (non-finite steps), evaluation.py, metrics.py, plot.py.
 """
 from __future__ import annotations
 
@@ -32,15 +32,15 @@ from upo.train.generation import evaluate_generations
 from upo.train.metrics import (MetricMean, describe_run, peak_memory_bytes, postfix, reward_metrics, run_summary,
                                scalar_metrics)
 from upo.train.model_checks import check_logits, load_checked_reference
-from upo.train.models import add_lora, enable_activation_checkpointing, frozen_copy, load_policy_and_tokenizer
-from upo.train.kto_pairs import kl_reference_of_run, uses_mismatched_pairs
+from upo.train.models import load_policy_and_tokenizer
+from upo.train.kto_pairs import uses_mismatched_pairs
 from upo.train.objective import (build_reward, check_loss_names, check_loss_options, check_unpaired_objective,
-                                 loss_kwargs_from_config, needs_reference, uses_aux_objective)
+                                 loss_kwargs_from_config, uses_aux_objective)
 from upo.train.optim import build_optimizer, build_scheduler
 from upo.train.output_dir import claim_output_dir
 from upo.train.plot import plot_history
 from upo.train.preference_model import PreferenceModel
-from upo.train.reference import load_or_compute_reference
+from upo.train.reference_choice import prepare_reference
 from upo.train.run_data import load_run_data
 from upo.train.runtime import (Runtime, all_reduce_max, all_reduce_sum, barrier, check_backend,
                                gradient_sync, setup_runtime, wrap_for_processes)
@@ -109,7 +109,7 @@ class Trainer:
         self.pad_id = pad_token_id(self.tokenizer)
         self._prepare_data()
         self._check_logits(policy, f"--model {config.model}" if config.model else "the built-in model")
-        policy, reference = self._prepare_reference(policy)
+        policy, reference = prepare_reference(self, policy)
         self.module = self._build_module(policy, reference)
         self.model = wrap_for_processes(self.module, self.runtime, self.config.fsdp, self.log)
         # UPO's value head learns in a parameter group of its own, clipped on its own (its gradient must not
@@ -146,40 +146,6 @@ class Trainer:
         self.sampler = PairSampler(self.train_indices, config.batch_size, config.seed, self.runtime.rank,
                                    self.runtime.world_size)
         self.total_steps = self._total_steps()
-
-    def _prepare_reference(self, policy: nn.Module) -> tuple[nn.Module, nn.Module | str | None]:
-        """Fix the reference from the *initial* policy (before a checkpoint is loaded), then add LoRA.
-
-        Returns the policy and the reference: a frozen copy, ``"adapters"`` (LoRA disabled),
-        ``"precomputed"`` (log-probs cached in ``self.ref_logps``) or None (reference-free losses).
-        """
-        config = self.config
-        self.ref_logps = None
-        reference: nn.Module | str | None = None
-        if not needs_reference(config.loss_type):
-            if config.precompute_ref:
-                self.log("note: --precompute-ref is ignored: the selected losses use no reference")
-            if config.ref_model:
-                self.log("note: --ref-model is ignored: the selected losses use no reference")
-        elif config.precompute_ref:
-            source = self._load_reference(policy) if config.ref_model else policy
-            self.ref_logps = load_or_compute_reference(source, self.data, self.pad_id, config, self.runtime,
-                                                       self.autocast_dtype, self.log)
-            if self.mismatched:
-                self.ref_logps["kl"] = kl_reference_of_run(self, policy)
-            reference = "precomputed"
-        elif config.ref_model:
-            reference = self._load_reference(policy)
-        elif config.lora:
-            reference = "adapters"
-        else:
-            reference = frozen_copy(policy)
-            describe_lm_head(reference)  # read once here, as the policy's (a copy: same numbers, no check)
-        if config.gradient_checkpointing:
-            enable_activation_checkpointing(policy)
-        if config.lora:
-            policy = add_lora(policy, config)
-        return policy, reference
 
     def _load_reference(self, policy: nn.Module) -> nn.Module:
         return load_checked_reference(policy, self.tokenizer, self.config, self.runtime, self._check_logits)
