@@ -63,12 +63,21 @@ def _max_err(a, b):
     return float((a.detach().double() - b.detach().double()).abs().max()) if a.numel() else 0.0
 
 
-def check_kernels(rank, world, init_file, seed, backend, sharding):
+KERNEL_VARIANTS = (("torch", "dtensor"), ("torch", "hand"), ("triton", "hand"))
+
+
+def check_kernels(rank, world, init_file, seed):
     """Per-token log-probs, every statistic and the gradients (hidden, weight shard, bias shard)
-    against the float64 oracle, with bias, logit scale and soft cap."""
-    if backend == "triton":
-        os.environ["TRITON_INTERPRET"] = "1"
+    against the float64 oracle, with bias, logit scale and soft cap: each backend, DTensor and
+    hand-sharded heads (one set of processes for all: each costs seconds to start)."""
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the Triton backend on CPU
     init(rank, world, init_file)
+    for k, (backend, sharding) in enumerate(KERNEL_VARIANTS):
+        _check_kernel_variant(rank, world, seed + k, backend, sharding)
+    dist.destroy_process_group()
+
+
+def _check_kernel_variant(rank, world, seed, backend, sharding):
     dtype, tol = (torch.float64, 1e-12) if backend == "torch" else (torch.float32, 1e-5)
     n, d, v = 29, 12, 37
     hidden, weight, bias, labels = head_inputs(seed, n, d, v, dtype)
@@ -104,7 +113,6 @@ def check_kernels(rank, world, init_file, seed, backend, sharding):
     errors.update({name: _max_err(out.stats[name], ref_stats[name]) for name in TOKEN_STATS})
     bad = {k: e for k, e in errors.items() if not e <= (0 if k == "is_top1" else tol)}
     assert not bad, f"rank {rank} of {world}, {backend}, {sharding}, seed {seed}: errors {bad}"
-    dist.destroy_process_group()
 
 
 def _loss_kwargs(loss_type, pairs, seed):
@@ -235,6 +243,25 @@ def check_bad_input(rank, world, init_file):
         except ValueError as err:
             assert expected in str(err), f"rank {rank}: {expected!r} not in {err}"
             assert "\n" not in str(err), str(err)
+        else:
+            raise AssertionError(f"rank {rank}: no error for {expected!r}")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    only_rank_0 = dist.new_group([0])
+    dtensor_cases = {
+        "must be Shard(0)": dict(weight=distribute_tensor(weight, mesh, [Replicate()])),
+        "mismatched groups": dict(weight=distribute_tensor(weight, mesh, [Shard(0)]), process_group=only_rank_0),
+        "vocab_offset is given by weight's DTensor layout": dict(weight=distribute_tensor(weight, mesh, [Shard(0)]),
+                                                                 vocab_offset=0),
+    }
+    for expected, case in dtensor_cases.items():
+        try:
+            linear_logprobs(hidden, case["weight"], labels, backend="torch", process_group=case.get("process_group"),
+                            vocab_offset=case.get("vocab_offset"))
+        except ValueError as err:
+            assert expected in str(err) and "\n" not in str(err), f"rank {rank}: {expected!r} not in {err}"
         else:
             raise AssertionError(f"rank {rank}: no error for {expected!r}")
     dist.barrier()

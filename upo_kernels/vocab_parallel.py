@@ -246,7 +246,8 @@ def local_tensors(hidden, weight, bias, process_group, vocab_offset):
                          f"dim), got placements {tuple(weight.placements)} on a {mesh.ndim}-D mesh: pass "
                          "weight.to_local() with process_group and vocab_offset instead")
     group = mesh.get_group()
-    if process_group is not None and process_group != group:
+    if process_group is not None and (dist.get_process_group_ranks(_checked_group(process_group))
+                                      != dist.get_process_group_ranks(group)):
         raise ValueError("process_group is not the group of weight's device mesh (mismatched groups): "
                          "leave process_group out with a DTensor weight")
     if vocab_offset is not None:
@@ -265,6 +266,6 @@ def local_tensors(hidden, weight, bias, process_group, vocab_offset):
 def _checked_group(group):
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("process_group: torch.distributed is not initialised (init_process_group first)")
-    if dist.get_rank(group) < 0:
+    if group is None or group == dist.GroupMember.NON_GROUP_MEMBER or dist.get_rank(group) < 0:
         raise ValueError("process_group: this rank is not a member of the group (mismatched groups)")
     return group
