@@ -245,6 +245,21 @@ def test_upo_option_errors_name_the_option():
         _trainer(loss_type=["sigmoid"], upo_lambda=0.5)
 
 
+def test_omega_max_none_through_loss_options_removes_the_cap(tmp_path):
+    """The omega_max field's None means upo's default (20.0); loss_options can still say None."""
+    from upo.integrations.trl import UPOConfig
+    from upo.integrations.trl.config import _options
+
+    def config(**kw):
+        return UPOConfig(output_dir=str(tmp_path), loss_type=["sigmoid", "upo"], report_to="none", bf16=False,
+                         use_cpu=True, **kw)
+
+    assert "omega_max" not in _options(config(), ("sigmoid", "upo"), None)
+    assert _options(config(omega_max=5.0), ("sigmoid", "upo"), None)["omega_max"] == 5.0
+    options = _options(config(loss_options={"omega_max": None}), ("sigmoid", "upo"), None)
+    assert "omega_max" in options and options["omega_max"] is None
+
+
 # DPOConfig options that change TRL's numbers, and TRL 1.16's newer loss types: the same losses and updates.
 TRL_OPTION_CASES = [dict(loss_type=["sigmoid"], use_weighting=True), dict(loss_type=["sigmoid"], ld_alpha=0.5),
                     dict(loss_type=["sigmoid"], f_divergence_type="js_divergence"),
