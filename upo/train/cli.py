@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Preference alignment (DPO family + UPO) with a fused loss that never builds logits. "
         "Without arguments: a tiny byte-level Llama trained on the shipped data in about a minute on CPU.",
         epilog="Settings: defaults < --config file < flags. "
-        "Multi-process: torchrun --nproc-per-node N -m upo.train ... "
+        "Multi-process: torchrun --nproc-per-node N -m upo.train ... (add --tp K for tensor parallelism) "
         "Exit status: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + ". "
         "SIGTERM, SIGINT and SIGUSR1 finish the current step, write a checkpoint and exit; a second one "
         "exits at once.",
@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-r", type=int, help="LoRA rank" + _default("lora_r"))
     g.add_argument("--lora-alpha", type=int, help="LoRA alpha" + _default("lora_alpha"))
     g.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 fully_shard instead of DDP")
+    g.add_argument("--tp", type=int, metavar="N", help="tensor parallelism under torchrun: each model copy spans N "
+                   "processes (LM head sharded over the vocabulary, decoder by its transformers plan); "
+                   "--nproc-per-node must be a multiple of N, the copies train data-parallel (docs/"
+                   "tensor_parallel.md)" + _default("tp"))
     g.add_argument("--backend", choices=["auto", "triton", "torch"],
                    help="fused-loss kernels: triton (CUDA), torch (chunked, any device)" + _default("backend"))
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N" + _default("device"))
