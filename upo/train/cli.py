@@ -24,6 +24,7 @@ EXIT_CODES = {0: "finished", 1: "a bug in upo (with a traceback)", EXIT_USER_ERR
               "non-finite loss (one line)", 130: "stopped by SIGINT", 138: "stopped by SIGUSR1",
               143: "stopped by SIGTERM (checkpoint written; continue with --resume auto)"}
 _DEFAULTS = TrainConfig()
+MAIN_REPORTS_WITHIN_S = 1.0  # a refusal every rank meets: the others wait this long for rank 0's line
 
 
 def _default(name: str) -> str:
@@ -259,6 +260,15 @@ def _limit_threads_for_tiny_models(config: TrainConfig, device) -> None:
         torch.set_num_threads(1)
 
 
+def _check_processes(config: TrainConfig) -> None:
+    """``--tp`` against torchrun's process count, before the heavy imports (each rank raises; rank 0 says it)."""
+    import os
+
+    from upo.train.tensor_parallel import check_tp
+
+    check_tp(config, int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("RANK", "0") == "0")
+
+
 def _report(message: str, error: bool = True) -> None:
     message = " ".join(str(message).split())  # always exactly one line
     print(f"{PROG}: {'error: ' if error else ''}{message}", file=sys.stderr, flush=True)
@@ -271,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with StopRequests(defer=False):  # outside the loop a stop signal ends the run at once, with a line
             config = parse_config(sys.argv[1:] if argv is None else list(argv))
+            _check_processes(config)
             # Heavy imports (transformers) only once the flags are known to parse.
             from upo.train.runtime import setup_runtime
             from upo.train.trainer import Trainer
@@ -286,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, UnsupportedModelError) as err:
         if not getattr(err, "reported_by_main", False):
             _report(str(err))
+        else:  # rank 0 says it: torchrun stops every rank when the first one exits, so leave it the time to
+            time.sleep(MAIN_REPORTS_WITHIN_S)
         return EXIT_USER_ERROR
     except RunStopped as stop:
         if runtime is None or runtime.is_main:
