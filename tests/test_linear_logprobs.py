@@ -21,7 +21,7 @@ from helpers import (TOL_GRAD, TOL_OUT, assert_close_rel, check_no_worse_than_na
                      make_inputs,
                      new_seed, reference_floors, reference_token_outputs, rel_err, run_token_fn)
 from upo_kernels.buffers import poison_outputs
-from upo_kernels.functional import _TorchOps  # the chunked backend as functional.py dispatches to it
+from upo_kernels.backends import TorchOps  # the chunked backend as functional.py dispatches to it
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if ON_CUDA else "cpu"
@@ -204,7 +204,7 @@ def test_chunked_ragged_chunks(chunks, cap):
     """Chunk sizes that leave ragged last chunks in both dims (and the 1x1 extreme)."""
     seed = new_seed()
     inp = make_inputs(23, 11, 61, seed=seed, bias=True, ignore_frac=0.3)
-    check_split_passes(_TorchOps, inp, seed, scale=1.3, cap=cap, chunk_tokens=chunks[0], chunk_vocab=chunks[1])
+    check_split_passes(TorchOps, inp, seed, scale=1.3, cap=cap, chunk_tokens=chunks[0], chunk_vocab=chunks[1])
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
@@ -214,7 +214,7 @@ def test_chunked_ragged_chunks(chunks, cap):
        seed=st.integers(0, 2**31 - 1))
 def test_chunked_property(n, d, v, ct, cv, ignore, bias, scale, cap, seed):
     inp = make_inputs(n, d, v, seed=seed, bias=bias, ignore_frac=ignore)
-    check_split_passes(_TorchOps, inp, seed, scale=scale, cap=cap, chunk_tokens=ct, chunk_vocab=cv)
+    check_split_passes(TorchOps, inp, seed, scale=scale, cap=cap, chunk_tokens=ct, chunk_vocab=cv)
 
 
 # ----------------------------------------------------------------------------- bf16 (CPU, torch backend)

@@ -234,7 +234,7 @@ def test_raw_forward_with_ignored_rows(monkeypatch, backend, impl):
     ``ignore_index`` labels: their statistics are 0, the others' exact; lse is that of the plain
     forward (the same merge)."""
     _select(monkeypatch, impl)
-    from upo_kernels.functional import _ops
+    from upo_kernels.backends import ops as _ops
 
     ops = _ops(backend)
     seed = new_seed()

@@ -81,7 +81,7 @@ class _Tokens(NamedTuple):
 
 
 def _token_logprobs(hidden, weight, labels, cu_seqlens, bias, logit_scale, softcap, ignore_index, backend,
-                    allow_empty=False, stats=()):
+                    allow_empty=False, stats=(), process_group=None, vocab_offset=None):
     flat_h, flat_y, seq_ids, rows = _flatten(hidden, labels, cu_seqlens, weight)
     if flat_y.dtype.is_floating_point or flat_y.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {flat_y.dtype}")
@@ -94,7 +94,8 @@ def _token_logprobs(hidden, weight, labels, cu_seqlens, bias, logit_scale, softc
                          f"(every label is ignore_index={ignore_index})")
     # all rows go in: the kernels skip the ignored ones (no gathered copy outlives the forward)
     out = linear_logprobs(flat_h, weight, flat_y, bias=bias, logit_scale=logit_scale, softcap=softcap,
-                          ignore_index=ignore_index, backend=backend, stats=stats)
+                          ignore_index=ignore_index, backend=backend, stats=stats, process_group=process_group,
+                          vocab_offset=vocab_offset)
     logp, values = (out.logp, out.stats) if stats else (out, {})
     return _Tokens(logp, values, keep, seq_ids, counts, rows)
 
@@ -103,14 +104,20 @@ def _checked_sums(tokens, hidden, weight, bias):
     sums = features.per_sequence_sum(tokens.logp, tokens.seq_ids, tokens.rows)
     if not bool(torch.isfinite(sums).all()):
         culprits = [name for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias))
-                    if t is not None and not bool(torch.isfinite(t).all())]
+                    if t is not None and not bool(torch.isfinite(_local(t)).all())]
         raise ValueError(f"non-finite log-probs: {', '.join(culprits) or 'hidden/weight'} "
                          "contain NaN or inf")
     return sums
 
 
+def _local(t):
+    """A DTensor's shard on this rank (a sharded LM head), else ``t``."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def sequence_logprobs(hidden, weight, labels, *, cu_seqlens=None, bias=None, logit_scale=1.0,
-                      softcap=None, ignore_index=-100, backend="auto", allow_empty=False, stats=()):
+                      softcap=None, ignore_index=-100, backend="auto", allow_empty=False, stats=(),
+                      process_group=None, vocab_offset=None):
     """Summed response log-probs per sequence, straight from hidden states.
 
     hidden [R, T, D] with labels [R, T], or packed hidden [N, D] with labels [N] and
@@ -118,11 +125,12 @@ def sequence_logprobs(hidden, weight, labels, *, cu_seqlens=None, bias=None, log
     response tokens is an error naming its row unless ``allow_empty``. ``stats``: token
     statistics (``upo_kernels.TOKEN_STATS``) from the same pass; with any, a third element
     ``{name: [R]}`` holds their sums over each sequence's response tokens (divide by ``counts``
-    for means), without gradient.
+    for means), without gradient. A head sharded over the vocabulary (a ``Shard(0)`` DTensor
+    ``weight``, or ``process_group`` + ``vocab_offset``): as ``upo_kernels.linear_logprobs``.
     """
     stats = check_stats(stats)
     tokens = _token_logprobs(hidden, weight, labels, cu_seqlens, bias, logit_scale, softcap, ignore_index, backend,
-                             allow_empty, stats)
+                             allow_empty, stats, process_group, vocab_offset)
     sums = _checked_sums(tokens, hidden, weight, bias)
     if not stats:
         return sums, tokens.counts
@@ -133,7 +141,8 @@ def sequence_logprobs(hidden, weight, labels, *, cu_seqlens=None, bias=None, log
 def fused_loss(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_chosen_logps=None,
                ref_rejected_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None,
                ref_chosen_shared_logps=None, ref_rejected_shared_logps=None, logit_scale=1.0, softcap=None,
-               ignore_index=-100, backend="auto", token_stats=False, **loss_kwargs):
+               ignore_index=-100, backend="auto", token_stats=False, process_group=None, vocab_offset=None,
+               **loss_kwargs):
     """Preference loss straight from final hidden states and the LM-head weight.
 
     Args:
@@ -152,6 +161,9 @@ def fused_loss(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_chosen
             from ``ref_hidden`` otherwise.
         logit_scale, softcap: logits are ``softcap * tanh(logit_scale * (h W^T + b) / softcap)``.
         backend: ``"triton"`` | ``"torch"`` | ``"auto"`` (triton on CUDA, torch elsewhere).
+        process_group, vocab_offset: an LM head sharded over the vocabulary by hand (``weight``,
+            ``bias`` and ``ref_weight``/``ref_bias`` are this rank's rows); a ``Shard(0)`` DTensor
+            weight needs neither. Every rank gets the same loss (``docs/tensor_parallel.md``).
         token_stats: also compute TRL's token statistics in the same pass and add its logged
             metrics to ``metrics``: ``entropy``, ``mean_token_accuracy``, ``logits/chosen``,
             ``logits/rejected`` (``sequence_features.token_metrics``).
@@ -174,7 +186,8 @@ def fused_loss(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_chosen
                                    ref_rejected_shared_logps)
     stats = (("entropy", "mean_logits", "is_top1") if token_stats else ()) + (("log_sum_sq_probs",) if use_wpo else ())
     kernel_args = dict(cu_seqlens=cu_seqlens, logit_scale=logit_scale, softcap=softcap,
-                       ignore_index=ignore_index, backend=backend)
+                       ignore_index=ignore_index, backend=backend, process_group=process_group,
+                       vocab_offset=vocab_offset)
     tokens = _token_logprobs(hidden, weight, labels, bias=bias, stats=check_stats(stats), **kernel_args)
     sums, counts, rows = _checked_sums(tokens, hidden, weight, bias), tokens.counts, tokens.rows
     if rows % 2:

@@ -50,13 +50,21 @@ def _logit_tile(h, w, b, logit_scale, softcap, out=None):
     return _cap_logits(z, logit_scale, softcap)
 
 
-def _target_logits(h, weight, bias, labels, keep, logit_scale, softcap, dtype):
-    """Final (scaled, capped) logit of each token's label, without any vocab-wide tensor."""
-    safe = torch.where(keep, labels, torch.zeros_like(labels))
+def _has_target(labels, keep, vocab):
+    """Kept rows whose label is a row of this weight. A kept label outside ``[0, V)`` is another
+    vocabulary shard's (``vocab_parallel.py``): the row counts in the normaliser and the
+    statistics, its target logit is 0 here (logp = -lse) and its backward has no one-hot part."""
+    return keep & (labels >= 0) & (labels < vocab)
+
+
+def _target_logits(h, weight, bias, labels, has_target, logit_scale, softcap, dtype):
+    """Final (scaled, capped) logit of each token's label (0 where ``has_target`` is False),
+    without any vocab-wide tensor."""
+    safe = torch.where(has_target, labels, torch.zeros_like(labels))
     z = (h * weight[safe].to(dtype)).sum(-1)
     if bias is not None:
         z = z + bias[safe].to(dtype)
-    return _cap_logits(z, logit_scale, softcap)
+    return torch.where(has_target, _cap_logits(z, logit_scale, softcap), torch.zeros_like(z))
 
 
 def linear_logprobs_forward(hidden, weight, labels, bias=None, logit_scale=1.0, softcap=None,
@@ -86,7 +94,8 @@ def linear_logprobs_forward(hidden, weight, labels, bias=None, logit_scale=1.0, 
             running = torch.logaddexp(running, torch.logsumexp(z, dim=1))
         y = labels[t0:t1]
         keep = y != ignore_index
-        target = _target_logits(h, weight, bias, y, keep, logit_scale, softcap, dtype)
+        has_target = _has_target(y, keep, vocab)
+        target = _target_logits(h, weight, bias, y, has_target, logit_scale, softcap, dtype)
         lse[t0:t1] = running
         logp[t0:t1] = torch.where(keep, target - running, torch.zeros_like(running))
     return logp, lse
@@ -122,7 +131,7 @@ def _forward_with_stats(hidden, weight, labels, bias, logit_scale, softcap, igno
         sums = buffers.empty((tiles, t1 - t0, 2, 2), dtype, device)
         stack = torch.empty((3, t1 - t0, min(chunk_vocab, vocab)), dtype=dtype, device=device)
         stack[2].fill_(1.0)
-        label_tile, order, bounds = _rows_by_label_tile(y, chunk_vocab, tiles)
+        label_tile, order, bounds = _rows_by_label_tile(y, chunk_vocab, tiles, vocab)
         label_rows = []  # per tile, the logits of the rows whose label is in it
         views = _tile_views(stack, stack.shape[2])
         for j, v0 in enumerate(range(0, vocab, chunk_vocab)):
@@ -166,10 +175,11 @@ def _tile_views(stack, cols):
     return tile[0], tile[1], tile[1:].permute(1, 0, 2), tile[:2].permute(1, 2, 0)
 
 
-def _rows_by_label_tile(y, chunk_vocab, tiles):
-    """Each row's label tile (-1 for labels outside ``[0, V)``, i.e. ignored), the rows sorted by
-    it and, per tile ``j``, its rows' span ``order[bounds[j]:bounds[j + 1]]`` (one host sync)."""
-    inside = (y >= 0) & (y < tiles * chunk_vocab)
+def _rows_by_label_tile(y, chunk_vocab, tiles, vocab):
+    """Each row's label tile (-1 for labels outside ``[0, V)``: ignored, or another shard's), the
+    rows sorted by it and, per tile ``j``, its rows' span ``order[bounds[j]:bounds[j + 1]]`` (one
+    host sync)."""
+    inside = (y >= 0) & (y < vocab)
     label_tile = torch.where(inside, torch.div(y, chunk_vocab, rounding_mode="floor"), -1)
     order = torch.argsort(label_tile, stable=True)
     counts = torch.bincount(label_tile + 1, minlength=tiles + 1).tolist()
@@ -210,9 +220,9 @@ def _cap_derivative(z_capped, softcap):
 
 
 def _add_onehot_part(grad_h, grad_w, grad_b, h, g, labels, keep, weight, bias, logit_scale, softcap, dtype):
-    """+ g_t * d(target logit)/d(raw target logit) for the kept tokens of one chunk (``grad_h``:
-    the chunk's rows)."""
-    rows = keep.nonzero().squeeze(1)
+    """+ g_t * d(target logit)/d(raw target logit) for the kept tokens of one chunk whose label is
+    a row of ``weight`` (``grad_h``: the chunk's rows)."""
+    rows = _has_target(labels, keep, weight.shape[0]).nonzero().squeeze(1)
     y = labels[rows]
     h_kept = h[rows]
     coef = g[rows] * logit_scale

@@ -12,7 +12,8 @@ from typing import NamedTuple
 
 import torch
 
-from upo_kernels import chunked, token_stats
+from upo_kernels import chunked, token_stats, vocab_parallel
+from upo_kernels.backends import ops as backend_ops
 from upo_kernels.token_stats import STATS as TOKEN_STATS
 
 BACKENDS = ("auto", "triton", "torch")
@@ -45,8 +46,9 @@ def _check_finite_scalar(name, value, allow_none=False):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
-def validate_linear_inputs(hidden, weight, labels, bias, logit_scale, softcap, ignore_index):
-    """Clear errors, naming the argument, before anything reaches a kernel."""
+def validate_linear_inputs(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, check_labels=True):
+    """Clear errors, naming the argument, before anything reaches a kernel (``check_labels``:
+    the label range too, against ``weight``'s rows)."""
     for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -81,13 +83,16 @@ def validate_linear_inputs(hidden, weight, labels, bias, logit_scale, softcap, i
     _check_finite_scalar("softcap", softcap, allow_none=True)
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap must be > 0 or None, got {softcap}")
+    if check_labels:
+        check_label_range(labels, weight.shape[0], ignore_index)
+
+
+def check_label_range(labels, vocab, ignore_index):
     if labels.numel():
         kept = labels[labels != ignore_index]
-        if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= weight.shape[0]):
-            bad = kept[(kept < 0) | (kept >= weight.shape[0])][0].item()
-            raise ValueError(
-                f"labels must be in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}; found {bad}"
-            )
+        if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= vocab):
+            bad = kept[(kept < 0) | (kept >= vocab)][0].item()
+            raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; found {bad}")
 
 
 class _LinearLogprobs(torch.autograd.Function):
@@ -98,7 +103,7 @@ class _LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, logit_scale, softcap, ignore_index, backend, chunks, stats):
-        ops = _ops(backend)
+        ops = backend_ops(backend)
         chunks = dict(chunks, **ops.call_options())  # env-selected variants, fixed for the backward
         rows = (labels != ignore_index).nonzero().squeeze(1)  # one host sync
         rows = None if rows.numel() == labels.numel() else rows
@@ -126,30 +131,13 @@ class _LinearLogprobs(torch.autograd.Function):
         logit_scale, softcap, ignore_index, backend, chunks = ctx.options
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_c = grad_logp if rows is None else grad_logp.index_select(0, rows)
-        grad_h, grad_w, grad_b = _ops(backend).backward(
+        grad_h, grad_w, grad_b = backend_ops(backend).backward(
             grad_c.contiguous(), hidden, weight, labels, lse, bias, logit_scale, softcap, ignore_index,
             needs_weight_grad=need_w, needs_bias_grad=need_b, needs_hidden_grad=need_h, rows=rows, **chunks)
         grad_h = grad_h.to(hidden.dtype) if need_h else None
         grad_w = grad_w.to(weight.dtype) if (need_w and grad_w is not None) else None
         grad_b = grad_b.to(bias.dtype) if (need_b and grad_b is not None) else None
         return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
-
-
-class _TorchOps:
-    forward = staticmethod(chunked.linear_logprobs_forward)
-    backward = staticmethod(chunked.linear_logprobs_backward)
-
-    @staticmethod
-    def call_options():
-        return {}
-
-
-def _ops(backend):
-    if backend == "torch":
-        return _TorchOps
-    from upo_kernels import triton_ops  # imported lazily: triton may be absent on CPU-only installs
-
-    return triton_ops
 
 
 class TokenLogprobs(NamedTuple):
@@ -161,7 +149,8 @@ class TokenLogprobs(NamedTuple):
 
 
 def linear_logprobs(hidden, weight, labels, *, bias=None, logit_scale=1.0, softcap=None,
-                    ignore_index=-100, backend="auto", chunk_tokens=None, chunk_vocab=None, stats=()):
+                    ignore_index=-100, backend="auto", chunk_tokens=None, chunk_vocab=None, stats=(),
+                    process_group=None, vocab_offset=None):
     """Per-token log-probs of ``labels`` under ``softmax(cap(logit_scale * (hidden @ weight.T + bias)))``.
 
     hidden [..., D], weight [V, D], labels [...] (``ignore_index`` skipped) -> fp32 tensor of
@@ -175,9 +164,20 @@ def linear_logprobs(hidden, weight, labels, *, bias=None, logit_scale=1.0, softc
     ``is_top1``: TRL's fused-head statistics, definitions in ``token_stats.py``), computed in the
     same pass over the logit tiles. With any, the result is ``TokenLogprobs(logp, {name: tensor})``;
     without, the log-probs tensor alone, computed exactly as before.
+
+    A head sharded over the vocabulary (tensor parallelism, ``vocab_parallel.py``): ``weight``
+    (and ``bias``) a ``Shard(0)`` DTensor on a 1-D device mesh, or this rank's rows of them as
+    plain tensors with ``process_group`` and ``vocab_offset`` (the shard's first vocabulary id).
+    Every rank of the group passes the same hidden states (plain, or a Replicate DTensor) and
+    global label ids, and gets the same log-probs and statistics; the weight's gradient stays on
+    its shard, hidden's is summed over the group.
     """
     stats = token_stats.check_stats(stats)
-    validate_linear_inputs(hidden, weight, labels, bias, logit_scale, softcap, ignore_index)
+    sharded = vocab_parallel.local_tensors(hidden, weight, bias, process_group, vocab_offset)
+    if sharded is not None:
+        hidden, weight, bias, process_group, vocab_offset = sharded
+    validate_linear_inputs(hidden, weight, labels, bias, logit_scale, softcap, ignore_index,
+                           check_labels=sharded is None)
     backend = resolve_backend(backend, hidden.device)
     if backend == "triton" and hidden.dtype == torch.float64:
         raise TypeError("backend='triton' supports float32/bfloat16/float16 inputs, got float64 hidden")
@@ -192,8 +192,15 @@ def linear_logprobs(hidden, weight, labels, *, bias=None, logit_scale=1.0, softc
         h2 = h2.contiguous()
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     y = labels.reshape(-1).to(torch.int64)
-    out = _LinearLogprobs.apply(h2, w, bias, y, float(logit_scale), None if softcap is None else float(softcap),
-                                int(ignore_index), backend, chunks, stats)
+    options = (float(logit_scale), None if softcap is None else float(softcap), int(ignore_index), backend, chunks,
+               stats)
+    if sharded is None:
+        out = _LinearLogprobs.apply(h2, w, bias, y, *options)
+    else:
+        layout = vocab_parallel.gather_layout(process_group, vocab_offset, w.shape[0], y.numel(), h2.shape[1], y,
+                                              int(ignore_index))
+        check_label_range(y, layout.vocab, ignore_index)
+        out = vocab_parallel.VocabParallelLogprobs.apply(h2, w, bias, y, layout, *options)
     if not stats:
         return out.reshape(lead_shape)
     return TokenLogprobs(out[0].reshape(lead_shape),

@@ -28,6 +28,9 @@ STATS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 # row of each statistic's partial results in the [len(STATS), N, slices] buffer; for is_top1 the
 # row holds the max logit left of the label
 STAT_ROW = {name: k for k, name in enumerate(STATS)}
+# Not a public statistic: each row's max logit, which a vocabulary shard contributes to the
+# global is_top1 (``vocab_parallel.py``); any backend's merge has it, no kernel computes more.
+MAX_LOGIT = "max_logit"
 
 
 def check_stats(stats) -> tuple[str, ...]:
@@ -84,5 +87,7 @@ def merge_parts(part_max, part_sum, part_tgt, labels, ignore_index, parts=None, 
     if "is_top1" in stats:
         before = parts[STAT_ROW["is_top1"]].max(dim=1).values
         values["is_top1"] = ((target >= top) & (target > before)).to(lse.dtype)
+    if MAX_LOGIT in stats:
+        values[MAX_LOGIT] = top
     zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
     return logp, lse, {name: torch.where(keep, v, zero) for name, v in values.items()}
