@@ -38,14 +38,25 @@ def train(output_dir, processes: int, *extra: str) -> str:
     return result.stderr
 
 
+class Runs(dict):
+    """One process, ``--tp 2`` on 2 processes, ``--tp 3`` on 3: each run (output dir, stderr) made when first read."""
+
+    SETTINGS = {"single": (1, ()), "tp2": (2, ("--tp", "2")), "tp3": (3, ("--tp", "3"))}
+
+    def __init__(self, factory):
+        super().__init__()
+        self.factory = factory
+
+    def __missing__(self, name):
+        processes, extra = self.SETTINGS[name]
+        out = self.factory.mktemp(name)
+        self[name] = (out, train(out, processes, *extra))
+        return self[name]
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
-    """One process, ``--tp 2`` on 2 processes, ``--tp 3`` on 3: output dir and stderr of each."""
-    found = {}
-    for name, processes, extra in (("single", 1, ()), ("tp2", 2, ("--tp", "2")), ("tp3", 3, ("--tp", "3"))):
-        out = tmp_path_factory.mktemp(name)
-        found[name] = (out, train(out, processes, *extra))
-    return found
+def runs(tmp_path_factory) -> Runs:
+    return Runs(tmp_path_factory)
 
 
 @torchrun
