@@ -186,3 +186,14 @@ def test_tp_not_dividing_the_processes_under_torchrun(tmp_path):
                      "or a --tp dividing 2"], result.stderr[-3000:]
     assert result.returncode != 0 and "exitcode  : 2" in result.stderr  # torchrun reports the workers' status 2
     assert "upo/train" not in result.stderr  # no traceback of ours
+
+
+def test_trl_per_device_batch_is_per_model_copy(tmp_path, monkeypatch):
+    """A DPOConfig's per_device_train_batch_size under --tp: times the copies (4 processes / --tp 2), not the processes."""
+    from upo.train.cli import parse_config
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    path = tmp_path / "run.yaml"
+    path.write_text("per_device_train_batch_size: 3\ntp: 2\n")
+    assert parse_config(["--config", str(path)]).batch_size == 6
+    assert parse_config(["--config", str(path), "--tp", "1"]).batch_size == 12

@@ -139,6 +139,10 @@ def build_config(file_settings: dict, flag_settings: dict, sources: dict[str, st
     setting the file gave names it.
     """
     merged = {**file_settings, **flag_settings}
+    tp = merged.get("tp", 1)
+    per_device = "(per_device_train_batch_size)" in (sources or {}).get("batch_size", "")
+    if per_device and "batch_size" not in flag_settings and _is_int(tp) and tp > 1:
+        merged["batch_size"] //= tp  # TRL's per-device batch is per model copy: the processes of one share it
     for key in ("loss_type", "aux_reward"):
         if isinstance(merged.get(key), str):
             merged[key] = [merged[key]]
