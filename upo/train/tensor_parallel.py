@@ -165,8 +165,9 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def average_gradients(params: list[torch.Tensor], runtime) -> None:
-    """Mean of the gradients over the ``dp`` dimension (one all-reduce of all of them); nothing for dp 1."""
-    if runtime.dp_size == 1:
+    """Under --tp, the mean of the gradients over the ``dp`` dimension (one all-reduce of all of them);
+    nothing for one copy, nor without --tp (DDP averages them, FSDP reduce-scatters them)."""
+    if runtime.tp == 1 or runtime.dp_size == 1:
         return
     grads = [_local(p.grad) for p in params if p.grad is not None]
     if not grads:
