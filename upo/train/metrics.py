@@ -160,4 +160,8 @@ def describe_run(trainer) -> str:
             f"{len(trainer.train_indices)} train / {len(trainer.eval_indices)} eval {rows}, "
             f"loss {'+'.join(c.loss_type)}, {trainer.total_steps} steps of {c.batch_size}x{c.grad_accum} {rows}, "
             f"{trainer.runtime.world_size} process(es) on {trainer.runtime.device}"
-            + (f" ({trainer.runtime.dp_size} model copies of --tp {trainer.runtime.tp})" if trainer.runtime.tp > 1 else ""))
+            + (f" ({_copies(trainer.runtime.dp_size)} of --tp {trainer.runtime.tp})" if trainer.runtime.tp > 1 else ""))
+
+
+def _copies(n: int) -> str:
+    return f"{n} model cop{'y' if n == 1 else 'ies'}"
