@@ -6,8 +6,9 @@ transformers plan (2 heads); ``--tp 3`` cannot (2 heads) and replicates it. Both
 as one process does on the same data; the data-parallel composition (dp x tp) is checked on a
 2 x 2 mesh of bare processes (four full trainer processes cost too much CI time on two cores).
 """
+import contextlib
+import io
 import math
-import os
 import re
 import shutil
 import socket
@@ -19,6 +20,7 @@ import torch.multiprocessing as mp
 from helpers import MICRO_MODEL
 from train_helpers import (MICRO, assert_one_line_error, assert_same_tensors, checkpoint, metrics_rows,
                            micro_args, run_main, run_upo_train, without_timing)
+from upo.train.cli import main
 
 STEPS = 3
 VOCAB, HIDDEN = 259, MICRO_MODEL["hidden_size"]
@@ -33,7 +35,14 @@ def torchrun(test):
 
 
 def train(output_dir, processes: int, *extra: str) -> str:
-    result = run_upo_train([*ARGS, "--output-dir", str(output_dir), *extra], processes)
+    """A run to the end (one process: in this process, which has transformers loaded already); its stderr."""
+    args = [*ARGS, "--output-dir", str(output_dir), *extra]
+    if processes == 1:
+        errors = io.StringIO()
+        with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(io.StringIO()):
+            assert main(args) == 0, errors.getvalue()[-3000:]
+        return errors.getvalue()
+    result = run_upo_train(args, processes)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stderr
 
