@@ -92,12 +92,19 @@ def head_input(model: nn.Module, head: nn.Module, hidden_size: int, input_ids: t
     return checked_capture(model, seen, input_ids, hidden_size)
 
 
+def _replicated(x: torch.Tensor) -> bool:
+    placements = getattr(x, "placements", None)
+    return placements is not None and hasattr(x, "to_local") and all(p.is_replicate() for p in placements)
+
+
 def checked_capture(model: nn.Module, seen: list, input_ids: torch.Tensor, hidden_size: int) -> torch.Tensor:
     """The one recorded head input, refused unless it is one hidden state per token."""
     if len(seen) != 1:
         raise UnsupportedModelError(f"{model_name(model)}: its forward calls the LM head {len(seen)} times; "
                                     "upo needs one vocabulary projection of one hidden state per token")
     hidden = seen[0]
+    if _replicated(hidden):  # a tensor-parallel head's input (a Replicate DTensor): every rank's whole copy
+        hidden = hidden.to_local()
     expected = (*input_ids.shape, hidden_size)
     if tuple(hidden.shape) != expected:
         raise UnsupportedModelError(

@@ -19,6 +19,7 @@
     optim.py             optimiser and learning-rate schedule
     metrics.py, plot.py  per-step numbers, plot.png
     runtime.py           device and process group (torchrun)
+    tensor_parallel.py   --tp: the (dp, tp) mesh, the sharded model, gradients averaged over dp
 
 ``python -m upo.train`` and ``torchrun ... -m upo.train`` run :func:`upo.train.cli.main`.
 Importing this package is cheap: the heavy modules load when the command runs.

@@ -153,7 +153,7 @@ def restore_training_state(trainer, path: Path) -> None:
     hint = ("resume with the --model, --model-config and --lora settings it was written with (see its "
             "config.json)")
     try:
-        if config.fsdp and trainer.runtime.distributed:
+        if trainer.sharded:  # FSDP, --tp
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
             set_state_dict(trainer.module, trainer.optimizer, model_state_dict=checkpoint["model"],

@@ -24,6 +24,7 @@ EXIT_CODES = {0: "finished", 1: "a bug in upo (with a traceback)", EXIT_USER_ERR
               "non-finite loss (one line)", 130: "stopped by SIGINT", 138: "stopped by SIGUSR1",
               143: "stopped by SIGTERM (checkpoint written; continue with --resume auto)"}
 _DEFAULTS = TrainConfig()
+MAIN_REPORTS_WITHIN_S = 1.0  # a refusal every rank meets: the others wait this long for rank 0's line
 
 
 def _default(name: str) -> str:
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Preference alignment (DPO family + UPO) with a fused loss that never builds logits. "
         "Without arguments: a tiny byte-level Llama trained on the shipped data in about a minute on CPU.",
         epilog="Settings: defaults < --config file < flags. "
-        "Multi-process: torchrun --nproc-per-node N -m upo.train ... "
+        "Multi-process: torchrun --nproc-per-node N -m upo.train ... (add --tp K for tensor parallelism) "
         "Exit status: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + ". "
         "SIGTERM, SIGINT and SIGUSR1 finish the current step, write a checkpoint and exit; a second one "
         "exits at once.",
@@ -154,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-r", type=int, help="LoRA rank" + _default("lora_r"))
     g.add_argument("--lora-alpha", type=int, help="LoRA alpha" + _default("lora_alpha"))
     g.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 fully_shard instead of DDP")
+    g.add_argument("--tp", type=int, metavar="N", help="tensor parallelism under torchrun: each model copy spans N "
+                   "processes (LM head sharded over the vocabulary, decoder by its transformers plan); "
+                   "--nproc-per-node must be a multiple of N, the copies train data-parallel (docs/"
+                   "tensor_parallel.md)" + _default("tp"))
     g.add_argument("--backend", choices=["auto", "triton", "torch"],
                    help="fused-loss kernels: triton (CUDA), torch (chunked, any device)" + _default("backend"))
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N" + _default("device"))
@@ -255,6 +260,15 @@ def _limit_threads_for_tiny_models(config: TrainConfig, device) -> None:
         torch.set_num_threads(1)
 
 
+def _check_processes(config: TrainConfig) -> None:
+    """``--tp`` against torchrun's process count, before the heavy imports (each rank raises; rank 0 says it)."""
+    import os
+
+    from upo.train.tensor_parallel import check_tp
+
+    check_tp(config, int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("RANK", "0") == "0")
+
+
 def _report(message: str, error: bool = True) -> None:
     message = " ".join(str(message).split())  # always exactly one line
     print(f"{PROG}: {'error: ' if error else ''}{message}", file=sys.stderr, flush=True)
@@ -267,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with StopRequests(defer=False):  # outside the loop a stop signal ends the run at once, with a line
             config = parse_config(sys.argv[1:] if argv is None else list(argv))
+            _check_processes(config)
             # Heavy imports (transformers) only once the flags are known to parse.
             from upo.train.runtime import setup_runtime
             from upo.train.trainer import Trainer
@@ -282,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, UnsupportedModelError) as err:
         if not getattr(err, "reported_by_main", False):
             _report(str(err))
+        else:  # rank 0 says it: torchrun stops every rank when the first one exits, so leave it the time to
+            time.sleep(MAIN_REPORTS_WITHIN_S)
         return EXIT_USER_ERROR
     except RunStopped as stop:
         if runtime is None or runtime.is_main:

@@ -77,6 +77,7 @@ class TrainConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     fsdp: bool = False
+    tp: int = 1  # tensor parallelism: processes per model copy (torchrun); tensor_parallel.py
     backend: str = "auto"
     device: str = "auto"
     seed: int = 0
@@ -138,6 +139,10 @@ def build_config(file_settings: dict, flag_settings: dict, sources: dict[str, st
     setting the file gave names it.
     """
     merged = {**file_settings, **flag_settings}
+    tp = merged.get("tp", 1)
+    per_device = "(per_device_train_batch_size)" in (sources or {}).get("batch_size", "")
+    if per_device and "batch_size" not in flag_settings and _is_int(tp) and tp > 1:
+        merged["batch_size"] //= tp  # TRL's per-device batch is per model copy: the processes of one share it
     for key in ("loss_type", "aux_reward"):
         if isinstance(merged.get(key), str):
             merged[key] = [merged[key]]
@@ -167,7 +172,7 @@ def _is_number(value) -> bool:
 # (setting, smallest value): integers, and integers that may also be None (unset).
 AT_LEAST = {"max_length": 2, "batch_size": 1, "grad_accum": 1, "eval_every": 1, "save_every": 1,
             "keep_checkpoints": 1, "warmup_steps": 0, "lora_r": 1, "lora_alpha": 1, "max_skipped_batches": 0,
-            "eval_generate": 0, "eval_generate_max_tokens": 1}
+            "eval_generate": 0, "eval_generate_max_tokens": 1, "tp": 1}
 OPTIONAL_AT_LEAST = {"max_steps": 1, "max_examples": 1, "max_prompt_length": 1, "max_completion_length": 1,
                      "eval_max_pairs": 1}
 # (setting, test, what the test means): finite numbers in a range; lr may be None (its default).

@@ -84,9 +84,10 @@ def reference_generator(module):
 
 def evaluate_generations(trainer) -> dict[str, float]:
     """``generate/*`` (logged as ``eval/generate/*``) for the first ``--eval-generate`` held-out prompts
-    (rank 0; {} elsewhere), and ``generations.jsonl`` beside the metrics."""
+    (rank 0 and, under --tp, the other ranks of its model copy; {} elsewhere), and ``generations.jsonl``
+    beside the metrics (rank 0)."""
     config = trainer.config
-    if not trainer.runtime.is_main:
+    if trainer.runtime.dp_rank != 0:
         return {}
     indices = trainer.eval_indices[:config.eval_generate]
     if not indices:
@@ -111,7 +112,8 @@ def evaluate_generations(trainer) -> dict[str, float]:
         for k, name in enumerate(reward.names):
             metrics[f"generate/{name}/{role}"] = float(scores[:, k].mean())
         metrics[f"generate/chars_{role}"] = sum(map(len, texts)) / len(texts)
-    _write_generations(trainer.output_dir / GENERATIONS_FILE, prompts, results)
+    if trainer.runtime.is_main:
+        _write_generations(trainer.output_dir / GENERATIONS_FILE, prompts, results)
     return metrics
 
 

@@ -145,6 +145,7 @@ def run_summary(trainer) -> dict:
         "tokens_per_s": state.tokens_seen / max(state.train_seconds, 1e-9),
         "peak_memory_bytes": peak_memory_bytes(trainer.runtime.device),
         "world_size": trainer.runtime.world_size,
+        "tp": trainer.runtime.tp,
         "output_dir": str(trainer.output_dir),
     }
 
@@ -158,4 +159,9 @@ def describe_run(trainer) -> str:
     return (f"upo-train: {c.model or 'tiny byte-level Llama'} ({n_params:,} params, {n_train:,} trained), "
             f"{len(trainer.train_indices)} train / {len(trainer.eval_indices)} eval {rows}, "
             f"loss {'+'.join(c.loss_type)}, {trainer.total_steps} steps of {c.batch_size}x{c.grad_accum} {rows}, "
-            f"{trainer.runtime.world_size} process(es) on {trainer.runtime.device}")
+            f"{trainer.runtime.world_size} process(es) on {trainer.runtime.device}"
+            + (f" ({_copies(trainer.runtime.dp_size)} of --tp {trainer.runtime.tp})" if trainer.runtime.tp > 1 else ""))
+
+
+def _copies(n: int) -> str:
+    return f"{n} model cop{'y' if n == 1 else 'ies'}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,10 +26,21 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    tp: int = 1  # --tp: processes per model copy (tensor_parallel.py)
+    mesh: Any = None  # with tp > 1: the ("dp", "tp") DeviceMesh
 
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def dp_rank(self) -> int:
+        """This process's data-parallel coordinate: the ``tp`` ranks of one model copy share it (and its batch)."""
+        return self.rank // self.tp
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.tp
 
     @property
     def is_main(self) -> bool:
@@ -122,7 +134,7 @@ def wrap_for_processes(module: nn.Module, runtime: Runtime, fsdp: bool, log) -> 
     """DDP (or FSDP2's ``fully_shard`` per decoder layer with ``fsdp``) when distributed, else ``module``."""
     if fsdp and not runtime.distributed:
         log("note: --fsdp has no effect in a single process")
-    if not runtime.distributed:
+    if not runtime.distributed or runtime.tp > 1:  # --tp: already sharded; gradients averaged over dp by hand
         return module
     if fsdp:
         from torch.distributed.fsdp import fully_shard

@@ -1,7 +1,7 @@
 """The training loop behind ``upo-train``: set-up, one optimiser step, evaluation, checkpoints, outputs.
 
-The global batch is split across ranks (``torchrun``: DDP, or FSDP2 with ``--fsdp``); rank 0
-writes every output. The pieces live beside this file: output_dir.py (the claimed, locked
+The global batch is split across ranks (``torchrun``: DDP, or FSDP2 with ``--fsdp``; with
+``--tp N`` across model copies of N ranks each, tensor_parallel.py); rank 0 writes every output. The pieces live beside this file: output_dir.py (the claimed, locked
 folder), run_data.py and data/, models.py, objective.py, preference_model.py,
 reference_choice.py, reference.py, checkpoints.py, optim.py, signals.py (stop requests),
 divergence.py (non-finite steps), evaluation.py, metrics.py, plot.py.
@@ -45,6 +45,7 @@ from upo.train.run_data import load_run_data
 from upo.train.runtime import (Runtime, all_reduce_max, all_reduce_sum, barrier, check_backend,
                                gradient_sync, setup_runtime, wrap_for_processes)
 from upo.train.signals import StopRequests, exit_code, signal_name
+from upo.train.tensor_parallel import average_gradients, check_tp, clip_gradients, parallelize_run, setup_mesh
 
 
 @dataclass
@@ -102,6 +103,8 @@ class Trainer:
     def _setup(self) -> None:
         config = self.config
         check_backend(config.backend, self.runtime.device)
+        check_tp(config, self.runtime.world_size, self.runtime.is_main)
+        setup_mesh(self.runtime, config.tp)  # --tp: the ("dp", "tp") mesh; the data follows the dp coordinate
         self._check_objective()
         self.autocast_dtype = torch.bfloat16 if config.precision == "bf16" else None
         self.model_notes: list[str] = []  # what the start-up logit checks found
@@ -111,6 +114,8 @@ class Trainer:
         self._check_logits(policy, f"--model {config.model}" if config.model else "the built-in model")
         policy, reference = prepare_reference(self, policy)
         self.module = self._build_module(policy, reference)
+        if self.runtime.tp > 1:
+            parallelize_run(self)
         self.model = wrap_for_processes(self.module, self.runtime, self.config.fsdp, self.log)
         # UPO's value head learns in a parameter group of its own, clipped on its own (its gradient must not
         # scale the policy's); read after wrapping, which may replace the parameters (FSDP).
@@ -131,7 +136,7 @@ class Trainer:
         self.reward = build_reward(self.config.aux_reward) if uses_aux_objective(loss_types) else None
         if uses_aux_objective(loss_types) and self.reward is None:
             raise UserError("loss type 'upo' needs at least one --aux-reward (e.g. readability:1.0)")
-        self.mismatched = uses_mismatched_pairs(self.config, self.runtime.world_size)  # KTO's reference point
+        self.mismatched = uses_mismatched_pairs(self.config, self.runtime.dp_size)  # KTO's reference point
         check_loss_options(self.config, list(self.reward.weights) if self.reward else None)
 
     def _check_format(self, unpaired: bool) -> None:
@@ -143,8 +148,8 @@ class Trainer:
         config = self.config
         run_data = load_run_data(config, self.tokenizer, self.reward, self.log, self._check_format)
         self.data, self.train_indices, self.eval_indices = run_data.data, run_data.train_indices, run_data.eval_indices
-        self.sampler = PairSampler(self.train_indices, config.batch_size, config.seed, self.runtime.rank,
-                                   self.runtime.world_size)
+        self.sampler = PairSampler(self.train_indices, config.batch_size, config.seed, self.runtime.dp_rank,
+                                   self.runtime.dp_size)
         self.total_steps = self._total_steps()
 
     def _load_reference(self, policy: nn.Module) -> nn.Module:
@@ -172,9 +177,14 @@ class Trainer:
         return max(1, math.ceil(self.config.epochs * per_epoch))
 
     # ---- checkpoints -------------------------------------------------------------------
+    @property
+    def sharded(self) -> bool:
+        """The module holds shards (FSDP, --tp): its full state is gathered by a collective."""
+        return self.runtime.distributed and (self.config.fsdp or self.runtime.tp > 1)
+
     def _state_dicts(self) -> tuple[dict, dict]:
-        """Full (unsharded) model and optimiser state; collective under FSDP."""
-        if self.config.fsdp and self.runtime.distributed:
+        """Full (unsharded) model and optimiser state; collective under FSDP and --tp."""
+        if self.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -231,9 +241,9 @@ class Trainer:
             tokens += batch.num_tokens
         # A max norm of 0 disables clipping; the norm is still logged.
         max_norm = config.max_grad_norm or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-        value_grad_norm = (float(torch.nn.utils.clip_grad_norm_(self.value_params, max_norm))
-                           if self.value_params else None)
+        average_gradients(self.params + self.value_params, self.runtime)  # --tp: over dp (no DDP)
+        grad_norm = clip_gradients(self.params, max_norm, self.runtime)
+        value_grad_norm = clip_gradients(self.value_params, max_norm, self.runtime) if self.value_params else None
         problem = non_finite_problem(losses, grad_norm if value_grad_norm is None else grad_norm + value_grad_norm,
                                      forward_error)
         signum, any_problem = all_reduce_max([float(self.stop.signum), float(problem is not None)], self.runtime)
@@ -252,7 +262,7 @@ class Trainer:
         self.state.step += 1
 
         metrics = accumulated.all_reduced(self.runtime)
-        tokens = int(all_reduce_sum(tokens, self.runtime))
+        tokens = int(all_reduce_sum(tokens, self.runtime)) // self.runtime.tp  # a copy's ranks share a batch
         elapsed = time.perf_counter() - started
         self.state.tokens_seen += tokens
         self.state.train_seconds += elapsed
@@ -367,7 +377,7 @@ class Trainer:
         summary = self.summary()
         if self.runtime.is_main:
             atomic_write_text(json.dumps(summary, indent=2) + "\n", self.output_dir / "summary.json")
-            sharded = self.config.fsdp and self.runtime.distributed  # save the gathered copy
+            sharded = self.sharded  # save the gathered copy
             save_final_model(self.module.policy, self.tokenizer, self.output_dir / "model",
                              model_state if sharded else None)
             if self.module.value_head is not None:
