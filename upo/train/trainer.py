@@ -1,10 +1,11 @@
 """The training loop behind ``upo-train``: set-up, one optimiser step, evaluation, checkpoints, outputs.
 
 The global batch is split across ranks (``torchrun``: DDP, or FSDP2 with ``--fsdp``; with
-``--tp N`` across model copies of N ranks each, tensor_parallel.py); rank 0 writes every output. The pieces live beside this file: output_dir.py (the claimed, locked
-folder), run_data.py and data/, models.py, objective.py, preference_model.py,
-reference_choice.py, reference.py, checkpoints.py, optim.py, signals.py (stop requests),
-divergence.py (non-finite steps), evaluation.py, metrics.py, plot.py.
+``--tp N`` across model copies of N ranks each, tensor_parallel.py); rank 0 writes every output.
+The pieces live beside this file: output_dir.py (the claimed, locked folder), run_data.py and
+data/, models.py, objective.py, preference_model.py, reference_choice.py, reference.py,
+checkpoints.py, optim.py, signals.py (stop requests), divergence.py (non-finite steps),
+evaluation.py, metrics.py, plot.py, tensor_parallel.py.
 """
 from __future__ import annotations
 
