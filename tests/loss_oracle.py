@@ -244,6 +244,12 @@ def kto_loss(b, beta, eps, desirable_weight=1.0, undesirable_weight=1.0, kl=None
     return (per_example[:batch] + per_example[batch:]) / 2
 
 
+def apo_zero_unpaired_loss(b, beta, eps, desirable_weight=1.0, undesirable_weight=1.0):
+    """TRL 1.16 KTOTrainer, loss_type='apo_zero_unpaired', on pairs (desirable = chosen), halved as kto."""
+    rc, rr = log_ratios(b)
+    return (desirable_weight * (1 - sigmoid(beta * rc)) + undesirable_weight * sigmoid(beta * rr)) / 2
+
+
 # ---------------------------------------------------------------- UPO
 def upo_parts(
     b,
@@ -321,6 +327,7 @@ ORACLES = {
     "nll": nll_loss,
     "rpo": nll_loss,
     "kto": kto_loss,
+    "apo_zero_unpaired": apo_zero_unpaired_loss,
     "upo": upo_loss,
 }
 

@@ -61,6 +61,20 @@ def test_unpaired_kto_upo_trains_end_to_end(tmp_path, chat):
         assert torch.equal(tensor, trainer.module.value_head.state_dict()[name].cpu()), name
 
 
+def test_unpaired_apo_zero_trains_without_mismatched_pairs(tmp_path):
+    """TRL's KTOTrainer loss_type='apo_zero_unpaired': no reference point (no KL rows), the class weights apply."""
+    trainer = unpaired_trainer(tmp_path, loss_type=["apo_zero_unpaired"], desirable_weight=1.5, max_steps=2)
+    assert not trainer.mismatched and trainer.module.value_head is None
+    assert trainer.module.loss_kwargs["desirable_weight"] == 1.5
+    indices, _ = trainer.sampler.next_batch(trainer.state.position)
+    labels = [trainer.data.examples[i].label for i in indices]
+    trainer.train()
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and "kl" not in records[0]
+    # policy == reference at step 1: a row's loss is its class weight times sig(0) = 1/2
+    assert records[0]["loss"] == pytest.approx(sum(1.5 if d else 1.0 for d in labels) / 2 / len(labels), rel=1e-6)
+
+
 def test_mismatched_rows_rotate_the_micro_batch_as_trl(tmp_path):
     trainer = unpaired_trainer(tmp_path)
     examples = [trainer.data.examples[i] for i in trainer.train_indices[:4]]

@@ -127,6 +127,29 @@ def test_unpaired_kto_matches_trl(options):
     torch.testing.assert_close(S.grad, S64.grad, **TOL)
 
 
+def trl_apo_zero_unpaired(b, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0):
+    """TRL 1.16 KTOTrainer._compute_loss, loss_type='apo_zero_unpaired' (no KL): per-sample losses, the loss."""
+    rho = b["S"] - b["R"]
+    chosen = desirable_weight * (1 - oracle.sigmoid(beta * rho))
+    rejected = undesirable_weight * oracle.sigmoid(beta * rho)
+    per_sample = torch.where(b["label"], chosen, rejected)
+    return per_sample, per_sample.mean()
+
+
+@pytest.mark.parametrize("options", [{}, dict(desirable_weight=1.33, undesirable_weight=0.5, beta=0.4)])
+def test_unpaired_apo_zero_matches_trl(options):
+    b = unpaired_rows(5)
+    out, S = call(b, loss_type="apo_zero_unpaired", with_kl=False, **options)
+    S64 = b["S"].clone().requires_grad_(True)
+    per_sample, loss = trl_apo_zero_unpaired({**b, "S": S64}, **options)
+    torch.testing.assert_close(out.losses, per_sample.detach(), **TOL)
+    torch.testing.assert_close(out.loss, loss.detach(), **TOL)
+    assert "kl" not in out.metrics and "rewards/margins" in out.metrics
+    out.loss.backward()
+    loss.backward()
+    torch.testing.assert_close(S.grad, S64.grad, **TOL)
+
+
 def test_unpaired_metrics_leave_out_an_absent_class():
     b = unpaired_rows(2)
     b["label"] = torch.ones_like(b["label"])
@@ -228,5 +251,5 @@ def test_desirable_takes_bools_or_zero_one_numbers():
     as_ints, _ = call({**b, "label": b["label"].long()})
     as_list, _ = call({**b, "label": [bool(x) for x in b["label"]]})
     assert as_bool.loss.item() == as_ints.loss.item() == as_list.loss.item()
-    assert upo.unpaired_losses() == ["kto", "upo"]
+    assert upo.unpaired_losses() == ["apo_zero_unpaired", "kto", "upo"]
     assert math.isfinite(as_bool.loss.item())

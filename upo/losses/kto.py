@@ -107,3 +107,30 @@ def _kto_unpaired(ctx: UnpairedContext):
     desirable_losses, undesirable_losses = _kto_losses(logratios, kl, ctx.beta)
     losses = torch.where(ctx.desirable, desirable * desirable_losses, undesirable * undesirable_losses)
     return losses, {"kl": kl}
+
+
+_CLASS_WEIGHT_OPTIONS = {"desirable_weight": 1.0, "undesirable_weight": 1.0}
+
+
+def _apo_zero_unpaired_losses(logratios: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """Per response: its loss if desirable (pushed above the reference), if undesirable (below it)."""
+    return 1 - torch.sigmoid(beta * logratios), torch.sigmoid(beta * logratios)
+
+
+@register_loss("apo_zero_unpaired", needs_reference=True, options=_CLASS_WEIGHT_OPTIONS)
+def _apo_zero_unpaired_loss(ctx: LossContext):
+    """TRL's KTOTrainer ``apo_zero_unpaired`` on pairs (desirable = chosen), halved as ``kto``:
+    ``(w_d (1 - sig(beta rho_c)) + w_u sig(beta rho_r)) / 2``; no reference point."""
+    desirable, undesirable = _class_weights(ctx)
+    chosen_losses, _ = _apo_zero_unpaired_losses(ctx.chosen_logratios, ctx.beta)
+    _, rejected_losses = _apo_zero_unpaired_losses(ctx.rejected_logratios, ctx.beta)
+    return (desirable * chosen_losses + undesirable * rejected_losses) / 2, {}
+
+
+@register_unpaired_loss("apo_zero_unpaired")
+def _apo_zero_unpaired_rows(ctx: UnpairedContext):
+    """TRL's ``KTOTrainer``, ``loss_type="apo_zero_unpaired"`` (APO-zero, arXiv 2408.06266, per
+    completion): ``w_d (1 - sig(beta rho))`` if desirable, else ``w_u sig(beta rho)``."""
+    desirable, undesirable = _class_weights(ctx)
+    desirable_losses, undesirable_losses = _apo_zero_unpaired_losses(ctx.logratios, ctx.beta)
+    return torch.where(ctx.desirable, desirable * desirable_losses, undesirable * undesirable_losses), {}

@@ -127,10 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
                    f"group, same schedule; the head starts at 0) (default: {VALUE_LR:g})")
     g.add_argument("--value-weight-decay", type=float, help="weight decay of the value head"
                    + _default("value_weight_decay"))
-    g.add_argument("--desirable-weight", type=float, help="KTO: weight of the desirable (chosen) completions' "
-                   "losses (TRL's)" + _default("desirable_weight"))
-    g.add_argument("--undesirable-weight", type=float, help="KTO: weight of the undesirable (rejected) "
-                   "completions' losses (TRL's)" + _default("undesirable_weight"))
+    g.add_argument("--desirable-weight", type=float, help="kto, apo_zero_unpaired: weight of the desirable (chosen) "
+                   "completions' losses (TRL's)" + _default("desirable_weight"))
+    g.add_argument("--undesirable-weight", type=float, help="kto, apo_zero_unpaired: weight of the undesirable "
+                   "(rejected) completions' losses (TRL's)" + _default("undesirable_weight"))
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, help="pairs per micro-batch, over all processes" + _default("batch_size"))

@@ -130,6 +130,7 @@ def flag(name: str) -> str:
 UPO_SETTINGS = ("aux_reward", "upo_lambda", "beta_aux", "omega_max", "expectile", "baseline", "value_lr",
                 "value_weight_decay")
 KTO_SETTINGS = ("desirable_weight", "undesirable_weight")
+CLASS_WEIGHTED_LOSSES = ("kto", "apo_zero_unpaired")  # the losses KTO_SETTINGS weigh (TRL's KTOTrainer's)
 
 
 def build_config(file_settings: dict, flag_settings: dict, sources: dict[str, str] | None = None) -> TrainConfig:
@@ -227,14 +228,14 @@ def validate(config: TrainConfig, given: set[str] = frozenset()) -> None:
                                f"{len(config.loss_type)} loss type(s)")
         if not all(_is_number(w) and math.isfinite(w) for w in config.loss_weights):
             raise SettingError("loss_weights", f"--loss-weights must be finite numbers, got {config.loss_weights}")
-    for loss, settings in (("upo", UPO_SETTINGS), ("kto", KTO_SETTINGS)):
-        if loss in config.loss_type:
+    for losses, settings in ((("upo",), UPO_SETTINGS), (CLASS_WEIGHTED_LOSSES, KTO_SETTINGS)):
+        if any(loss in config.loss_type for loss in losses):
             continue
         for name in settings:
             if name in given and not (name == "aux_reward" and config.eval_generate):  # it scores generations
                 also = " (or to score --eval-generate completions)" if name == "aux_reward" else ""
-                raise SettingError(name, f"{flag(name)} only applies with '{loss}' in --loss-type{also} "
-                                   f"(got: {' '.join(config.loss_type)})")
+                raise SettingError(name, f"{flag(name)} only applies with {' or '.join(map(repr, losses))} in "
+                                   f"--loss-type{also} (got: {' '.join(config.loss_type)})")
     if config.eval_generate and config.fsdp:
         raise SettingError("eval_generate", "--eval-generate needs the whole model in one process: not with --fsdp")
     if config.overwrite and config.resume is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 import upo
-from upo.train.config import TrainConfig, flag
+from upo.train.config import CLASS_WEIGHTED_LOSSES, TrainConfig, flag
 from upo.train.errors import UserError
 
 
@@ -14,7 +14,7 @@ PAIRED_ONLY = {"label_smoothing": 0.0, "f_divergence_type": "reverse_kl", "ld_al
 
 def loss_kwargs_from_config(config: TrainConfig, reward_weights: list[float] | None, unpaired: bool = False) -> dict:
     """The ``upo.loss`` (``upo.unpaired_loss``) options that stay fixed over training (UPO's only with ``upo``,
-    KTO's class weights only with ``kto``)."""
+    KTO's class weights only with ``kto`` or ``apo_zero_unpaired``)."""
     kwargs: dict[str, Any] = {
         "loss_type": list(config.loss_type) if len(config.loss_type) > 1 else config.loss_type[0],
         "beta": config.beta,
@@ -24,7 +24,7 @@ def loss_kwargs_from_config(config: TrainConfig, reward_weights: list[float] | N
                       f_alpha_divergence_coef=config.f_alpha_divergence_coef)
     if config.loss_weights is not None:
         kwargs["loss_weights"] = list(config.loss_weights)
-    if "kto" in config.loss_type:
+    if any(loss in config.loss_type for loss in CLASS_WEIGHTED_LOSSES):
         kwargs.update(desirable_weight=config.desirable_weight, undesirable_weight=config.undesirable_weight)
     if uses_aux_objective(config.loss_type):
         kwargs.update(upo_lambda=config.upo_lambda, beta_aux=config.beta_aux, omega_max=config.omega_max,
