@@ -264,7 +264,9 @@ def test_omega_max_none_through_loss_options_removes_the_cap(tmp_path):
 TRL_OPTION_CASES = [dict(loss_type=["sigmoid"], use_weighting=True), dict(loss_type=["sigmoid"], ld_alpha=0.5),
                     dict(loss_type=["sigmoid"], f_divergence_type="js_divergence"),
                     dict(loss_type=["sigmoid"], label_smoothing=0.1), dict(loss_type=["sigmoid_norm"]),
-                    dict(loss_type=["aot"]), dict(loss_type=["bco_pair"])]
+                    dict(loss_type=["aot"]), dict(loss_type=["bco_pair"]),
+                    # a reference unlike the policy: rewards far from 0, where a running-mean delta would show
+                    dict(loss_type=["bco_pair"], ref_seed=1), dict(loss_type=["sigmoid"], ref_seed=1)]
 
 
 @pytest.mark.parametrize("settings", TRL_OPTION_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))

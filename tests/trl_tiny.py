@@ -76,14 +76,16 @@ class Run:
     updates: dict[str, torch.Tensor]  # trained parameter - initial parameter, by name
 
 
-def run(trainer_cls, config_cls, *, train: bool = True, ref_model: bool = True, dataset=None, peft_config=None,
-        trainer_kwargs=None, **overrides) -> Run:
-    """Build the tiny model (seed 0), a trainer of ``trainer_cls`` and train it for ``max_steps``."""
+def run(trainer_cls, config_cls, *, train: bool = True, ref_model: bool = True, ref_seed: int | None = None,
+        dataset=None, peft_config=None, trainer_kwargs=None, **overrides) -> Run:
+    """Build the tiny model (seed 0), a trainer of ``trainer_cls`` and train it for ``max_steps``. The
+    reference is a copy of the model, or with ``ref_seed`` another initialisation (log-ratios of O(1)
+    from the first step, where a copy's are 0)."""
     tokenizer = make_tokenizer()
     model = make_model(tokenizer)
     kwargs = dict(trainer_kwargs or {})
     if ref_model:
-        kwargs["ref_model"] = copy.deepcopy(model)
+        kwargs["ref_model"] = copy.deepcopy(model) if ref_seed is None else make_model(tokenizer, seed=ref_seed)
     trainer = trainer_cls(model=model, args=config_cls(**trainer_args(**overrides)),
                           train_dataset=make_dataset() if dataset is None else dataset, processing_class=tokenizer,
                           peft_config=peft_config, **kwargs)
