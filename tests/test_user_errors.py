@@ -91,6 +91,21 @@ def test_bad_values_are_one_line_errors(tmp_path, capsys, flags, fragment):
     assert_one_line_error(code, err, fragment)
 
 
+@pytest.mark.parametrize("rank, says_it", [("0", True), ("1", False)])
+def test_a_flag_mistake_under_torchrun_is_said_by_rank_0_only(tmp_path, capsys, monkeypatch, rank, says_it):
+    """Every rank parses the same flags: the terminal shows the line once, every rank exits 2."""
+    import upo.train.cli as cli
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr(cli, "MAIN_REPORTS_WITHIN_S", 0.0)
+    code, _, err = run_main(micro_args(tmp_path, "--beta", "many"), capsys)
+    assert code == 2
+    if says_it:
+        assert_one_line_error(code, err, "--beta")
+    else:
+        assert err == ""
+
+
 def test_triton_backend_without_cuda(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' own interpreter mode
     code, _, err = run_main([a if a != "torch" else "triton" for a in micro_args(tmp_path)], capsys)

@@ -260,6 +260,18 @@ def _limit_threads_for_tiny_models(config: TrainConfig, device) -> None:
         torch.set_num_threads(1)
 
 
+def _parse_once_per_launch(argv: list[str]) -> TrainConfig:
+    """:func:`parse_config`; under torchrun every rank parses the same flags and file, so a mistake in
+    them is said by rank 0 alone."""
+    import os
+
+    try:
+        return parse_config(argv)
+    except UserError as err:
+        err.reported_by_main = os.environ.get("RANK", "0") != "0"
+        raise
+
+
 def _check_processes(config: TrainConfig) -> None:
     """``--tp`` against torchrun's process count, before the heavy imports (each rank raises; rank 0 says it)."""
     import os
@@ -280,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     runtime = None
     try:
         with StopRequests(defer=False):  # outside the loop a stop signal ends the run at once, with a line
-            config = parse_config(sys.argv[1:] if argv is None else list(argv))
+            config = _parse_once_per_launch(sys.argv[1:] if argv is None else list(argv))
             _check_processes(config)
             # Heavy imports (transformers) only once the flags are known to parse.
             from upo.train.runtime import setup_runtime
