@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import subprocess
 import sys
@@ -276,6 +277,32 @@ def test_trl_options_match_dpo_trainer(settings):
     errors = relative_errors(reference.logs, ours.logs)
     assert errors[0] < 1e-5 and max(errors[1:]) < 1e-4, errors
     assert trl_tiny.update_ratio(reference, ours) < 0.01
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("torchrun")
+def test_two_processes_log_what_dpo_trainer_logs(tmp_path):
+    """Under torchrun (2 processes, gloo): every logged number of sigmoid and ipo equals DPOTrainer's on the
+    same run (the token statistics weighted by each rank's tokens, as TRL's), and UPO with its value head
+    trains."""
+    from train_helpers import subprocess_env
+
+    out = tmp_path / "logs.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               str(REPO / "tests" / "trl_two_processes.py"), str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs = json.loads(out.read_text())
+    for case in ("sigmoid", "ipo"):
+        reference, ours = logs[f"{case}/dpo"], logs[f"{case}/upo"]
+        assert len(reference) == len(ours) == 2
+        for theirs, mine in zip(reference, ours):
+            for key in set(theirs) - {"learning_rate", "epoch"}:
+                scale = max(abs(theirs[key]), 1e-3)
+                assert abs(mine[key] - theirs[key]) / scale < 1e-4, (case, key, theirs[key], mine[key])
+    upo_logs = logs["sigmoid+upo/upo"]
+    assert len(upo_logs) == 2 and all(math.isfinite(entry["loss"]) for entry in upo_logs)
+    assert {"loss/upo", "aux/advantage_mean"} <= set(upo_logs[0])
 
 
 def test_reward_specs_and_conversational_rows():

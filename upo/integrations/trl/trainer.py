@@ -22,6 +22,7 @@ from trl.trainer.utils import use_adapter
 import upo
 from upo.heads import describe_lm_head
 from upo.integrations.trl.batch import (
+    IGNORE_INDEX,
     AuxRewardCollator,
     aux_rewards,
     last_prompt_index,
@@ -39,6 +40,9 @@ from upo.integrations.trl.value_head import (
 )
 from upo.sequence_features import shared_prefix_labels
 
+# TRL's token-weighted metrics and the response tokens each is a mean over (chosen and rejected, or one side)
+TOKEN_WEIGHTED = {"entropy": "all", "mean_token_accuracy": "chosen", "logits/chosen": "chosen",
+                  "logits/rejected": "rejected"}
 
 class UPOTrainer(DPOTrainer):
     """``DPOTrainer`` whose loss is ``upo.fused_loss``; takes ``UPOConfig`` and ``aux_reward_funcs``.
@@ -174,31 +178,43 @@ class UPOTrainer(DPOTrainer):
                 # The reference sums are LD-weighted already (TRL's contract of compute_ref_log_probs, and what
                 # precompute caches): as their own shared part, upo's shared + a * (S - shared) leaves them as they are.
                 loss_inputs.update(ref_chosen_shared_logps=ref_chosen, ref_rejected_shared_logps=ref_rejected)
-        body = self._policy_loss(next_token_labels(input_ids, completion_mask), last_prompt_index(completion_mask),
-                                 loss_inputs)
+        labels = next_token_labels(input_ids, completion_mask)
+        body = self._policy_loss(labels, last_prompt_index(completion_mask), loss_inputs)
         output = run_inside_forward(model, body, input_ids, attention_mask)
-        self._record_metrics(mode, output, attention_mask)
+        self._record_metrics(mode, output, attention_mask, labels)
         if return_outputs:  # only for compute_metrics: TRL also runs a plain forward for the logits here
             with torch.no_grad():
                 outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             return output.loss, outputs
         return output.loss
 
-    def _record_metrics(self, mode: str, output, attention_mask: torch.Tensor) -> None:
-        """TRL's metric names (``rewards/*``, ``logps/*``, token statistics) plus upo's, averaged over ranks."""
+    def _record_metrics(self, mode: str, output, attention_mask: torch.Tensor, labels: torch.Tensor) -> None:
+        """TRL's metric names (``rewards/*``, ``logps/*``, token statistics) plus upo's, over all ranks: the
+        token statistics weighted by each rank's response tokens (TRL gathers their sums and counts), the
+        others averaged (per-pair means over equal per-rank batches)."""
         metrics = dict(output.metrics)
         if len(output.terms) > 1:  # each term's batch mean before weighting
             metrics.update({f"loss/{name}": float(term.detach()) for name, term in output.terms.items()})
         if self.accelerator.num_processes > 1:
-            names = sorted(metrics)
-            values = torch.tensor([[metrics[name] for name in names]], device=self.accelerator.device)
-            metrics = dict(zip(names, self.accelerator.gather(values).mean(dim=0).tolist()))
+            metrics = self._across_ranks(metrics, labels)
         for name, value in metrics.items():
             self._metrics[mode][name].append(value)
         if mode == "train":
             tokens = self.accelerator.gather_for_metrics(attention_mask.sum()).sum().item()
             self._total_train_tokens += tokens // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+    def _across_ranks(self, metrics: dict, labels: torch.Tensor) -> dict:
+        counts = (labels != IGNORE_INDEX).sum(dim=1).double()
+        half = counts.shape[0] // 2
+        tokens = {"all": counts.sum(), "chosen": counts[:half].sum(), "rejected": counts[half:].sum()}
+        names = sorted(metrics)
+        weights = [tokens[TOKEN_WEIGHTED[name]] if name in TOKEN_WEIGHTED else 1.0 for name in names]
+        row = torch.tensor([[metrics[n] * float(w) for n, w in zip(names, weights)] + [float(w) for w in weights]],
+                           dtype=torch.float64, device=self.accelerator.device)
+        totals = self.accelerator.gather(row).sum(dim=0).tolist()
+        sums, weight_sums = totals[:len(names)], totals[len(names):]
+        return {name: (total / weight if weight > 0 else 0.0) for name, total, weight in zip(names, sums, weight_sums)}
 
     # -- the value head: its own learning rate, saved and restored beside the model
 
