@@ -14,7 +14,7 @@ import torch
 
 from upo_kernels import chunked, token_stats, vocab_parallel
 from upo_kernels.backends import ops as backend_ops
-from upo_kernels.token_stats import STATS as TOKEN_STATS
+from upo_kernels.token_stats import STATS as TOKEN_STATS  # noqa: F401  (re-exported by upo_kernels)
 
 BACKENDS = ("auto", "triton", "torch")
 

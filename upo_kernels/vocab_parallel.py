@@ -39,8 +39,9 @@ class VocabLayout:
 def gather_layout(group, offset: int | None, size: int, n_tokens: int, dim: int, labels: torch.Tensor,
                   ignore_index: int) -> VocabLayout:
     """One small all-gather: every rank's shard (``offset`` None: DTensor's, in the ranks' order),
-    token count, hidden size and a fingerprint of its labels. Raises the same ``ValueError`` on every rank (no rank is left waiting in a collective)
-    when the shards do not tile ``[0, V)`` exactly or the ranks were given different tokens."""
+    token count, hidden size and a fingerprint of its labels. Raises the same ``ValueError`` on
+    every rank (none is left waiting in a collective) when the shards do not tile ``[0, V)``
+    exactly or the ranks were given different tokens."""
     kept = labels[labels != ignore_index]
     position = torch.arange(1, kept.numel() + 1, device=labels.device, dtype=torch.float64)
     fingerprint = float((kept.to(torch.float64) * torch.sin(position)).sum()) if kept.numel() else 0.0
@@ -69,8 +70,8 @@ def gather_layout(group, offset: int | None, size: int, n_tokens: int, dim: int,
     end = 0
     for start, size in spans:
         if start != end:
-            raise ValueError(f"vocab-parallel: the weight shards (vocab_offset, rows) per rank {list(zip(offsets, sizes))} "
-                             f"do not tile the vocabulary [0, {sum(sizes)}): "
+            raise ValueError(f"vocab-parallel: the weight shards (vocab_offset, rows) per rank "
+                             f"{list(zip(offsets, sizes))} do not tile the vocabulary [0, {sum(sizes)}): "
                              f"{'gap' if start > end else 'overlap'} at {min(start, end)}")
         end = start + size
     return VocabLayout(group, offsets, sizes, dist.get_rank(group))
@@ -100,7 +101,7 @@ def merge_shards(logp, lse, stats_values, stats, labels, layout: VocabLayout):
     dist.all_reduce(maxed, op=dist.ReduceOp.MAX, group=group)
     top = maxed[0]
     alpha = torch.zeros_like(lse) if empty else torch.exp(lse - top)
-    target = torch.where(owned, logp + lse, torch.zeros_like(lse))
+    target = torch.where(owned, logp + lse, torch.zeros_like(lse))  # the label's logit, one rounding of |lse|
     sums = [alpha, target]
     names = [name for name in stats if name != MAX_LOGIT]
     for name in names:

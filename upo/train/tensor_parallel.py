@@ -99,7 +99,8 @@ def backbone_plan(model: nn.Module, tp: int) -> tuple[nn.Module | None, dict, st
                 return None, {}, f"{name} ({type(module).__name__}) is not an nn.Linear"
             size = module.out_features if style == "colwise" else module.in_features
             if size % tp:
-                return None, {}, f"{name} has {size} {'outputs' if style == 'colwise' else 'inputs'}, not divisible by {tp}"
+                side = "outputs" if style == "colwise" else "inputs"
+                return None, {}, f"{name} has {size} {side}, not divisible by {tp}"
             matched += 1
     if not matched:
         return None, {}, "its tensor-parallel plan matches none of its modules"
