@@ -17,6 +17,7 @@ import torch
 from upo import sequence_features as features
 from upo.losses import loss
 from upo_kernels import linear_logprobs
+from upo_kernels.vocab_parallel import local_shard
 from upo_kernels.token_stats import check_stats
 
 
@@ -104,15 +105,10 @@ def _checked_sums(tokens, hidden, weight, bias):
     sums = features.per_sequence_sum(tokens.logp, tokens.seq_ids, tokens.rows)
     if not bool(torch.isfinite(sums).all()):
         culprits = [name for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias))
-                    if t is not None and not bool(torch.isfinite(_local(t)).all())]
+                    if t is not None and not bool(torch.isfinite(local_shard(t)).all())]
         raise ValueError(f"non-finite log-probs: {', '.join(culprits) or 'hidden/weight'} "
                          "contain NaN or inf")
     return sums
-
-
-def _local(t):
-    """A DTensor's shard on this rank (a sharded LM head), else ``t``."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def sequence_logprobs(hidden, weight, labels, *, cu_seqlens=None, bias=None, logit_scale=1.0,

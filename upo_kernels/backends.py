@@ -1,8 +1,11 @@
-"""The two implementations of the fused linear log-prob contract, by name.
+"""The two implementations of the fused linear log-prob contract, by name, and what both
+autograd Functions (``functional.py``, ``vocab_parallel.py``) do around them.
 
 ``forward(hidden, weight, labels, ...) -> (logp, lse[, stats])`` and
 ``backward(grad_logp, hidden, weight, labels, lse, ...) -> (grad_h, grad_w, grad_b)``:
-``chunked.py`` (``"torch"``, any device) and ``triton_ops.py`` (``"triton"``).
+``chunked.py`` (``"torch"``, any device) and ``triton_ops.py`` (``"triton"``). Only the rows with
+a label run through them: the forward gathers those rows (``labelled_rows``) and scatters the
+results back (``scatter_rows``), the backward hands the backend the row indices instead.
 """
 from __future__ import annotations
 
@@ -24,3 +27,46 @@ def ops(backend: str):
     from upo_kernels import triton_ops  # imported lazily: triton may be absent on CPU-only installs
 
     return triton_ops
+
+
+def labelled_rows(hidden, labels, ignore_index):
+    """``(rows, hidden rows, their labels)``: the rows whose label is not ``ignore_index`` (one host
+    sync), gathered; ``rows`` is None, and nothing is copied, when every row has a label."""
+    rows = (labels != ignore_index).nonzero().squeeze(1)
+    if rows.numel() == labels.numel():
+        return None, hidden, labels
+    return rows, hidden.index_select(0, rows), labels.index_select(0, rows)
+
+
+def scatter_rows(values, rows, shape):
+    """Per-row results of the labelled rows -> ``shape``, 0 at the other rows."""
+    return values if rows is None else values.new_zeros(shape).index_copy_(0, rows, values)
+
+
+def run_forward(kernels, hidden, weight, labels, bias, logit_scale, softcap, ignore_index, chunks, stats):
+    """``kernels.forward`` -> ``(logp, lse, {name: values})`` (no statistics: an empty dict)."""
+    if stats:
+        return kernels.forward(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, stats=stats,
+                               **chunks)
+    logp, lse = kernels.forward(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, **chunks)
+    return logp, lse, {}
+
+
+def run_backward(kernels, grad_logp, rows, hidden, weight, labels, lse, bias, logit_scale, softcap, ignore_index,
+                 needs, chunks):
+    """``kernels.backward`` for the labelled ``rows`` of ``grad_logp`` (``needs``: whether hidden,
+    weight and bias want a gradient) -> ``(grad_h, grad_w, grad_b)`` in the backend's dtypes."""
+    need_h, need_w, need_b = needs
+    grad_c = grad_logp if rows is None else grad_logp.index_select(0, rows)
+    return kernels.backward(grad_c.contiguous(), hidden, weight, labels, lse, bias, logit_scale, softcap,
+                            ignore_index, needs_weight_grad=need_w, needs_bias_grad=need_b,
+                            needs_hidden_grad=need_h, rows=rows, **chunks)
+
+
+def in_input_dtypes(grads, hidden, weight, bias, needs):
+    """``(grad_h, grad_w, grad_b)`` cast to their inputs' dtypes; None where not needed."""
+    grad_h, grad_w, grad_b = grads
+    need_h, need_w, need_b = needs
+    return (grad_h.to(hidden.dtype) if need_h else None,
+            grad_w.to(weight.dtype) if (need_w and grad_w is not None) else None,
+            grad_b.to(bias.dtype) if (need_b and grad_b is not None) else None)

@@ -13,6 +13,8 @@ from typing import NamedTuple
 import torch
 
 from upo_kernels import chunked, token_stats, vocab_parallel
+from upo_kernels.backends import (in_input_dtypes, labelled_rows, run_backward, run_forward,
+                                  scatter_rows)
 from upo_kernels.backends import ops as backend_ops
 from upo_kernels.token_stats import STATS as TOKEN_STATS  # noqa: F401  (re-exported by upo_kernels)
 
@@ -103,25 +105,18 @@ class _LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, logit_scale, softcap, ignore_index, backend, chunks, stats):
-        ops = backend_ops(backend)
-        chunks = dict(chunks, **ops.call_options())  # env-selected variants, fixed for the backward
-        rows = (labels != ignore_index).nonzero().squeeze(1)  # one host sync
-        rows = None if rows.numel() == labels.numel() else rows
-        h_c = hidden if rows is None else hidden.index_select(0, rows)
-        y_c = labels if rows is None else labels.index_select(0, rows)
-        if stats:
-            logp_c, lse_c, values = ops.forward(h_c, weight, y_c, bias, logit_scale, softcap, ignore_index,
-                                                stats=stats, **chunks)
-        else:
-            logp_c, lse_c = ops.forward(h_c, weight, y_c, bias, logit_scale, softcap, ignore_index, **chunks)
+        kernels = backend_ops(backend)
+        chunks = dict(chunks, **kernels.call_options())  # env-selected variants, fixed for the backward
+        rows, h_c, y_c = labelled_rows(hidden, labels, ignore_index)
+        logp_c, lse_c, values = run_forward(kernels, h_c, weight, y_c, bias, logit_scale, softcap, ignore_index,
+                                            chunks, stats)
         del h_c  # the gathered copy is not kept for the backward
-        logp = logp_c if rows is None else logp_c.new_zeros(labels.shape).index_copy_(0, rows, logp_c)
         ctx.save_for_backward(hidden, weight, bias, y_c, lse_c, rows)
         ctx.options = (logit_scale, softcap, ignore_index, backend, chunks)
+        logp = scatter_rows(logp_c, rows, labels.shape)
         if not stats:
             return logp
-        values = [values[name] if rows is None else logp_c.new_zeros(labels.shape).index_copy_(0, rows, values[name])
-                  for name in stats]
+        values = [scatter_rows(values[name], rows, labels.shape) for name in stats]
         ctx.mark_non_differentiable(*values)
         return (logp, *values)
 
@@ -129,15 +124,10 @@ class _LinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp, *_stat_grads):
         hidden, weight, bias, labels, lse, rows = ctx.saved_tensors
         logit_scale, softcap, ignore_index, backend, chunks = ctx.options
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_c = grad_logp if rows is None else grad_logp.index_select(0, rows)
-        grad_h, grad_w, grad_b = backend_ops(backend).backward(
-            grad_c.contiguous(), hidden, weight, labels, lse, bias, logit_scale, softcap, ignore_index,
-            needs_weight_grad=need_w, needs_bias_grad=need_b, needs_hidden_grad=need_h, rows=rows, **chunks)
-        grad_h = grad_h.to(hidden.dtype) if need_h else None
-        grad_w = grad_w.to(weight.dtype) if (need_w and grad_w is not None) else None
-        grad_b = grad_b.to(bias.dtype) if (need_b and grad_b is not None) else None
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+        needs = ctx.needs_input_grad[:3]
+        grads = run_backward(backend_ops(backend), grad_logp, rows, hidden, weight, labels, lse, bias, logit_scale,
+                             softcap, ignore_index, needs, chunks)
+        return (*in_input_dtypes(grads, hidden, weight, bias, needs), None, None, None, None, None, None, None)
 
 
 class TokenLogprobs(NamedTuple):

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from upo_kernels.backends import (in_input_dtypes, labelled_rows, run_backward, run_forward,
+                                  scatter_rows)
 from upo_kernels.backends import ops as backend_ops
 from upo_kernels.token_stats import MAX_LOGIT
 
@@ -157,34 +159,25 @@ class VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, layout, logit_scale, softcap, ignore_index, backend, chunks,
                 stats):
-        ops = backend_ops(backend)
-        chunks = dict(chunks, **ops.call_options())
-        rows = (labels != ignore_index).nonzero().squeeze(1)
-        rows = None if rows.numel() == labels.numel() else rows
-        h_c = hidden if rows is None else hidden.index_select(0, rows)
-        y_c = labels if rows is None else labels.index_select(0, rows)
+        kernels = backend_ops(backend)
+        chunks = dict(chunks, **kernels.call_options())
+        rows, h_c, y_c = labelled_rows(hidden, labels, ignore_index)
         y_local = local_labels(y_c, layout)  # every row is kept: -1 never is a label, so it is the local ignore_index
         kernel_stats = stats + ((MAX_LOGIT,) if "is_top1" in stats else ())
-        dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         if layout.size == 0:
+            dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
             logp_c, lse_c, values = _neutral_forward(y_c.numel(), kernel_stats, dtype, hidden.device)
-        elif kernel_stats:
-            logp_c, lse_c, values = ops.forward(h_c, weight, y_local, bias, logit_scale, softcap, -1,
-                                                stats=kernel_stats, **chunks)
         else:
-            (logp_c, lse_c), values = ops.forward(h_c, weight, y_local, bias, logit_scale, softcap, -1, **chunks), {}
+            logp_c, lse_c, values = run_forward(kernels, h_c, weight, y_local, bias, logit_scale, softcap, -1, chunks,
+                                                kernel_stats)
         del h_c
         logp_c, lse_c, values = merge_shards(logp_c, lse_c, values, stats, y_c, layout)
         ctx.save_for_backward(hidden, weight, bias, y_local, lse_c, rows)
         ctx.options = (layout, logit_scale, softcap, backend, chunks)
-
-        def scatter(v):
-            return v if rows is None else v.new_zeros(labels.shape).index_copy_(0, rows, v)
-
-        logp = scatter(logp_c)
+        logp = scatter_rows(logp_c, rows, labels.shape)
         if not stats:
             return logp
-        outputs = [scatter(values[name]) for name in stats]
+        outputs = [scatter_rows(values[name], rows, labels.shape) for name in stats]
         ctx.mark_non_differentiable(*outputs)
         return (logp, *outputs)
 
@@ -192,21 +185,21 @@ class VocabParallelLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp, *_stat_grads):
         hidden, weight, bias, y_local, lse, rows = ctx.saved_tensors
         layout, logit_scale, softcap, backend, chunks = ctx.options
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_c = grad_logp if rows is None else grad_logp.index_select(0, rows)
+        needs = need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if layout.size == 0:
-            grad_h = hidden.new_zeros(hidden.shape) if need_h else None
-            grad_w = torch.zeros_like(weight) if need_w else None
-            grad_b = torch.zeros_like(bias) if (need_b and bias is not None) else None
+            grads = (hidden.new_zeros(hidden.shape) if need_h else None, torch.zeros_like(weight) if need_w else None,
+                     torch.zeros_like(bias) if (need_b and bias is not None) else None)
         else:
-            grad_h, grad_w, grad_b = backend_ops(backend).backward(
-                grad_c.contiguous(), hidden, weight, y_local, lse, bias, logit_scale, softcap, -1,
-                needs_weight_grad=need_w, needs_bias_grad=need_b, needs_hidden_grad=need_h, rows=rows, **chunks)
-        if need_h:
-            grad_h = sum_over_group(grad_h.contiguous(), layout).to(hidden.dtype)
-        grad_w = grad_w.to(weight.dtype) if (need_w and grad_w is not None) else None
-        grad_b = grad_b.to(bias.dtype) if (need_b and grad_b is not None) else None
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None
+            grads = run_backward(backend_ops(backend), grad_logp, rows, hidden, weight, y_local, lse, bias,
+                                 logit_scale, softcap, -1, needs, chunks)
+        if need_h:  # summed over the group before the cast: one rounding to hidden's dtype
+            grads = (sum_over_group(grads[0].contiguous(), layout), *grads[1:])
+        return (*in_input_dtypes(grads, hidden, weight, bias, needs), None, None, None, None, None, None, None, None)
+
+
+def local_shard(tensor):
+    """A DTensor's shard on this rank (``to_local``: the same storage), else ``tensor`` itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _dtensor_class():

@@ -17,8 +17,9 @@ from upo.losses.registry import LossContext, UnpairedContext, register_loss, reg
 
 __all__ = ["kto_reference_point"]
 
-_KTO_OPTIONS = {"desirable_weight": 1.0, "undesirable_weight": 1.0, "kl": None,
-                "kl_policy_logps": None, "kl_ref_logps": None}
+# TRL KTOConfig's class weights, shared by both of KTOTrainer's losses; kto also takes its reference point
+_CLASS_WEIGHT_OPTIONS = {"desirable_weight": 1.0, "undesirable_weight": 1.0}
+_KTO_OPTIONS = {**_CLASS_WEIGHT_OPTIONS, "kl": None, "kl_policy_logps": None, "kl_ref_logps": None}
 
 
 def kto_reference_point(kl_policy_logps: Tensor, kl_ref_logps: Tensor, *, process_group=None) -> Tensor:
@@ -108,8 +109,6 @@ def _kto_unpaired(ctx: UnpairedContext):
     losses = torch.where(ctx.desirable, desirable * desirable_losses, undesirable * undesirable_losses)
     return losses, {"kl": kl}
 
-
-_CLASS_WEIGHT_OPTIONS = {"desirable_weight": 1.0, "undesirable_weight": 1.0}
 
 
 def _apo_zero_unpaired_losses(logratios: Tensor, beta: float) -> tuple[Tensor, Tensor]:

@@ -9,6 +9,7 @@ signal ends it after a checkpoint with 128 + the signal number (:data:`EXIT_CODE
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -252,33 +253,32 @@ def _limit_threads_for_tiny_models(config: TrainConfig, device) -> None:
     Its 64-wide matmuls gain little from more threads, and on a shared or busy CPU extra threads
     made steps 5-10x slower (0.4 s/step with one thread vs 2-4 s/step with two, measured on 2 cores).
     """
-    import os
-
     import torch
 
     if device.type == "cpu" and config.model is None and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
 
 
+def _launched_as_rank_0() -> bool:
+    """Rank 0 of a torchrun launch, or no launcher (before the process group exists)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _parse_once_per_launch(argv: list[str]) -> TrainConfig:
     """:func:`parse_config`; under torchrun every rank parses the same flags and file, so a mistake in
     them is said by rank 0 alone."""
-    import os
-
     try:
         return parse_config(argv)
     except UserError as err:
-        err.reported_by_main = os.environ.get("RANK", "0") != "0"
+        err.reported_by_main = not _launched_as_rank_0()
         raise
 
 
 def _check_processes(config: TrainConfig) -> None:
     """``--tp`` against torchrun's process count, before the heavy imports (each rank raises; rank 0 says it)."""
-    import os
-
     from upo.train.tensor_parallel import check_tp
 
-    check_tp(config, int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("RANK", "0") == "0")
+    check_tp(config, int(os.environ.get("WORLD_SIZE", "1")), _launched_as_rank_0())
 
 
 def _report(message: str, error: bool = True) -> None:

@@ -32,6 +32,7 @@ from upo.heads import describe_lm_head
 from upo.heads.errors import unwrap
 from upo.heads.weights import LinearWeights
 from upo.train.errors import UserError
+from upo_kernels.vocab_parallel import local_shard
 
 
 def check_tp(config, world_size: int, is_main: bool = True) -> None:
@@ -160,17 +161,12 @@ def _tied(model: nn.Module, head: nn.Module) -> bool:
 
 
 # ---- gradients -------------------------------------------------------------------------------
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """A DTensor's shard on this rank (without grad: the very storage), else ``tensor``."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
 def average_gradients(params: list[torch.Tensor], runtime) -> None:
     """Under --tp, the mean of the gradients over the ``dp`` dimension (one all-reduce of all of them);
     nothing for one copy, nor without --tp (DDP averages them, FSDP reduce-scatters them)."""
     if runtime.tp == 1 or runtime.dp_size == 1:
         return
-    grads = [_local(p.grad) for p in params if p.grad is not None]
+    grads = [local_shard(p.grad) for p in params if p.grad is not None]
     if not grads:
         return
     with torch.no_grad():
@@ -200,9 +196,9 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float, runtime) -> floa
         return 0.0
     with torch.no_grad():
         sharded = [g for g in grads if isinstance(g, DTensor) and any(isinstance(x, Shard) for x in g.placements)]
-        whole = [_local(g) for g in grads if not any(g is s for s in sharded)]
+        whole = [local_shard(g) for g in grads if not any(g is s for s in sharded)]
         squares = torch.zeros(2, dtype=torch.float64)
-        for k, group in enumerate(([_local(g) for g in sharded], whole)):
+        for k, group in enumerate(([local_shard(g) for g in sharded], whole)):
             for g in group:
                 squares[k] += torch.linalg.vector_norm(g.double()) ** 2
         if sharded:
@@ -213,5 +209,5 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float, runtime) -> floa
         coefficient = max_norm / (total + 1e-6)
         if math.isfinite(total) and coefficient < 1.0:
             for g in grads:
-                _local(g).mul_(coefficient)
+                local_shard(g).mul_(coefficient)
     return total
