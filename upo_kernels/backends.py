@@ -43,6 +43,17 @@ def scatter_rows(values, rows, shape):
     return values if rows is None else values.new_zeros(shape).index_copy_(0, rows, values)
 
 
+def scattered_outputs(ctx, logp, values, stats, rows, shape):
+    """An autograd Function's outputs: the log-probs of ``shape`` alone, or with the statistics in
+    ``stats`` order (marked non-differentiable)."""
+    logp = scatter_rows(logp, rows, shape)
+    if not stats:
+        return logp
+    values = [scatter_rows(values[name], rows, shape) for name in stats]
+    ctx.mark_non_differentiable(*values)
+    return (logp, *values)
+
+
 def run_forward(kernels, hidden, weight, labels, bias, logit_scale, softcap, ignore_index, chunks, stats):
     """``kernels.forward`` -> ``(logp, lse, {name: values})`` (no statistics: an empty dict)."""
     if stats:

@@ -14,7 +14,7 @@ import torch
 
 from upo_kernels import chunked, token_stats, vocab_parallel
 from upo_kernels.backends import (in_input_dtypes, labelled_rows, run_backward, run_forward,
-                                  scatter_rows)
+                                  scattered_outputs)
 from upo_kernels.backends import ops as backend_ops
 from upo_kernels.token_stats import STATS as TOKEN_STATS  # noqa: F401  (re-exported by upo_kernels)
 
@@ -113,12 +113,7 @@ class _LinearLogprobs(torch.autograd.Function):
         del h_c  # the gathered copy is not kept for the backward
         ctx.save_for_backward(hidden, weight, bias, y_c, lse_c, rows)
         ctx.options = (logit_scale, softcap, ignore_index, backend, chunks)
-        logp = scatter_rows(logp_c, rows, labels.shape)
-        if not stats:
-            return logp
-        values = [scatter_rows(values[name], rows, labels.shape) for name in stats]
-        ctx.mark_non_differentiable(*values)
-        return (logp, *values)
+        return scattered_outputs(ctx, logp_c, values, stats, rows, labels.shape)
 
     @staticmethod
     def backward(ctx, grad_logp, *_stat_grads):

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from upo_kernels.backends import (in_input_dtypes, labelled_rows, run_backward, run_forward,
-                                  scatter_rows)
+                                  scattered_outputs)
 from upo_kernels.backends import ops as backend_ops
 from upo_kernels.token_stats import MAX_LOGIT
 
@@ -174,12 +174,7 @@ class VocabParallelLogprobs(torch.autograd.Function):
         logp_c, lse_c, values = merge_shards(logp_c, lse_c, values, stats, y_c, layout)
         ctx.save_for_backward(hidden, weight, bias, y_local, lse_c, rows)
         ctx.options = (layout, logit_scale, softcap, backend, chunks)
-        logp = scatter_rows(logp_c, rows, labels.shape)
-        if not stats:
-            return logp
-        outputs = [scatter_rows(values[name], rows, labels.shape) for name in stats]
-        ctx.mark_non_differentiable(*outputs)
-        return (logp, *outputs)
+        return scattered_outputs(ctx, logp_c, values, stats, rows, labels.shape)
 
     @staticmethod
     def backward(ctx, grad_logp, *_stat_grads):
