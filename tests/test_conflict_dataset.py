@@ -34,6 +34,12 @@ def test_generator_reproduces_the_committed_file():
     assert DATA.read_text(encoding="utf-8") == generator.BASE.to_jsonl(generator.build_rows())
 
 
+def test_the_conversational_file_holds_the_same_rows_as_messages(rows):
+    generator = load_generator()
+    conversational = RESOURCES_DIR / generator.CONVERSATIONAL_NAME
+    assert conversational.read_text(encoding="utf-8") == generator.BASE.to_jsonl(generator.BASE.conversational(rows))
+
+
 def test_rows_are_well_formed_short_and_unique(rows):
     assert len(rows) == 360
     for i, row in enumerate(rows):

@@ -62,6 +62,36 @@ def test_shipped_datasets_load_and_render():
     assert pair.chosen_plain == chat[0]["chosen"][0]["content"]
 
 
+def test_the_default_data_comes_as_chat_messages_for_a_model_with_a_chat_template():
+    from upo.train.data import has_chat_template
+    from upo.train.data.tokenizer import hf_byte_tokenizer
+
+    templated = hf_byte_tokenizer()  # the byte tokenizer's saved form: it carries a Jinja chat template
+    assert has_chat_template(templated) and not has_chat_template(TOK)
+    strings, messages = load_records(None), load_records(None, conversational_default=True)
+    assert [row["prompt"] for row in strings] == [row["prompt"][0]["content"] for row in messages]
+    assert load_records(str(CHAT_SAMPLE), conversational_default=True) == load_records(str(CHAT_SAMPLE))
+
+
+def test_a_chat_templates_own_end_of_turn_replaces_the_appended_eos():
+    """As TRL: a response rendered by the tokenizer's chat template ends where the template ends the turn (no EOS
+    added); strings, and messages rendered by the built-in template, end with EOS."""
+    from upo.train.data.tokenizer import hf_byte_tokenizer
+
+    templated = hf_byte_tokenizer()
+    templated.chat_template = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}[end]{% endfor %}"
+                               "{% if add_generation_prompt %}[assistant]{% endif %}")
+    row = {"prompt": [{"role": "user", "content": "Hi?"}], "chosen": [{"role": "assistant", "content": "Yes."}],
+           "rejected": [{"role": "assistant", "content": "No."}]}
+    pair = tokenize_pair(render_record(row, templated, 0), templated, TokenizeSettings(64), 0)
+    assert templated.decode(pair.prompt_ids, skip_special_tokens=False) == "<s>[user]Hi?[end][assistant]"
+    assert templated.decode(pair.chosen_ids, skip_special_tokens=False) == "Yes.[end]"
+    assert templated.decode(pair.rejected_ids, skip_special_tokens=False) == "No.[end]"
+    for tokenizer, data in ((templated, {"prompt": "Hi?", "chosen": "Yes.", "rejected": "No."}), (TOK, row)):
+        pair = tokenize_pair(render_record(data, tokenizer, 0), tokenizer, TokenizeSettings(64), 0)
+        assert pair.chosen_ids[-1] == pair.rejected_ids[-1] == tokenizer.eos_token_id
+
+
 def test_implicit_prompt_conversation_uses_shared_prefix():
     user = {"role": "user", "content": "Q"}
     record = {"chosen": [user, {"role": "assistant", "content": "good"}],

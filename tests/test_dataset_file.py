@@ -9,6 +9,7 @@ from upo.rewards import RESOURCES_DIR, lexicon, readability
 
 PREFERENCES = RESOURCES_DIR / "preferences.jsonl"
 CHAT_SAMPLE = RESOURCES_DIR / "preferences_chat_sample.jsonl"
+CONVERSATIONAL = RESOURCES_DIR / "preferences_conversational.jsonl"
 FIELDS = ("prompt", "chosen", "rejected")
 
 
@@ -69,6 +70,17 @@ def test_generator_reproduces_committed_files():
     generator = load_generator()
     assert PREFERENCES.read_text(encoding="utf-8") == generator.to_jsonl(generator.build_rows())
     assert CHAT_SAMPLE.read_text(encoding="utf-8") == generator.to_jsonl(generator.build_chat_rows())
+    assert CONVERSATIONAL.read_text(encoding="utf-8") == generator.to_jsonl(generator.conversational(
+        generator.build_rows()))
+
+
+def test_the_conversational_default_is_the_default_as_chat_messages(rows):
+    conversational = read_jsonl(CONVERSATIONAL)
+    assert len(conversational) == len(rows)
+    for row, chat in zip(rows, conversational):
+        assert chat == {"prompt": [{"role": "user", "content": row["prompt"]}],
+                        "chosen": [{"role": "assistant", "content": row["chosen"]}],
+                        "rejected": [{"role": "assistant", "content": row["rejected"]}]}
 
 
 def test_chat_sample_is_conversational_format():

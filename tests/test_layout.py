@@ -68,3 +68,13 @@ def test_docs_links_resolve():
             if not (doc.parent / target).exists():
                 broken.append(f"{doc.relative_to(REPO)} -> {target}")
     assert not broken, broken
+
+
+def test_ci_runs_the_readmes_two_set_up_commands():
+    """CI installs and tests exactly as the README tells a user to (a green CI must not hide an install step)."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = readme[readme.index("## Set-up"):].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
+    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+          if line.strip() and not line.lstrip().startswith("#")]
+    assert len(commands) == 2 and ci[-2:] == commands, (commands, ci[-2:])

@@ -73,6 +73,18 @@ def test_model_dtype_bf16_holds_bf16_weights(tmp_path, granite_dir):
     assert metrics is not None and torch.isfinite(torch.tensor(metrics["loss"]))
 
 
+@pytest.mark.parametrize("pretrained", [True, False])
+def test_model_dtype_bf16_keeps_the_fp32_buffers_transformers_keeps(tmp_path, granite_dir, pretrained):
+    """bf16 weights as ``from_pretrained(dtype=bf16)`` holds them: RoPE's inverse frequencies stay fp32 (rounded
+    to bf16 they move SmolLM2's log-probs by tenths of a nat), for the policy, the reference and the tiny model."""
+    model = dict(model=granite_dir, model_config=None) if pretrained else {}
+    trainer = make_trainer(tmp_path, model_dtype="bf16", max_steps=1, **model)
+    for module in (trainer.module.policy, trainer.module.reference):
+        assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
+        buffers = {name: b.dtype for name, b in module.named_buffers() if "inv_freq" in name}
+        assert buffers and set(buffers.values()) == {torch.float32}, buffers
+
+
 def test_ref_model_is_the_reference(tmp_path, granite_dir):
     """Another Granite (other weights, another logits_scaling: scored in the policy's fused pass)."""
     from transformers import AutoModelForCausalLM

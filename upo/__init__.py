@@ -12,12 +12,14 @@ User API::
     upo.ValueHead(hidden_size)
     upo.causal_lm_logprobs(model, input_ids, labels=None, *, attention_mask=None, position_ids=None,
                            backend="auto", check=True)  # a HF causal LM's own log-probs, no logits formed
+    upo.load_pretrained(name, dtype)                 # (model, tokenizer): a folder, hub id, .gguf file or "smollm2"
 
 The library (this package minus ``upo.train``) never imports the training application;
 ``upo.train`` is the ``upo-train`` command built on it. Map of the code: docs/layout.md.
 """
 from upo.fused import fused_loss, sequence_logprobs
 from upo.heads import causal_lm_logprobs
+from upo.pretrained import load_pretrained
 from upo.losses import (LossOutput, available_losses, kto_reference_point, loss, loss_spec, register_loss,
                         unpaired_loss, unpaired_losses)
 from upo.value_head import ValueHead
@@ -29,6 +31,7 @@ __all__ = [
     "causal_lm_logprobs",
     "fused_loss",
     "kto_reference_point",
+    "load_pretrained",
     "loss",
     "loss_spec",
     "register_loss",

@@ -1,6 +1,6 @@
 """Generate the conflicting preference data: the user's label and the designer's reward disagree.
 
-    python upo/resources/make_conflict_preferences.py          # rewrites preferences_conflict.jsonl here
+    python upo/resources/make_conflict_preferences.py          # rewrites preferences_conflict*.jsonl here
     python upo/resources/make_conflict_preferences.py --seed 1 --out-dir /tmp/x
 
 Each answer has two independent traits:
@@ -26,6 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OUTPUT_NAME = "preferences_conflict.jsonl"
+CONVERSATIONAL_NAME = "preferences_conflict_conversational.jsonl"  # the same rows as chat messages
 DEFAULT_SEED = 0
 ROWS_PER_TOPIC = 4
 MAX_ROWS = 360
@@ -134,7 +135,8 @@ def build_rows(seed: int = DEFAULT_SEED) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    BASE.write_outputs(argv, __doc__.splitlines()[0], lambda seed: {OUTPUT_NAME: build_rows(seed)})
+    BASE.write_outputs(argv, __doc__.splitlines()[0], lambda seed: {
+        OUTPUT_NAME: build_rows(seed), CONVERSATIONAL_NAME: BASE.conversational(build_rows(seed))})
 
 
 if __name__ == "__main__":

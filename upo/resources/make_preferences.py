@@ -1,6 +1,6 @@
 """Generate the bundled preference data: plain answers preferred over convoluted ones.
 
-    python upo/resources/make_preferences.py            # rewrites the two JSONL files here
+    python upo/resources/make_preferences.py            # rewrites the three JSONL files here
     python upo/resources/make_preferences.py --seed 1 --out-dir /tmp/x
 
 Every topic is an everyday how-to or "why" question with three short plain tips. A row's
@@ -314,6 +314,14 @@ def build_chat_rows(seed: int = DEFAULT_SEED) -> list[dict]:
     return rows
 
 
+def conversational(rows: list[dict]) -> list[dict]:
+    """The same rows in TRL's conversational format: the prompt a user message, each response an assistant
+    message (what an instruct model's chat template renders)."""
+    return [{"prompt": [{"role": "user", "content": row["prompt"]}],
+             "chosen": [{"role": "assistant", "content": row["chosen"]}],
+             "rejected": [{"role": "assistant", "content": row["rejected"]}]} for row in rows]
+
+
 def to_jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
@@ -333,6 +341,7 @@ def write_outputs(argv: list[str] | None, description: str, build) -> None:
 def main(argv: list[str] | None = None) -> None:
     write_outputs(argv, __doc__.splitlines()[0], lambda seed: {
         "preferences.jsonl": build_rows(seed),
+        "preferences_conversational.jsonl": conversational(build_rows(seed)),
         "preferences_chat_sample.jsonl": build_chat_rows(seed),
     })
 

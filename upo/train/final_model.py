@@ -2,8 +2,9 @@
 
 Without LoRA ``model/`` is the whole model (``AutoModelForCausalLM`` + ``AutoTokenizer``). With LoRA it
 holds the adapters (``AutoPeftModelForCausalLM``), whose ``base_model_name_or_path`` names a loadable
-base: ``--model``'s folder (absolute) or Hugging Face id, or for the built-in tiny model ``model/base/``,
-written beside them. The built-in byte tokenizer is saved as an equivalent ``PreTrainedTokenizerFast``.
+base: ``--model``'s folder (absolute) or Hugging Face id, or ``model/base/`` written beside them as plain
+safetensors for the built-in tiny model and for a model read from a ``.gguf`` file (``smollm2``). The
+built-in byte tokenizer is saved as an equivalent ``PreTrainedTokenizerFast``.
 UPO's value head goes beside it as ``model/value_head.safetensors`` (``upo.value_head.load_value_head``).
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
+from upo.pretrained import is_cached_conversion
 from upo.train.data import ByteTokenizer
 from upo.train.data.tokenizer import hf_byte_tokenizer
 
@@ -51,7 +53,7 @@ def _point_adapters_at_base(policy: nn.Module, tokenizer, target: Path, state: d
     """``base_model_name_or_path`` of every adapter: the model it was loaded from, or a saved copy of the base."""
     base = policy.get_base_model()
     source = getattr(base, "name_or_path", "") or ""
-    if not source:  # the built-in tiny model: built from a config, saved here
+    if not source or is_cached_conversion(source):  # the tiny model (from a config), a GGUF file: saved here
         source = str((target / BASE_DIR).resolve())
         save_base_model(policy, target / BASE_DIR, state)
         save_tokenizer(tokenizer, target / BASE_DIR)

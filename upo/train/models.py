@@ -98,10 +98,21 @@ def load_policy_and_tokenizer(config: TrainConfig, device: torch.device):
             raise UserError(f"--model-config vocab_size must be at least {ByteTokenizer.vocab_size} "
                             "for the byte tokenizer")
         model = AutoModelForCausalLM.from_config(model_config, attn_implementation=attn)
+        cast_parameters(model, DTYPES[config.model_dtype])
         tokenizer = ByteTokenizer()
-    else:
+    else:  # loaded in --model-dtype, as transformers holds it (buffers such as RoPE's frequencies stay fp32)
         model, tokenizer = _load_pretrained(config.model, attn, DTYPES[config.model_dtype], "--model")
-    return model.to(device=device, dtype=DTYPES[config.model_dtype]), tokenizer
+    return model.to(device=device), tokenizer
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """The parameters in ``dtype``, as ``from_pretrained(dtype=...)`` gives them; unlike ``model.to(dtype)``,
+    which also rounds fp32 buffers (RoPE's inverse frequencies in bf16 move a bf16 model's log-probs by
+    tenths of a nat on SmolLM2)."""
+    for module in model.modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            if parameter.is_floating_point() and parameter.dtype != dtype:
+                parameter.data = parameter.data.to(dtype)
 
 
 def load_reference_model(config: TrainConfig, device: torch.device) -> tuple[nn.Module, Any]:
@@ -109,30 +120,26 @@ def load_reference_model(config: TrainConfig, device: torch.device) -> tuple[nn.
     attn = attention_implementation(device, config.packing)
     model, tokenizer = _load_pretrained(config.ref_model, attn, DTYPES[config.model_dtype], "--ref-model",
                                         tokenizer_required=False)
-    model = model.to(device=device, dtype=DTYPES[config.model_dtype]).eval()
+    model = model.to(device=device).eval()
     model.requires_grad_(False)
     return model, tokenizer
 
 
 def _load_pretrained(name: str, attn: str, dtype: torch.dtype, flag: str, tokenizer_required: bool = True):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A folder, hub id, ``.gguf`` file or ``smollm2`` (``upo.pretrained``); without ``tokenizer_required``
+    a missing tokenizer is None (the reference scores the policy's token ids)."""
+    from upo.pretrained import load_causal_lm, load_tokenizer
 
-    local = Path(name).expanduser()
-    if name.startswith(("/", ".", "~")) and not local.exists():
-        raise UserError(f"{flag}: model not found: {name}")
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, attn_implementation=attn, dtype=dtype)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name)
-        except Exception:
-            if tokenizer_required:
-                raise
-            tokenizer = None
-    except Exception as err:  # missing path, no network, unknown architecture: user-facing
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{flag}: could not load model '{name}': {message}") from None
-    if local.is_dir():  # where LoRA adapters say their base model is: loadable from any folder
-        model.name_or_path = model.config._name_or_path = str(local.resolve())
+        model = load_causal_lm(name, dtype, attn)
+    except ValueError as err:
+        raise UserError(f"{flag}: {err}") from None
+    try:
+        tokenizer = load_tokenizer(name)
+    except ValueError as err:
+        if tokenizer_required:
+            raise UserError(f"{flag}: {err}") from None
+        tokenizer = None
     return model, tokenizer
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from upo.train.config import TrainConfig
-from upo.train.data import (PreferenceData, TokenizeSettings, build_preference_data, check_columns, load_records,
-                            load_split_if_present, split_train_eval)
+from upo.train.data import (PreferenceData, TokenizeSettings, build_preference_data, check_columns,
+                            has_chat_template, load_records, load_split_if_present, split_train_eval)
 from upo.train.errors import UserError
 
 
@@ -26,7 +26,8 @@ def load_run_data(config: TrainConfig, tokenizer, reward, log, check_format=None
     rows' format is known, before any is tokenised.
     """
     c = config
-    records = load_records(c.dataset, c.dataset_split).head(c.max_examples)
+    # the shipped default as chat messages for a model with a chat template (an instruct model), as strings else
+    records = load_records(c.dataset, c.dataset_split, has_chat_template(tokenizer)).head(c.max_examples)
     if c.eval_dataset is not None:
         held_out = load_records(c.eval_dataset, c.eval_split)
     elif c.eval_split != c.dataset_split:

@@ -64,6 +64,7 @@ class UPOTrainer(DPOTrainer):
         self._aux_rewards = AuxRewards(aux_reward_funcs)
         self._plan = plan_loss(args, len(self._aux_rewards), self._aux_rewards.explicit_weights)
         self._value_head = None
+        model, processing_class = _load_named_model(model, processing_class, args)
         _refuse_unsupported_inputs(model, train_dataset, peft_config)
         if self._plan.use_value_head and optimizers[0] is not None:
             raise ValueError("optimizers=(optimizer, ...) cannot train UPO's value head, which the trainer creates "
@@ -249,6 +250,24 @@ class UPOTrainer(DPOTrainer):
             load_value_head_into(self._value_head, self.state.best_model_checkpoint)
 
 
+def _load_named_model(model: Any, processing_class: Any, args) -> tuple[Any, Any]:
+    """A model name DPOTrainer cannot load (a ``.gguf`` file, ``smollm2``) loaded by ``upo.pretrained``, in
+    ``model_init_kwargs``' dtype (float32 by default, as TRL), with its tokenizer unless one is given; folders
+    and hub ids stay names, for DPOTrainer to load as it does."""
+    from upo.pretrained import load_causal_lm, load_tokenizer, loads_without_upo
+
+    if not isinstance(model, str) or loads_without_upo(model):
+        return model, processing_class
+    kwargs = dict(args.model_init_kwargs or {})
+    dtype = kwargs.pop("dtype", None) or "float32"
+    dtype = torch.float32 if dtype == "auto" else getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"model_init_kwargs['dtype'] must be 'auto', 'float32', 'bfloat16' or 'float16' for "
+                         f"model '{model}', got {dtype!r}")
+    loaded = load_causal_lm(model, dtype, kwargs.pop("attn_implementation", None))
+    return loaded, processing_class if processing_class is not None else load_tokenizer(model)
+
+
 def _refuse_unsupported_inputs(model: Any, train_dataset: Any, peft_config: Any) -> None:
     """What UPOTrainer cannot do yet, refused before any data is prepared."""
     if isinstance(train_dataset, Dataset):
@@ -257,7 +276,7 @@ def _refuse_unsupported_inputs(model: Any, train_dataset: Any, peft_config: Any)
             raise ValueError("vision datasets are not supported by UPOTrainer yet (the loss reads a text "
                              "model's final hidden states)")
     configs = [peft_config] if peft_config is not None else []
-    if is_peft_model(model):
+    if not isinstance(model, str) and is_peft_model(model):  # a name: DPOTrainer loads it, without adapters
         configs.append(model.active_peft_config)
     if any(getattr(config, "is_prompt_learning", False) for config in configs):
         raise ValueError("prompt-learning PEFT methods (prefix/prompt tuning) are not supported by UPOTrainer: "

@@ -32,7 +32,7 @@ from upo.train.data.pairs import (
 from upo.train.data.records import LOCAL_SUFFIXES, Records, default_dataset_path, load_records, load_split_if_present
 from upo.train.data.sampler import DataPosition, PairSampler
 from upo.train.data.unpaired import UnpairedBatch, UnpairedExample
-from upo.train.data.tokenizer import ByteTokenizer, encode_text, pad_token_id, simple_chat_template
+from upo.train.data.tokenizer import ByteTokenizer, encode_text, has_chat_template, pad_token_id, simple_chat_template
 from upo.train.errors import UserError
 
 __all__ = [
@@ -40,6 +40,6 @@ __all__ = [
     "PreferenceBatch", "PreferenceData", "PreferenceExample", "Records", "RenderedPair", "SequenceRows",
     "TokenizeSettings", "UnpairedBatch", "UnpairedExample", "UserError", "kl_keys", "load_split_if_present", "rows_of",
     "build_preference_data", "check_columns", "collate", "collate_packed", "collate_padded",
-    "default_dataset_path", "encode_text", "load_records", "pad_token_id", "render_record",
+    "default_dataset_path", "encode_text", "has_chat_template", "load_records", "pad_token_id", "render_record",
     "simple_chat_template", "split_train_eval", "tokenize_pair",
 ]

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from upo.train.data.records import describe_location, describe_locations, locations_of
-from upo.train.data.tokenizer import ByteTokenizer, encode_text, simple_chat_template
+from upo.train.data.tokenizer import encode_text, has_chat_template, simple_chat_template
 from upo.train.errors import UserError
 
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
@@ -26,7 +26,9 @@ REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
 
 @dataclass
 class RenderedPair:
-    """The texts of one pair: ``*_text`` are fed to the tokenizer, ``*_plain`` to reward functions."""
+    """The texts of one pair: ``*_text`` are fed to the tokenizer, ``*_plain`` to reward functions.
+    ``ends_turn``: the responses were rendered by the tokenizer's own chat template, which ends each turn
+    itself (no EOS is appended then, as in TRL)."""
 
     prompt_text: str
     chosen_text: str
@@ -34,6 +36,7 @@ class RenderedPair:
     prompt_plain: str
     chosen_plain: str
     rejected_plain: str
+    ends_turn: bool = False
 
 
 def check_columns(records: list[dict]) -> bool:
@@ -103,7 +106,8 @@ def _render_conversation(record: dict, tokenizer, row: str) -> RenderedPair:
         prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
     prompt_text, prompt_plain, [(chosen_text, chosen_plain), (rejected_text, rejected_plain)] = render_messages(
         prompt, [chosen, rejected], tokenizer, row)
-    return RenderedPair(prompt_text, chosen_text, rejected_text, prompt_plain, chosen_plain, rejected_plain)
+    return RenderedPair(prompt_text, chosen_text, rejected_text, prompt_plain, chosen_plain, rejected_plain,
+                        ends_turn=has_chat_template(tokenizer))
 
 
 def render_messages(prompt: Any, responses: list[list[dict]], tokenizer, row: str):
@@ -131,7 +135,7 @@ def render_messages(prompt: Any, responses: list[list[dict]], tokenizer, row: st
 
 
 def _chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    if isinstance(tokenizer, ByteTokenizer) or not getattr(tokenizer, "chat_template", None):
+    if not has_chat_template(tokenizer):
         return simple_chat_template(messages, add_generation_prompt)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
@@ -169,20 +173,23 @@ class TokenizeSettings:
 
 def tokenize_pair(rendered: RenderedPair, tokenizer, settings: TokenizeSettings, index: int,
                   where: str | None = None) -> PreferenceExample:
-    """Tokenise a rendered pair: BOS + prompt (truncated per ``settings``) and responses + EOS.
+    """Tokenise a rendered pair: BOS + prompt (truncated per ``settings``) and responses + EOS (unless the chat
+    template ended the turn).
 
     Empty responses are an error (nothing to learn from); over-long responses are cut at the end.
     ``where`` names the pair in errors (default ``row <index>``).
     """
     prompt, responses, prompt_truncated, response_truncated = tokenize_responses(
         rendered.prompt_text, {"chosen": rendered.chosen_text, "rejected": rendered.rejected_text}, tokenizer,
-        settings, where or f"row {index}")
+        settings, where or f"row {index}", add_eos=not rendered.ends_turn)
     return PreferenceExample(index, prompt, responses[0], responses[1],
                              prompt_truncated=prompt_truncated, response_truncated=response_truncated)
 
 
-def tokenize_responses(prompt_text: str, texts: dict[str, str], tokenizer, settings: TokenizeSettings, where: str):
-    """BOS + the prompt, truncated per ``settings``, and each response + EOS, cut at the end to the room left:
+def tokenize_responses(prompt_text: str, texts: dict[str, str], tokenizer, settings: TokenizeSettings, where: str,
+                       add_eos: bool = True):
+    """BOS + the prompt, truncated per ``settings``, and each response + EOS (``add_eos``: not after a chat
+    template's own end of turn, as TRL), cut at the end to the room left:
     ``(prompt_ids, [response_ids, ...], prompt_truncated, response_truncated)``. An empty response is an error."""
     for column, text in texts.items():
         if not text.strip():
@@ -196,7 +203,7 @@ def tokenize_responses(prompt_text: str, texts: dict[str, str], tokenizer, setti
     if prompt_truncated:
         prompt = prompt[-budget:] if settings.truncation == "keep_end" else prompt[:budget]
 
-    eos = getattr(tokenizer, "eos_token_id", None)
+    eos = getattr(tokenizer, "eos_token_id", None) if add_eos else None
     room = settings.max_length - len(prompt)
     if settings.max_completion_length is not None:
         room = min(room, settings.max_completion_length)

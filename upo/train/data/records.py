@@ -48,18 +48,20 @@ def describe_locations(locations: list[tuple[str, str, int]], limit: int = 32) -
     return text + (f" (+{len(locations) - limit} more)" if len(locations) > limit else "")
 
 
-def default_dataset_path() -> Path:
-    """The preference data shipped with the package (readable = chosen, convoluted = rejected)."""
-    return RESOURCES_DIR / "preferences.jsonl"
+def default_dataset_path(conversational: bool = False) -> Path:
+    """The preference data shipped with the package (readable = chosen, convoluted = rejected): plain strings,
+    or the same rows as chat messages (for a model with a chat template)."""
+    return RESOURCES_DIR / ("preferences_conversational.jsonl" if conversational else "preferences.jsonl")
 
 
-def load_records(source: str | None, split: str = "train") -> Records:
+def load_records(source: str | None, split: str = "train", conversational_default: bool = False) -> Records:
     """Rows of a local JSONL/JSON/Parquet file, or of a Hugging Face dataset (``datasets``, lazily).
 
-    ``None`` loads :func:`default_dataset_path`. A name that is not an existing file is treated
-    as a hub dataset only if it looks like one (``owner/name``, no file suffix).
+    ``None`` loads :func:`default_dataset_path` (``conversational_default``: its conversational form). A
+    name that is not an existing file is treated as a hub dataset only if it looks like one (``owner/name``,
+    no file suffix).
     """
-    path = Path(source).expanduser() if source else default_dataset_path()
+    path = Path(source).expanduser() if source else default_dataset_path(conversational_default)
     if path.is_file():
         return _load_local_file(path)
     if path.is_dir():

@@ -98,6 +98,11 @@ def simple_chat_template(messages: Sequence[dict], add_generation_prompt: bool =
     return text + "<|assistant|>\n" if add_generation_prompt else text
 
 
+def has_chat_template(tokenizer) -> bool:
+    """Whether the tokenizer brings its own chat template (an instruct model's); the byte tokenizer does not."""
+    return not isinstance(tokenizer, ByteTokenizer) and bool(getattr(tokenizer, "chat_template", None))
+
+
 def encode_text(tokenizer, text: str) -> list[int]:
     """Token ids of ``text`` without special tokens, for our tokenizer and for HF tokenizers."""
     if isinstance(tokenizer, ByteTokenizer):

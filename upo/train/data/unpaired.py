@@ -13,6 +13,7 @@ import torch
 
 from upo.train.data.collate import SequenceRows, _Batch, rows_of
 from upo.train.data.pairs import TokenizeSettings, _is_conversation, render_messages, tokenize_responses
+from upo.train.data.tokenizer import has_chat_template
 from upo.train.errors import UserError
 
 UNPAIRED_COLUMNS = ("prompt", "completion", "label")
@@ -31,6 +32,7 @@ class RenderedCompletion:
     completion_text: str
     prompt_plain: str
     completion_plain: str
+    ends_turn: bool = False  # rendered by the tokenizer's own chat template: no EOS appended (as RenderedPair)
 
 
 @dataclass
@@ -68,7 +70,7 @@ def render_unpaired(record: dict, tokenizer, row: str) -> tuple[RenderedCompleti
     completion = record["completion"]
     if _is_conversation(completion):
         prompt_text, prompt_plain, [(text, plain)] = render_messages(record["prompt"], [completion], tokenizer, row)
-        return RenderedCompletion(prompt_text, text, prompt_plain, plain), label
+        return RenderedCompletion(prompt_text, text, prompt_plain, plain, has_chat_template(tokenizer)), label
     for column in ("prompt", "completion"):
         if not isinstance(record[column], str):
             raise UserError(f"{row}: column '{column}' must be a string or a list of messages, "
@@ -79,7 +81,8 @@ def render_unpaired(record: dict, tokenizer, row: str) -> tuple[RenderedCompleti
 def tokenize_completion(rendered: RenderedCompletion, label: bool, tokenizer, settings: TokenizeSettings,
                         index: int, where: str) -> UnpairedExample:
     prompt, (completion,), prompt_truncated, response_truncated = tokenize_responses(
-        rendered.prompt_text, {"completion": rendered.completion_text}, tokenizer, settings, where)
+        rendered.prompt_text, {"completion": rendered.completion_text}, tokenizer, settings, where,
+        add_eos=not rendered.ends_turn)
     return UnpairedExample(index, prompt, completion, label, prompt_truncated=prompt_truncated,
                            response_truncated=response_truncated)
 
