@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import upo
+from conftest import requires_cuda
 from helpers import one_thread  # noqa: F401  (fixture used by pytestmark)
 from test_train_unpaired import unpaired_trainer
 from train_helpers import make_trainer, micro_config, train_steps
@@ -62,6 +63,22 @@ def test_autocast_is_the_operands_cast_to_its_dtype():
     (grad,) = torch.autograd.grad(under.sum(), hidden)
     (grad_cast,) = torch.autograd.grad(cast.sum(), hidden)
     assert grad.dtype == torch.float32 and torch.equal(grad, grad_cast)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("fwd_impl", ["fused", "cublas"])
+def test_one_path_on_cuda(monkeypatch, fwd_impl):
+    """The same on a GPU, both Triton forwards and the torch backend: autocast is the operands cast to
+    bf16, and the statistics asked change nothing."""
+    monkeypatch.setenv("UPO_FWD_IMPL", fwd_impl)
+    hidden, weight, labels = (t.cuda() for t in head_inputs())
+    for backend in ("triton", "torch"):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            under = upo.sequence_logprobs(hidden, weight, labels, backend=backend)[0]
+            with_stats = upo.sequence_logprobs(hidden, weight, labels, backend=backend, stats=STATS)[0]
+        cast = upo.sequence_logprobs(hidden.bfloat16(), weight.bfloat16(), labels, backend=backend)[0]
+        assert torch.equal(under, cast) and torch.equal(under, with_stats), backend
 
 
 # -- upo-train: step 1, policy == reference
