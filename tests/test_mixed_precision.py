@@ -90,6 +90,7 @@ CONFIGS = {
     "bf16-packing": dict(precision="bf16", packing=True),
     "bf16-weights": dict(model_dtype="bf16"),
     "bf16-weights-autocast-precompute": dict(model_dtype="bf16", precision="bf16", precompute_ref=True),
+    "fp16-weights-lora": dict(model_dtype="fp16", lora=True, lora_r=4),
     "fp32-triton": dict(backend="triton"),
 }
 

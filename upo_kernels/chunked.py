@@ -4,8 +4,9 @@ The CPU backend and the large-size oracle. Never builds a ``[tokens, vocab]`` te
 largest temporary is one ``[chunk_tokens, chunk_vocab]`` logit tile (a few MB by default,
 whatever the vocabulary size).
 
-Forward, per token chunk: walk the vocabulary in tiles, merging ``logsumexp`` online, and
-read the target logit with one row-wise dot product ``h_t . W[y_t]``. Backward recomputes
+Forward, per token chunk: walk the vocabulary in tiles, reducing each to per-tile (max,
+sum-exp) partials merged exactly, the target logit read from its tile; one pass with or without
+token statistics, so the log-probs never depend on them. Backward recomputes
 each tile and turns it into ``dz = g_t (onehot(y_t) - softmax(z_t))`` (chained through the
 soft cap and the scale); the one-hot part is applied once per token as a sparse update.
 """
@@ -78,13 +79,12 @@ def linear_logprobs_forward(hidden, weight, labels, bias=None, logit_scale=1.0, 
     """
     # One path, whatever statistics are asked: the log-probs are bit-identical with and without them
     # (the policy's come with TRL's statistics, the reference's without).
-    logp, lse, values = _forward_with_stats(hidden, weight, labels, bias, logit_scale, softcap, ignore_index,
-                                            chunk_tokens, chunk_vocab, stats)
+    logp, lse, values = _tile_pass(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, chunk_tokens,
+                                   chunk_vocab, stats)
     return (logp, lse, values) if stats else (logp, lse)
 
 
-def _forward_with_stats(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, chunk_tokens, chunk_vocab,
-                        stats):
+def _tile_pass(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, chunk_tokens, chunk_vocab, stats):
     """The forward, with or without token statistics: each ``[chunk, tile]`` logit tile is reduced to the
     per-slice partials of ``token_stats`` (all of them, whichever are asked: the cost is in the
     passes over the tile, not in the sums), merged exactly per token chunk.
