@@ -9,6 +9,8 @@ results back (``scatter_rows``), the backward hands the backend the row indices 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from upo_kernels import chunked
@@ -93,8 +95,8 @@ def autocast_operands(hidden, weight, bias):
     if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point() or hidden.dtype == torch.float64:
         return hidden, weight, bias
     device_type = hidden.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return hidden, weight, bias
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias  # (a meta tensor has no autocast: the input checks name it)
     dtype = torch.get_autocast_dtype(device_type)
 
     def cast(t):
@@ -106,4 +108,6 @@ def autocast_operands(hidden, weight, bias):
 def autocast_off(device: torch.device):
     """The kernels' own context: their fp32 accumulation is not autocast's to change (a logit tile
     ``mm`` under autocast would be bf16), in the forward and in the backward alike."""
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, enabled=False)
