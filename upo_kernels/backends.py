@@ -9,6 +9,10 @@ results back (``scatter_rows``), the backward hands the backend the row indices 
 """
 from __future__ import annotations
 
+import contextlib
+
+import torch
+
 from upo_kernels import chunked
 
 
@@ -81,3 +85,29 @@ def in_input_dtypes(grads, hidden, weight, bias, needs):
     return (grad_h.to(hidden.dtype) if need_h else None,
             grad_w.to(weight.dtype) if (need_w and grad_w is not None) else None,
             grad_b.to(bias.dtype) if (need_b and grad_b is not None) else None)
+
+
+def autocast_operands(hidden, weight, bias):
+    """``(hidden, weight, bias)`` as the model's own ``F.linear`` head would multiply them: under
+    autocast on their device, floating operands other than fp64 cast to autocast's dtype (a
+    differentiable cast); otherwise unchanged. The one dtype rule of every log-prob
+    (docs/kernels.md, "Mixed precision")."""
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point() or hidden.dtype == torch.float64:
+        return hidden, weight, bias
+    device_type = hidden.device.type
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias  # (a meta tensor has no autocast: the input checks name it)
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype else t
+
+    return cast(hidden), cast(weight), cast(bias)
+
+
+def autocast_off(device: torch.device):
+    """The kernels' own context: their fp32 accumulation is not autocast's to change (a logit tile
+    ``mm`` under autocast would be bf16), in the forward and in the backward alike."""
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)

@@ -4,8 +4,9 @@ The CPU backend and the large-size oracle. Never builds a ``[tokens, vocab]`` te
 largest temporary is one ``[chunk_tokens, chunk_vocab]`` logit tile (a few MB by default,
 whatever the vocabulary size).
 
-Forward, per token chunk: walk the vocabulary in tiles, merging ``logsumexp`` online, and
-read the target logit with one row-wise dot product ``h_t . W[y_t]``. Backward recomputes
+Forward, per token chunk: walk the vocabulary in tiles, reducing each to per-tile (max,
+sum-exp) partials merged exactly, the target logit read from its tile; one pass with or without
+token statistics, so the log-probs never depend on them. Backward recomputes
 each tile and turns it into ``dz = g_t (onehot(y_t) - softmax(z_t))`` (chained through the
 soft cap and the scale); the one-hot part is applied once per token as a sparse update.
 """
@@ -76,34 +77,15 @@ def linear_logprobs_forward(hidden, weight, labels, bias=None, logit_scale=1.0, 
     ``logp`` is 0 where ``labels == ignore_index``; ``lse`` is the log-normaliser of every row
     (kept for the backward pass).
     """
-    if stats:
-        return _forward_with_stats(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, chunk_tokens,
+    # One path, whatever statistics are asked: the log-probs are bit-identical with and without them
+    # (the policy's come with TRL's statistics, the reference's without).
+    logp, lse, values = _tile_pass(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, chunk_tokens,
                                    chunk_vocab, stats)
-    n_tokens, vocab = hidden.shape[0], weight.shape[0]
-    dtype = compute_dtype(hidden.dtype)
-    logp = buffers.empty((n_tokens,), dtype, hidden.device)
-    lse = buffers.empty((n_tokens,), dtype, hidden.device)
-    for t0 in range(0, n_tokens, chunk_tokens):
-        t1 = min(t0 + chunk_tokens, n_tokens)
-        h = hidden[t0:t1].to(dtype)
-        running = torch.full((t1 - t0,), float("-inf"), dtype=dtype, device=hidden.device)
-        for v0 in range(0, vocab, chunk_vocab):
-            v1 = min(v0 + chunk_vocab, vocab)
-            b = None if bias is None else bias[v0:v1].to(dtype)
-            z = _logit_tile(h, weight[v0:v1].to(dtype), b, logit_scale, softcap)
-            running = torch.logaddexp(running, torch.logsumexp(z, dim=1))
-        y = labels[t0:t1]
-        keep = y != ignore_index
-        has_target = _has_target(y, keep, vocab)
-        target = _target_logits(h, weight, bias, y, has_target, logit_scale, softcap, dtype)
-        lse[t0:t1] = running
-        logp[t0:t1] = torch.where(keep, target - running, torch.zeros_like(running))
-    return logp, lse
+    return (logp, lse, values) if stats else (logp, lse)
 
 
-def _forward_with_stats(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, chunk_tokens, chunk_vocab,
-                        stats):
-    """The forward with token statistics: each ``[chunk, tile]`` logit tile is reduced to the
+def _tile_pass(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, chunk_tokens, chunk_vocab, stats):
+    """The forward, with or without token statistics: each ``[chunk, tile]`` logit tile is reduced to the
     per-slice partials of ``token_stats`` (all of them, whichever are asked: the cost is in the
     passes over the tile, not in the sums), merged exactly per token chunk.
 
@@ -159,9 +141,9 @@ def _forward_with_stats(hidden, weight, labels, bias, logit_scale, softcap, igno
                               parts[_ROW["is_top1"]])
         part_tgt = torch.zeros((t1 - t0, tiles), dtype=dtype, device=device)
         part_tgt[:, 0] = target  # one slice holds the label's logit: the merge only sums them
-        logp[t0:t1], lse[t0:t1], chunk_values = token_stats.merge_parts(
-            part_max.t(), part_sum, part_tgt, y, ignore_index, parts, stats, vocab)
-        for name, v in chunk_values.items():
+        merged = token_stats.merge_parts(part_max.t(), part_sum, part_tgt, y, ignore_index, parts, stats, vocab)
+        logp[t0:t1], lse[t0:t1] = merged[:2]
+        for name, v in (merged[2] if stats else {}).items():
             values[name][t0:t1] = v
     return logp, lse, values
 

@@ -158,10 +158,16 @@ class UPOTrainer(DPOTrainer):
             unwrapped = self.accelerator.unwrap_model(self.model)
             adapter_context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-              adapter_context, self.accelerator.autocast()):
-            sums = run_inside_forward(model, self._sequence_sums(labels), inputs["input_ids"],
-                                      inputs["attention_mask"])
+              adapter_context):
+            sums = self._run_in_forward(model, self._sequence_sums(labels), inputs)
         return sums.chunk(2, dim=0)
+
+    def _run_in_forward(self, model, body, inputs):
+        """``body`` run as ``model``'s forward, under the trainer's mixed precision: the policy's and the
+        reference's log-probs take this one path. (The patched forward bypasses accelerate's wrapper, and
+        with it the autocast that wrapper would have entered.)"""
+        with self.accelerator.autocast():
+            return run_inside_forward(model, body, inputs["input_ids"], inputs["attention_mask"])
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
@@ -181,7 +187,7 @@ class UPOTrainer(DPOTrainer):
                 loss_inputs.update(ref_chosen_shared_logps=ref_chosen, ref_rejected_shared_logps=ref_rejected)
         labels = next_token_labels(input_ids, completion_mask)
         body = self._policy_loss(labels, last_prompt_index(completion_mask), loss_inputs)
-        output = run_inside_forward(model, body, input_ids, attention_mask)
+        output = self._run_in_forward(model, body, inputs)
         self._record_metrics(mode, output, attention_mask, labels)
         if return_outputs:  # only for compute_metrics: TRL also runs a plain forward for the logits here
             with torch.no_grad():
