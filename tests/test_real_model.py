@@ -137,8 +137,11 @@ print(json.dumps({"dtype": str(next(model.parameters()).dtype), "logps": logps.t
 
 @pytest.mark.real_model
 @pytest.mark.xdist_group("real_model")
-@pytest.mark.parametrize("lora,dtype", [(False, "fp32"), (True, "fp32"), (False, "bf16"), (True, "bf16")])
-def test_upo_train_on_smollm2_saves_a_model_that_loads_without_gguf(tmp_path, lora, dtype):
+@pytest.mark.parametrize("lora,dtype,precision", [(False, "fp32", "fp32"), (True, "fp32", "bf16"),
+                                                  (False, "bf16", "fp32"), (True, "bf16", "bf16")])
+def test_upo_train_on_smollm2_saves_a_model_that_loads_without_gguf(tmp_path, lora, dtype, precision):
+    """2 steps, full or LoRA, fp32 or bf16 weights (``precision`` bf16: under autocast); step 1 exact (the policy
+    is its reference: rewards 0, whatever the numerics); the saved model gives the trained model's log-probs."""
     from upo.train.config import build_config
     from upo.train.runtime import setup_runtime
     from upo.train.trainer import Trainer
@@ -147,7 +150,8 @@ def test_upo_train_on_smollm2_saves_a_model_that_loads_without_gguf(tmp_path, lo
     generate = not lora and dtype == "fp32"
     config = build_config({}, dict(
         model="smollm2", output_dir=str(tmp_path / "out"), max_examples=6, batch_size=2, max_steps=2, lr=1e-4,
-        max_length=96, eval_fraction=0.34, eval_max_pairs=2, model_dtype=dtype, lora=lora, backend="torch",
+        max_length=96, eval_fraction=0.34, eval_max_pairs=2, model_dtype=dtype, precision=precision, lora=lora,
+        backend="torch",
         device="cpu", progress=False, warmup_steps=0, save_every=1000, eval_every=1000,
         eval_generate=2 if generate else 0, eval_generate_max_tokens=16))
     with Trainer(config, setup_runtime("cpu"), log=lambda message: None) as trainer:
@@ -160,6 +164,9 @@ def test_upo_train_on_smollm2_saves_a_model_that_loads_without_gguf(tmp_path, lo
         trainer.train()
         with torch.no_grad():
             after = upo.causal_lm_logprobs(policy, input_ids, labels, attention_mask=mask, backend="torch")
+    first = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["rewards/chosen"] == first["rewards/rejected"] == 0.0, first
+    assert first["loss/sigmoid"] == pytest.approx(0.6931471805599453, abs=1e-7), first
     folder = tmp_path / "out" / "model"
     if lora:
         base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
@@ -172,7 +179,8 @@ def test_upo_train_on_smollm2_saves_a_model_that_loads_without_gguf(tmp_path, lo
     assert reloaded["dtype"] == {"fp32": "torch.float32", "bf16": "torch.bfloat16"}[dtype]
     kept = mask[:, 1:].bool()
     assert (after - before)[kept].abs().max() > 1e-4  # two steps moved the model: the reload is the trained one
-    assert (torch.tensor(reloaded["logps"]) - after)[kept].abs().max() <= 1e-5
+    # bf16 LoRA: its fp32 adapters on bf16 base weights reload within 4e-5 nats (measured), not bit for bit
+    assert (torch.tensor(reloaded["logps"]) - after)[kept].abs().max() <= (1e-4 if lora and dtype == "bf16" else 1e-5)
     if generate:
         lines = (tmp_path / "out" / "generations.jsonl").read_text().splitlines()
         answers = [json.loads(line)["policy"] for line in lines]

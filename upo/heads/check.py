@@ -5,7 +5,8 @@ compared with the fused kernels on the described head, at the next tokens and at
 slice is small, so this costs two forwards of it and one ``[tokens, vocab]`` product (well under a
 second on CPU for small models). A disagreement raises :class:`LogitCheckError`.
 
-Tolerance: 1e-3, plus the rounding of the model's own logits in its dtype (``2 * eps * max |logit|``:
+Tolerance: 1e-3, plus the rounding of the model's own logits in its dtype, or autocast's when the check runs
+under autocast (``2 * eps * max |logit|``:
 0 in effect for fp32, about 0.3 for bf16 logits of 20), so a wrong scale or a missed soft cap (errors
 of several nats) is caught in any dtype and fp32 models are checked tightly.
 """
@@ -70,7 +71,12 @@ def _compare(description, own, hidden, ids, mask, backend, tolerance) -> tuple[f
             errors.append(float((fused.float() - theirs)[used].abs().max()))
     error = float(torch.tensor(errors).max())  # NaN stays NaN
     if tolerance is None:
-        rounding = max(torch.finfo(own.dtype).eps, torch.finfo(hidden.dtype).eps)
+        # under autocast (a caller's, or one wrapped around the model's forward, which then returns its
+        # low-precision logits as fp32) the model's own logits carry autocast's rounding
+        dtypes = [own.dtype, hidden.dtype]
+        if torch.amp.is_autocast_available(ids.device.type) and torch.is_autocast_enabled(ids.device.type):
+            dtypes.append(torch.get_autocast_dtype(ids.device.type))
+        rounding = max(torch.finfo(dtype).eps for dtype in dtypes)
         rounding = 0.0 if rounding < 1e-6 else rounding  # fp32: already inside 1e-3
         tolerance = 1e-3 + 2 * rounding * float(own.float()[keep].abs().max())
     return error, tolerance

@@ -8,6 +8,8 @@ training example (its chosen and rejected sequences, 16 tokens each). A disagree
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -29,8 +31,11 @@ def first_pair(dataset, device: torch.device) -> tuple[torch.Tensor, torch.Tenso
     return ids, mask
 
 
-def check_models(model: nn.Module, ref_model: nn.Module | None, dataset, backend: str) -> None:
-    """Describe and check the policy (and ``ref_model``); raises ``LogitCheckError`` naming the setting."""
+def check_models(model: nn.Module, ref_model: nn.Module | None, dataset, backend: str,
+                 autocast=contextlib.nullcontext) -> None:
+    """Describe and check the policy (and ``ref_model``); raises ``LogitCheckError`` naming the setting.
+    ``autocast()``: the trainer's mixed precision, which accelerate has already wrapped around a prepared
+    ``ref_model``'s forward: both sides of the comparison run under it."""
     for name, candidate in (("model", model), ("ref_model", ref_model)):
         if candidate is None:
             continue
@@ -41,7 +46,8 @@ def check_models(model: nn.Module, ref_model: nn.Module | None, dataset, backend
             ids = torch.arange(32, device=weight.device).remainder(weight.shape[0]).reshape(2, 16)
             pair = ids, torch.ones_like(ids)
         try:
-            check_lm_head(causal_lm, *pair, backend=backend)
+            with autocast():
+                check_lm_head(causal_lm, *pair, backend=backend)
         except LogitCheckError as err:
             raise LogitCheckError(err.model_type, err.max_error, err.tolerance,
                                   f"; {name}, on the first training example; UPOConfig(logit_check=False) "

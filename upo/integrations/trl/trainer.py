@@ -80,7 +80,7 @@ class UPOTrainer(DPOTrainer):
         if self._plan.uses_aux_rewards:
             self.data_collator = AuxRewardCollator(self.data_collator)
         if setting(args, "logit_check"):
-            check_models(self.model, self.ref_model, self.train_dataset, self._plan.backend)
+            check_models(self.model, self.ref_model, self.train_dataset, self._plan.backend, self.accelerator.autocast)
         if self._plan.use_value_head:
             self._value_head = attach_value_head(causal_lm_of(self.model))
 
