@@ -76,7 +76,10 @@ def test_tp_trains_as_one_process(runs, name):
     assert [r["step"] for r in many] == list(range(1, STEPS + 1))
     for a, b in zip(one, many):
         for key in ("loss", "grad_norm", "logps/chosen", "rewards/margins", "value/loss"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (name, a["step"], key)
+            # margins are beta x a difference of four sums of ~100 nats, each as close as logps/chosen (rel
+            # 1e-5): past step 1 a sharded decoder's reduction order leaves them 1.5e-6 apart (tp2, measured)
+            floor = 1e-5 if key == "rewards/margins" else 1e-6
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=floor), (name, a["step"], key)
         assert b["tokens"] == a["tokens"], name  # a model copy's ranks share one batch: counted once
         if "eval/loss" in a:
             assert b["eval/loss"] == pytest.approx(a["eval/loss"], rel=1e-5), name
