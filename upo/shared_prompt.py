@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 MASKED_ATTENTION = ("sdpa", "eager")  # implementations verified to honour a custom 4-D mask
-BOOLEAN_MASK_ATTENTION = ("sdpa",)  # eager adds the mask to the scores
 
 
 @dataclass
@@ -44,11 +43,12 @@ class SharedPromptRows:
                                             else v) for f in fields(self)})
 
     def attention_mask(self, attn_implementation: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The mask in the form ``attn_implementation`` reads: boolean for SDPA, additive (0 / most negative)
-        for eager, which adds it to the scores."""
+        """The additive mask (0 where allowed, the most negative ``dtype`` value elsewhere), ``[B, 1, S, S]``.
+
+        Additive in the compute dtype rather than boolean, for SDPA too: given a boolean mask, SDPA's CPU
+        kernel makes a float copy per call and keeps it for backward, one ``S x S`` copy per layer; this one
+        tensor is shared by every layer (SDPA wants the query's dtype, eager adds it to the scores)."""
         check_attention_implementation(attn_implementation)
-        if attn_implementation in BOOLEAN_MASK_ATTENTION:
-            return self.allowed
         return torch.zeros(self.allowed.shape, dtype=dtype, device=self.allowed.device).masked_fill(
             ~self.allowed, torch.finfo(dtype).min)
 
@@ -125,9 +125,15 @@ def attention_implementation_of(model: nn.Module) -> str | None:
     return None
 
 
+def compute_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
+    """The dtype attention computes in: autocast's when it is on, else the model's floating weights'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
 def shared_hidden_states(head, model: nn.Module, rows: SharedPromptRows) -> torch.Tensor:
     """The hidden states ``head`` (an :class:`upo.heads.LMHead`) consumes, computed on the shared rows and
     returned in the unshared ``[2B, T, D]`` layout."""
-    attention = attention_implementation_of(model)
-    mask = rows.attention_mask(attention)
+    mask = rows.attention_mask(attention_implementation_of(model), compute_dtype(model, rows.input_ids.device))
     return rows.unshare(head.hidden_states(model, rows.input_ids, mask, rows.position_ids))
