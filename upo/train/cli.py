@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     g.add_argument("--packing", action="store_true",
                    help="padding-free batches: sequences concatenated, positions reset per sequence")
+    g.add_argument("--share-prompt", action="store_true",
+                   help="run each pair as one sequence [prompt, chosen, rejected] (the rejected response sees the "
+                   "prompt but not the chosen one), so the prompt goes through the model once; same log-probs")
     g.add_argument("--precompute-ref", action="store_true",
                    help="compute reference log-probs once (cached in the output dir), then free the reference model")
     g.add_argument("--lora", action="store_true", help="train LoRA adapters (peft); reference = adapters disabled")

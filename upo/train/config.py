@@ -72,6 +72,7 @@ class TrainConfig:
     precision: str = "fp32"
     gradient_checkpointing: bool = False
     packing: bool = False
+    share_prompt: bool = False  # each pair as one sequence [prompt, chosen, rejected] (upo/shared_prompt.py)
     precompute_ref: bool = False
     lora: bool = False
     lora_r: int = 8
@@ -236,6 +237,12 @@ def validate(config: TrainConfig, given: set[str] = frozenset()) -> None:
                 also = " (or to score --eval-generate completions)" if name == "aux_reward" else ""
                 raise SettingError(name, f"{flag(name)} only applies with {' or '.join(map(repr, losses))} in "
                                    f"--loss-type{also} (got: {' '.join(config.loss_type)})")
+    if config.share_prompt and config.packing:
+        raise SettingError("share_prompt", "--share-prompt and --packing cannot be combined: packed rows need "
+                           "flash-attn varlen or one mask over the whole batch (quadratic in its tokens); use one")
+    if config.share_prompt and config.tp > 1:
+        raise SettingError("share_prompt", "--share-prompt is not verified with --tp yet (the 4-D mask through "
+                           "the sharded attention); drop one of them")
     if config.eval_generate and config.fsdp:
         raise SettingError("eval_generate", "--eval-generate needs the whole model in one process: not with --fsdp")
     if config.overwrite and config.resume is not None:

@@ -16,13 +16,16 @@ from torch import nn
 
 import upo
 from upo.heads import LMHead, describe_lm_head
+from upo.shared_prompt import shared_hidden_states
 from upo.train.data import PreferenceBatch, UnpairedBatch
 
 
 def head_inputs(causal_lm: nn.Module, batch) -> tuple[LMHead, torch.Tensor]:
     """The model's head description and the hidden states its head consumes: ``[2B, T, D]`` padded,
-    ``[N, D]`` packed."""
+    ``[N, D]`` packed; a batch with shared prompt rows runs those and is gathered back to ``[2B, T, D]``."""
     head = describe_lm_head(causal_lm)
+    if getattr(batch, "shared", None) is not None:
+        return head, shared_hidden_states(head, causal_lm, batch.shared)
     hidden = head.hidden_states(causal_lm, batch.input_ids, batch.attention_mask, batch.position_ids)
     return head, hidden[0] if batch.packed else hidden
 

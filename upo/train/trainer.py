@@ -32,7 +32,7 @@ from upo.train.final_model import save_final_model, save_final_value_head
 from upo.train.generation import evaluate_generations
 from upo.train.metrics import (MetricMean, describe_run, peak_memory_bytes, postfix, reward_metrics, run_summary,
                                scalar_metrics)
-from upo.train.model_checks import check_logits, load_checked_reference
+from upo.train.model_checks import check_logits, check_shared_prompt_attention, load_checked_reference
 from upo.train.models import load_policy_and_tokenizer
 from upo.train.kto_pairs import uses_mismatched_pairs
 from upo.train.objective import (build_reward, check_loss_names, check_loss_options, check_unpaired_objective,
@@ -142,6 +142,9 @@ class Trainer:
 
     def _check_format(self, unpaired: bool) -> None:
         self.unpaired = unpaired
+        if unpaired and self.config.share_prompt:
+            raise UserError("--share-prompt needs paired data (prompt/chosen/rejected): an unpaired row has one "
+                            "completion, so there is no second response to share its prompt with")
         if unpaired:
             check_unpaired_objective(self.config, list(self.reward.weights) if self.reward else None)
 
@@ -168,6 +171,8 @@ class Trainer:
             value_head = upo.ValueHead(describe_lm_head(policy).hidden_size).to(self.runtime.device)
         loss_kwargs = loss_kwargs_from_config(config, list(self.reward.weights) if self.reward else None,
                                               self.unpaired)
+        if config.share_prompt:
+            check_shared_prompt_attention(policy, reference)
         module = PreferenceModel(policy, value_head, reference, loss_kwargs, config.backend, self.autocast_dtype)
         return module.train()
 
@@ -207,7 +212,8 @@ class Trainer:
         """The batch of these examples (with KTO, their mismatched rows too), on the run's device."""
         examples = [self.data.examples[i] for i in indices]
         return collate(examples, self.pad_id, self.config.packing, self.ref_logps, kl=self.mismatched,
-                       max_length=self.config.max_length).to(self.runtime.device)
+                       max_length=self.config.max_length, share_prompt=self.config.share_prompt
+                       ).to(self.runtime.device)
 
     # ---- one optimiser step ------------------------------------------------------------
     def train_step(self) -> dict[str, float] | None:

@@ -60,6 +60,10 @@ class UPOConfig(DPOConfig):
                 "on a slice of the first training example (policy and ref_model) and refuse a disagreement."})
     upo_backend: str = field(default="auto", metadata={
         "help": "upo's kernels: 'auto' (Triton on CUDA, chunked PyTorch elsewhere), 'triton' or 'torch'."})
+    share_prompt: bool = field(default=False, metadata={
+        "help": "Run each pair as one sequence [prompt, chosen, rejected] (the rejected response attends to the "
+                "prompt, not to the chosen one): the prompt goes through the model once, the log-probs are "
+                "unchanged. Needs attn_implementation 'sdpa' or 'eager'; not with padding_free."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -72,6 +76,9 @@ class UPOConfig(DPOConfig):
             raise ValueError(f"loss_options must be a dict, got {type(self.loss_options).__name__}")
         if not (isinstance(self.value_lr, (int, float)) and self.value_lr > 0):
             raise ValueError(f"value_lr must be a number > 0, got {self.value_lr!r}")
+        if self.share_prompt and self.padding_free:
+            raise ValueError("share_prompt and padding_free cannot be combined: padding-free rows need flash-attn "
+                             "varlen, which cannot express the shared prompt's mask; use one")
         if self.upo_backend not in ("auto", "triton", "torch"):
             raise ValueError(f"upo_backend must be 'auto', 'triton' or 'torch', got {self.upo_backend!r}")
 

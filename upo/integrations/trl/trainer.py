@@ -39,6 +39,8 @@ from upo.integrations.trl.value_head import (
     save_value_head,
 )
 from upo.sequence_features import shared_prefix_labels
+from upo.shared_prompt import (SharedPromptRows, attention_implementation_of, check_attention_implementation,
+                               prompt_lengths_of, share_prompt_rows, shared_hidden_states)
 
 # TRL's token-weighted metrics and the response tokens each is a mean over (chosen and rejected, or one side)
 TOKEN_WEIGHTED = {"entropy": "all", "mean_token_accuracy": "chosen", "logits/chosen": "chosen",
@@ -83,6 +85,10 @@ class UPOTrainer(DPOTrainer):
             check_models(self.model, self.ref_model, self.train_dataset, self._plan.backend, self.accelerator.autocast)
         if self._plan.use_value_head:
             self._value_head = attach_value_head(causal_lm_of(self.model))
+        if setting(args, "share_prompt"):  # the shared rows need attention that takes a 4-D mask
+            for each in (self.model, self.ref_model):
+                if each is not None:
+                    check_attention_implementation(attention_implementation_of(each))
 
     # -- data: aux rewards scored once per example, kept through the collator
 
@@ -114,13 +120,22 @@ class UPOTrainer(DPOTrainer):
 
     # -- log-probs from upo's kernels on the final hidden states
 
-    def _sequence_sums(self, labels: torch.Tensor):
+    def _shared_rows(self, inputs: dict) -> SharedPromptRows | None:
+        """With ``share_prompt``, the batch's pairs as rows ``[prompt, chosen, rejected]``; else None."""
+        if not setting(self.args, "share_prompt"):
+            return None
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        # pad id 0: padding is attended by no real token and gathered nowhere, any id in the vocabulary will do
+        return share_prompt_rows(input_ids, attention_mask.sum(dim=1),
+                                 prompt_lengths_of(inputs["completion_mask"], attention_mask), pad_id=0)
+
+    def _sequence_sums(self, labels: torch.Tensor, shared_rows: SharedPromptRows | None = None):
         """A forward body: the reference's summed completion log-probs ``(2B,)``, LD-weighted as TRL's."""
         backend, ld_alpha = self._plan.backend, self._plan.kwargs.get("ld_alpha")
 
         def reference_sums(causal_lm, input_ids, attention_mask):
             head = describe_lm_head(causal_lm)
-            hidden = head.hidden_states(causal_lm, input_ids, attention_mask)
+            hidden = _hidden_states(head, causal_lm, input_ids, attention_mask, shared_rows)
             weight, bias = head.weight_and_bias(hidden.dtype)
             options = dict(bias=bias, backend=backend, allow_empty=True, **head.logit_options)
             sums = upo.sequence_logprobs(hidden, weight, labels.to(hidden.device), **options)[0]
@@ -132,13 +147,14 @@ class UPOTrainer(DPOTrainer):
 
         return reference_sums
 
-    def _policy_loss(self, labels: torch.Tensor, prompt_index: torch.Tensor, loss_inputs: dict):
+    def _policy_loss(self, labels: torch.Tensor, prompt_index: torch.Tensor, loss_inputs: dict,
+                     shared: SharedPromptRows | None = None):
         """A forward body: the policy's hidden states, the value head, then ``upo.fused_loss``."""
         plan = self._plan
 
         def policy_loss(causal_lm, input_ids, attention_mask):
             head = describe_lm_head(causal_lm)
-            hidden = head.hidden_states(causal_lm, input_ids, attention_mask)
+            hidden = _hidden_states(head, causal_lm, input_ids, attention_mask, shared)
             weight, bias = head.weight_and_bias(hidden.dtype)
             kwargs = dict(loss_inputs)
             if plan.use_value_head:
@@ -159,7 +175,7 @@ class UPOTrainer(DPOTrainer):
             adapter_context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
               adapter_context):
-            sums = self._run_in_forward(model, self._sequence_sums(labels), inputs)
+            sums = self._run_in_forward(model, self._sequence_sums(labels, self._shared_rows(inputs)), inputs)
         return sums.chunk(2, dim=0)
 
     def _run_in_forward(self, model, body, inputs):
@@ -186,7 +202,7 @@ class UPOTrainer(DPOTrainer):
                 # precompute caches): as their own shared part, upo's shared + a * (S - shared) leaves them as they are.
                 loss_inputs.update(ref_chosen_shared_logps=ref_chosen, ref_rejected_shared_logps=ref_rejected)
         labels = next_token_labels(input_ids, completion_mask)
-        body = self._policy_loss(labels, last_prompt_index(completion_mask), loss_inputs)
+        body = self._policy_loss(labels, last_prompt_index(completion_mask), loss_inputs, self._shared_rows(inputs))
         output = self._run_in_forward(model, body, inputs)
         self._record_metrics(mode, output, attention_mask, labels)
         if return_outputs:  # only for compute_metrics: TRL also runs a plain forward for the logits here
@@ -272,6 +288,14 @@ def _load_named_model(model: Any, processing_class: Any, args) -> tuple[Any, Any
                          f"model '{model}', got {dtype!r}")
     loaded = load_causal_lm(model, dtype, kwargs.pop("attn_implementation", None))
     return loaded, processing_class if processing_class is not None else load_tokenizer(model)
+
+
+def _hidden_states(head, causal_lm, input_ids, attention_mask, shared: SharedPromptRows | None) -> torch.Tensor:
+    """The ``(2B, T, D)`` hidden states the head consumes: of the batch's rows, or of its shared rows gathered
+    back into their layout."""
+    if shared is not None:
+        return shared_hidden_states(head, causal_lm, shared)
+    return head.hidden_states(causal_lm, input_ids, attention_mask)
 
 
 def _refuse_unsupported_inputs(model: Any, train_dataset: Any, peft_config: Any) -> None:

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
+from upo.shared_prompt import SharedPromptRows, share_prompt_rows
 from upo.train.data.pairs import PreferenceExample
 
 IGNORE_INDEX = -100
@@ -24,7 +25,7 @@ class _Movable:
     cu_seqlens: torch.Tensor | None
 
     def to(self, device):
-        moved = {name: (value.to(device) if isinstance(value, (torch.Tensor, _Movable)) else value)
+        moved = {name: (value.to(device) if isinstance(value, (torch.Tensor, _Movable, SharedPromptRows)) else value)
                  for name, value in self.__dict__.items()}
         return type(self)(**moved)
 
@@ -127,6 +128,8 @@ class PreferenceBatch(_Batch):
     ``prompt_last_index`` locates each pair's last prompt token in the chosen sequence
     (``[B]`` row positions when padded, flat positions when packed). ``kl``: KTO's ``2B`` mismatched
     rows (response ``k - 1`` of the ``2B`` after prompt ``k``), with ``ref_kl_logps`` when precomputed.
+    ``shared`` (``--share-prompt``, padded only): the ``B`` rows ``[prompt, chosen, rejected]`` the model runs;
+    the fields above keep the unshared layout its hidden states are gathered back into.
     """
 
     input_ids: torch.Tensor
@@ -145,6 +148,7 @@ class PreferenceBatch(_Batch):
     num_tokens: int = 0
     kl: SequenceRows | None = None
     ref_kl_logps: torch.Tensor | None = None
+    shared: SharedPromptRows | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -215,12 +219,17 @@ def collate_packed(examples: Sequence[PreferenceExample], ref_logps: dict | None
 
 
 def collate(examples: Sequence, pad_id: int, packing: bool, ref_logps: dict | None = None, *,
-            kl: bool = False, max_length: int | None = None):
+            kl: bool = False, max_length: int | None = None, share_prompt: bool = False):
     """The batch of these examples: a :class:`PreferenceBatch` of pairs, or an ``UnpairedBatch`` of
-    unpaired rows; ``kl``: with KTO's mismatched rows (their completions cut to ``max_length``)."""
+    unpaired rows; ``kl``: with KTO's mismatched rows (their completions cut to ``max_length``, never
+    shared: each is a prompt with another pair's response); ``share_prompt``: pairs as shared rows."""
     from upo.train.data.unpaired import UnpairedExample, collate_unpaired
 
     kl_extra = kl_fields(examples, pad_id, packing, ref_logps, max_length) if kl else {}
     if isinstance(examples[0], UnpairedExample):
         return collate_unpaired(examples, pad_id, packing, ref_logps, kl_extra)
-    return _batch(examples, rows_of(_sequences(examples), pad_id, packing), ref_logps, kl_extra)
+    batch = _batch(examples, rows_of(_sequences(examples), pad_id, packing), ref_logps, kl_extra)
+    if share_prompt:
+        batch.shared = share_prompt_rows(batch.input_ids, batch.attention_mask.sum(dim=1),
+                                         torch.tensor([len(e.prompt_ids) for e in examples]), pad_id)
+    return batch

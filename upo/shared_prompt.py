@@ -1,0 +1,139 @@
+"""Prompt sharing: each preference pair run through the model as ONE sequence ``[prompt, chosen, rejected]``.
+
+The unshared layout runs ``[prompt, chosen]`` and ``[prompt, rejected]``, so the prompt goes through every
+layer twice. Here the rejected response's position ids continue from the prompt's end (as in
+``[prompt, rejected]``) and a 4-D attention mask lets its tokens see the prompt and themselves but not the
+chosen response, so every hidden state equals the unshared one. :meth:`SharedPromptRows.unshare` then
+gathers the hidden states back into the unshared ``[2B, T, D]`` layout: labels, the value head's prompt
+position, the first rejected token (predicted from the prompt's last hidden state, not the chosen
+response's last) and everything downstream are those of the unshared rows, unchanged.
+
+Only attention that takes an arbitrary dense mask runs it: SDPA and eager. flash-attention's varlen kernels
+take only contiguous causal segments, which cannot say "the prompt, then skip the chosen response". Flex
+attention would take the mask as a score bias, but it is refused until verified: on CPU (torch 2.13) it has
+no backward and its forward crashed the process.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+MASKED_ATTENTION = ("sdpa", "eager")  # implementations verified to honour a custom 4-D mask
+
+
+@dataclass
+class SharedPromptRows:
+    """``B`` pairs as ``B`` rows ``[prompt, chosen, rejected, padding]`` of width ``S``.
+
+    ``allowed``: bool ``[B, 1, S, S]``, True where query ``q`` may attend key ``k`` (a padding position sees
+    only itself, so no row of the softmax is empty). ``source``: ``[2B, T]`` positions into the flattened
+    ``[B * S]`` shared rows, one per position of the unshared rows (padding points at the pair's first token).
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    allowed: torch.Tensor
+    source: torch.Tensor
+    num_tokens: int = 0
+
+    def to(self, device) -> "SharedPromptRows":
+        return SharedPromptRows(**{f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor)
+                                            else v) for f in fields(self)})
+
+    def attention_mask(self, attn_implementation: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The additive mask (0 where allowed, the most negative ``dtype`` value elsewhere), ``[B, 1, S, S]``.
+
+        Additive in the compute dtype rather than boolean, for SDPA too: given a boolean mask, SDPA's CPU
+        kernel makes a float copy per call and keeps it for backward, one ``S x S`` copy per layer; this one
+        tensor is shared by every layer (SDPA wants the query's dtype, eager adds it to the scores)."""
+        check_attention_implementation(attn_implementation)
+        return torch.zeros(self.allowed.shape, dtype=dtype, device=self.allowed.device).masked_fill(
+            ~self.allowed, torch.finfo(dtype).min)
+
+    def unshare(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[B, S, D]`` shared hidden states -> ``[2B, T, D]`` in the unshared rows' layout (differentiable)."""
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        return flat[self.source.reshape(-1)].reshape(*self.source.shape, hidden.shape[-1])
+
+
+def check_attention_implementation(attn_implementation: str | None) -> None:
+    if attn_implementation not in MASKED_ATTENTION:
+        raise ValueError(f"prompt sharing needs attention that takes a 4-D mask ({', '.join(MASKED_ATTENTION)}); "
+                         f"the model uses {attn_implementation!r} (flash-attention's varlen kernels cannot skip "
+                         "the chosen response; flex attention is not verified yet): load it with "
+                         "attn_implementation='sdpa'")
+
+
+def share_prompt_rows(input_ids: torch.Tensor, lengths: torch.Tensor, prompt_lengths: torch.Tensor,
+                      pad_id: int) -> SharedPromptRows:
+    """The shared rows of a right-padded unshared batch: ``input_ids`` ``[2B, T]`` (``B`` ``[prompt, chosen]``
+    rows, then ``B`` ``[prompt, rejected]`` rows), ``lengths`` ``[2B]`` real tokens per row, ``prompt_lengths``
+    ``[B]``. Raises ``ValueError`` when a pair's two rows do not start with the same prompt."""
+    pairs = input_ids.shape[0] // 2
+    lengths, prompt_lengths = lengths.tolist(), prompt_lengths.tolist()
+    spans = []  # (prompt, chosen, rejected) lengths per pair
+    for i in range(pairs):
+        prompt = prompt_lengths[i]
+        chosen, rejected = lengths[i] - prompt, lengths[pairs + i] - prompt
+        if min(chosen, rejected) < 0 or not torch.equal(input_ids[i, :prompt], input_ids[pairs + i, :prompt]):
+            raise ValueError(f"pair {i}: the chosen and rejected rows do not start with the same {prompt}-token "
+                             "prompt, so it cannot be shared (e.g. truncated from the start)")
+        spans.append((prompt, chosen, rejected))
+    width = max(sum(span) for span in spans)
+    device = input_ids.device
+    shared_ids = torch.full((pairs, width), pad_id, dtype=input_ids.dtype, device=device)
+    position_ids = torch.zeros((pairs, width), dtype=torch.long, device=device)
+    allowed = torch.zeros((pairs, 1, width, width), dtype=torch.bool, device=device)
+    source = torch.zeros(input_ids.shape, dtype=torch.long, device=device)
+    positions = torch.arange(width, device=device)
+    query, key = positions[:, None], positions[None, :]
+    for i, (prompt, chosen, rejected) in enumerate(spans):
+        real, rejected_start = prompt + chosen + rejected, prompt + chosen
+        shared_ids[i, :rejected_start] = input_ids[i, :rejected_start]
+        shared_ids[i, rejected_start:real] = input_ids[pairs + i, prompt:prompt + rejected]
+        position_ids[i, :rejected_start] = positions[:rejected_start]
+        position_ids[i, rejected_start:real] = positions[prompt:prompt + rejected]  # as in [prompt, rejected]
+        rejected_query = (query >= rejected_start) & (query < real)
+        chosen_key = (key >= prompt) & (key < rejected_start)
+        real_query = query < real
+        allowed[i, 0] = ((key <= query) & real_query & ~(rejected_query & chosen_key)) | (~real_query & (key == query))
+        row = i * width
+        source[i, :rejected_start] = row + positions[:rejected_start]
+        source[i, rejected_start:] = row  # padding of the unshared row
+        source[pairs + i, :prompt] = row + positions[:prompt]
+        source[pairs + i, prompt:prompt + rejected] = row + positions[rejected_start:real]
+        source[pairs + i, prompt + rejected:] = row
+    return SharedPromptRows(shared_ids, position_ids, allowed, source, num_tokens=sum(map(sum, spans)))
+
+
+def prompt_lengths_of(completion_mask: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B]`` prompt lengths of right-padded ``[2B, T]`` rows: the first completion token of the chosen row;
+    a row with no completion (truncated inside the prompt) is all prompt."""
+    pairs = completion_mask.shape[0] // 2
+    chosen = completion_mask[:pairs].to(torch.int64)
+    return torch.where(chosen.any(dim=1), chosen.argmax(dim=1), attention_mask[:pairs].sum(dim=1))
+
+
+def attention_implementation_of(model: nn.Module) -> str | None:
+    """The attention implementation a transformers model (or a wrapper around one) was loaded with."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            return config._attn_implementation
+    return None
+
+
+def compute_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
+    """The dtype attention computes in: autocast's when it is on, else the model's floating weights'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+def shared_hidden_states(head, model: nn.Module, rows: SharedPromptRows) -> torch.Tensor:
+    """The hidden states ``head`` (an :class:`upo.heads.LMHead`) consumes, computed on the shared rows and
+    returned in the unshared ``[2B, T, D]`` layout."""
+    mask = rows.attention_mask(attention_implementation_of(model), compute_dtype(model, rows.input_ids.device))
+    return rows.unshare(head.hidden_states(model, rows.input_ids, mask, rows.position_ids))
