@@ -209,6 +209,20 @@ def _trainer(**overrides):
     return trl_tiny.run(UPOTrainer, UPOConfig, train=False, trainer_kwargs=kwargs, **overrides)
 
 
+def test_a_model_given_by_its_folder_trains_as_dpo_trainers_does(tmp_path):
+    """``model="folder"`` as ``DPOTrainer`` takes it (TRL loads it, and reloads it as the reference)."""
+    tokenizer = trl_tiny.make_tokenizer()
+    trl_tiny.make_model(tokenizer).save_pretrained(tmp_path / "model")
+    logs = {}
+    for trainer_cls, config_cls in ((UPOTrainer, UPOConfig), (DPOTrainer, DPOConfig)):
+        args = config_cls(**trl_tiny.trainer_args(loss_type=["sigmoid"], max_steps=2))
+        trainer = trainer_cls(model=str(tmp_path / "model"), args=args, train_dataset=trl_tiny.make_dataset(),
+                              processing_class=tokenizer)
+        trainer.train()
+        logs[trainer_cls] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(logs[UPOTrainer]) == 2 and logs[UPOTrainer] == pytest.approx(logs[DPOTrainer], abs=1e-6)
+
+
 def test_unknown_loss_name_is_refused():
     with pytest.raises(ValueError, match="loss_type 'nope' is neither a TRL 1.16 loss"):
         _trainer(loss_type=["sigmoid", "nope"])
