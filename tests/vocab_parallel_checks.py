@@ -22,6 +22,13 @@ def init(rank, world, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
 
 
+def finish():
+    """Every rank at the barrier before any tears gloo down: a rank that destroyed its group while a peer
+    still talked to it died in C++ ("terminate called without an active exception", SIGABRT) under load."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def uneven_sizes(vocab, world):
     """Shard sizes that differ across ranks (e.g. 37 over 3 ranks -> 17, 12, 8)."""
     weights = [world + 2 - r for r in range(world)]
@@ -82,7 +89,7 @@ def check_kernels(rank, world, init_file, seed):
     init(rank, world, init_file)
     for k, (backend, sharding) in enumerate(KERNEL_VARIANTS):
         _check_kernel_variant(rank, world, seed + k, backend, sharding)
-    dist.destroy_process_group()
+    finish()
 
 
 def _check_kernel_variant(rank, world, seed, backend, sharding):
@@ -170,7 +177,7 @@ def check_every_loss(rank, world, init_file, seed):
         if bad or metrics.keys() != metrics_s.keys():
             failures.append(f"{loss_type}: {bad or 'metric names differ'}")
     assert not failures, f"rank {rank} of {world}, seed {seed}: " + "; ".join(failures)
-    dist.destroy_process_group()
+    finish()
 
 
 class PeakLiveBytes(TorchDispatchMode):
@@ -222,7 +229,7 @@ def check_memory(rank, world, init_file, seed, result_file):
     if rank == 0:
         with open(result_file, "w") as f:
             f.write(f"{peak} {sizes[0]}")
-    dist.destroy_process_group()
+    finish()
 
 
 def check_bad_input(rank, world, init_file):
@@ -272,5 +279,4 @@ def check_bad_input(rank, world, init_file):
             assert expected in str(err) and "\n" not in str(err), f"rank {rank}: {expected!r} not in {err}"
         else:
             raise AssertionError(f"rank {rank}: no error for {expected!r}")
-    dist.barrier()
-    dist.destroy_process_group()
+    finish()
