@@ -119,7 +119,7 @@ def test_first_rejected_token_is_predicted_from_the_prompts_last_hidden_state():
     expected = own_logprobs(model, ids, lengths, labels)
     got, hidden = shared_logprobs(model, rows, labels)
     head = describe_lm_head(model)
-    full = head.hidden_states(model, rows.input_ids, rows.attention_mask("sdpa"), rows.position_ids)
+    full = head.hidden_states(model, rows.input_ids, rows.attention_mask(), rows.position_ids)
     weight, _ = head.weight_and_bias(full.dtype)
     for i in range(2):
         prompt, first = int(prompts[i]), 2 + i  # row 2 + i: pair i's rejected row

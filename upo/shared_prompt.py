@@ -42,13 +42,12 @@ class SharedPromptRows:
         return SharedPromptRows(**{f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor)
                                             else v) for f in fields(self)})
 
-    def attention_mask(self, attn_implementation: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def attention_mask(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The additive mask (0 where allowed, the most negative ``dtype`` value elsewhere), ``[B, 1, S, S]``.
 
         Additive in the compute dtype rather than boolean, for SDPA too: given a boolean mask, SDPA's CPU
         kernel makes a float copy per call and keeps it for backward, one ``S x S`` copy per layer; this one
         tensor is shared by every layer (SDPA wants the query's dtype, eager adds it to the scores)."""
-        check_attention_implementation(attn_implementation)
         return torch.zeros(self.allowed.shape, dtype=dtype, device=self.allowed.device).masked_fill(
             ~self.allowed, torch.finfo(dtype).min)
 
@@ -58,12 +57,18 @@ class SharedPromptRows:
         return flat[self.source.reshape(-1)].reshape(*self.source.shape, hidden.shape[-1])
 
 
-def check_attention_implementation(attn_implementation: str | None) -> None:
-    if attn_implementation not in MASKED_ATTENTION:
-        raise ValueError(f"prompt sharing needs attention that takes a 4-D mask ({', '.join(MASKED_ATTENTION)}); "
-                         f"the model uses {attn_implementation!r} (flash-attention's varlen kernels cannot skip "
-                         "the chosen response; flex attention is not verified yet): load it with "
-                         "attn_implementation='sdpa'")
+def check_masked_attention(*models) -> None:
+    """Every model the shared rows go through (the policy, a reference model; None and non-modules skipped) uses
+    an attention implementation that honours a 4-D mask; a ValueError naming the one found otherwise."""
+    for model in models:
+        if not isinstance(model, nn.Module):
+            continue
+        attn_implementation = attention_implementation_of(model)
+        if attn_implementation not in MASKED_ATTENTION:
+            raise ValueError(f"prompt sharing needs attention that takes a 4-D mask ({', '.join(MASKED_ATTENTION)});"
+                             f" the model uses {attn_implementation!r} (flash-attention's varlen kernels cannot skip "
+                             "the chosen response; flex attention is not verified yet): load it with "
+                             "attn_implementation='sdpa'")
 
 
 def share_prompt_rows(input_ids: torch.Tensor, lengths: torch.Tensor, prompt_lengths: torch.Tensor,
@@ -135,5 +140,6 @@ def compute_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
 def shared_hidden_states(head, model: nn.Module, rows: SharedPromptRows) -> torch.Tensor:
     """The hidden states ``head`` (an :class:`upo.heads.LMHead`) consumes, computed on the shared rows and
     returned in the unshared ``[2B, T, D]`` layout."""
-    mask = rows.attention_mask(attention_implementation_of(model), compute_dtype(model, rows.input_ids.device))
+    check_masked_attention(model)
+    mask = rows.attention_mask(compute_dtype(model, rows.input_ids.device))
     return rows.unshare(head.hidden_states(model, rows.input_ids, mask, rows.position_ids))

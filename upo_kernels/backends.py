@@ -59,23 +59,26 @@ def scattered_outputs(ctx, logp, values, stats, rows, shape):
 
 
 def run_forward(kernels, hidden, weight, labels, bias, logit_scale, softcap, ignore_index, chunks, stats):
-    """``kernels.forward`` -> ``(logp, lse, {name: values})`` (no statistics: an empty dict)."""
-    if stats:
-        return kernels.forward(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, stats=stats,
-                               **chunks)
-    logp, lse = kernels.forward(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, **chunks)
+    """``kernels.forward`` (with autocast off: :func:`autocast_off`) -> ``(logp, lse, {name: values})`` (no
+    statistics: an empty dict)."""
+    with autocast_off(hidden.device):
+        if stats:
+            return kernels.forward(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, stats=stats,
+                                   **chunks)
+        logp, lse = kernels.forward(hidden, weight, labels, bias, logit_scale, softcap, ignore_index, **chunks)
     return logp, lse, {}
 
 
 def run_backward(kernels, grad_logp, rows, hidden, weight, labels, lse, bias, logit_scale, softcap, ignore_index,
                  needs, chunks):
-    """``kernels.backward`` for the labelled ``rows`` of ``grad_logp`` (``needs``: whether hidden,
-    weight and bias want a gradient) -> ``(grad_h, grad_w, grad_b)`` in the backend's dtypes."""
+    """``kernels.backward`` (with autocast off) for the labelled ``rows`` of ``grad_logp`` (``needs``: whether
+    hidden, weight and bias want a gradient) -> ``(grad_h, grad_w, grad_b)`` in the backend's dtypes."""
     need_h, need_w, need_b = needs
     grad_c = grad_logp if rows is None else grad_logp.index_select(0, rows)
-    return kernels.backward(grad_c.contiguous(), hidden, weight, labels, lse, bias, logit_scale, softcap,
-                            ignore_index, needs_weight_grad=need_w, needs_bias_grad=need_b,
-                            needs_hidden_grad=need_h, rows=rows, **chunks)
+    with autocast_off(hidden.device):
+        return kernels.backward(grad_c.contiguous(), hidden, weight, labels, lse, bias, logit_scale, softcap,
+                                ignore_index, needs_weight_grad=need_w, needs_bias_grad=need_b,
+                                needs_hidden_grad=need_h, rows=rows, **chunks)
 
 
 def in_input_dtypes(grads, hidden, weight, bias, needs):

@@ -13,8 +13,8 @@ from typing import NamedTuple
 import torch
 
 from upo_kernels import chunked, token_stats, vocab_parallel
-from upo_kernels.backends import (autocast_off, autocast_operands, in_input_dtypes, labelled_rows, run_backward,
-                                  run_forward, scattered_outputs)
+from upo_kernels.backends import (autocast_operands, in_input_dtypes, labelled_rows, run_backward, run_forward,
+                                  scattered_outputs)
 from upo_kernels.backends import ops as backend_ops
 from upo_kernels.token_stats import STATS as TOKEN_STATS  # noqa: F401  (re-exported by upo_kernels)
 
@@ -108,9 +108,8 @@ class _LinearLogprobs(torch.autograd.Function):
         kernels = backend_ops(backend)
         chunks = dict(chunks, **kernels.call_options())  # env-selected variants, fixed for the backward
         rows, h_c, y_c = labelled_rows(hidden, labels, ignore_index)
-        with autocast_off(hidden.device):
-            logp_c, lse_c, values = run_forward(kernels, h_c, weight, y_c, bias, logit_scale, softcap, ignore_index,
-                                                chunks, stats)
+        logp_c, lse_c, values = run_forward(kernels, h_c, weight, y_c, bias, logit_scale, softcap, ignore_index,
+                                            chunks, stats)
         del h_c  # the gathered copy is not kept for the backward
         ctx.save_for_backward(hidden, weight, bias, y_c, lse_c, rows)
         ctx.options = (logit_scale, softcap, ignore_index, backend, chunks)
@@ -121,9 +120,8 @@ class _LinearLogprobs(torch.autograd.Function):
         hidden, weight, bias, labels, lse, rows = ctx.saved_tensors
         logit_scale, softcap, ignore_index, backend, chunks = ctx.options
         needs = ctx.needs_input_grad[:3]
-        with autocast_off(hidden.device):
-            grads = run_backward(backend_ops(backend), grad_logp, rows, hidden, weight, labels, lse, bias,
-                                 logit_scale, softcap, ignore_index, needs, chunks)
+        grads = run_backward(backend_ops(backend), grad_logp, rows, hidden, weight, labels, lse, bias, logit_scale,
+                             softcap, ignore_index, needs, chunks)
         return (*in_input_dtypes(grads, hidden, weight, bias, needs), None, None, None, None, None, None, None)
 
 

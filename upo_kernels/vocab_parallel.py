@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from upo_kernels.backends import (autocast_off, in_input_dtypes, labelled_rows, run_backward, run_forward,
+from upo_kernels.backends import (in_input_dtypes, labelled_rows, run_backward, run_forward,
                                   scattered_outputs)
 from upo_kernels.backends import ops as backend_ops
 from upo_kernels.token_stats import MAX_LOGIT
@@ -168,9 +168,8 @@ class VocabParallelLogprobs(torch.autograd.Function):
             dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
             logp_c, lse_c, values = _neutral_forward(y_c.numel(), kernel_stats, dtype, hidden.device)
         else:
-            with autocast_off(hidden.device):
-                logp_c, lse_c, values = run_forward(kernels, h_c, weight, y_local, bias, logit_scale, softcap, -1,
-                                                    chunks, kernel_stats)
+            logp_c, lse_c, values = run_forward(kernels, h_c, weight, y_local, bias, logit_scale, softcap, -1, chunks,
+                                                kernel_stats)
         del h_c
         logp_c, lse_c, values = merge_shards(logp_c, lse_c, values, stats, y_c, layout)
         ctx.save_for_backward(hidden, weight, bias, y_local, lse_c, rows)
@@ -186,9 +185,8 @@ class VocabParallelLogprobs(torch.autograd.Function):
             grads = (hidden.new_zeros(hidden.shape) if need_h else None, torch.zeros_like(weight) if need_w else None,
                      torch.zeros_like(bias) if (need_b and bias is not None) else None)
         else:
-            with autocast_off(hidden.device):
-                grads = run_backward(backend_ops(backend), grad_logp, rows, hidden, weight, y_local, lse, bias,
-                                     logit_scale, softcap, -1, needs, chunks)
+            grads = run_backward(backend_ops(backend), grad_logp, rows, hidden, weight, y_local, lse, bias,
+                                 logit_scale, softcap, -1, needs, chunks)
         if need_h:  # summed over the group before the cast: one rounding to hidden's dtype
             grads = (sum_over_group(grads[0].contiguous(), layout), *grads[1:])
         return (*in_input_dtypes(grads, hidden, weight, bias, needs), None, None, None, None, None, None, None, None)

@@ -13,7 +13,7 @@ from torch import nn
 
 from upo.heads import LogitCheckError, check_lm_head, describe_lm_head
 from upo.heads.check import ROWS, TOKENS
-from upo.shared_prompt import attention_implementation_of, check_attention_implementation
+from upo.shared_prompt import check_masked_attention
 from upo.train.config import TrainConfig
 from upo.train.data import collate
 from upo.train.errors import UserError
@@ -64,9 +64,7 @@ def load_checked_reference(policy: nn.Module, tokenizer, config: TrainConfig, ru
 def check_shared_prompt_attention(*models) -> None:
     """``--share-prompt`` runs a 4-D attention mask: every model it goes through (the policy, a reference model)
     must use an attention implementation that honours one."""
-    for model in models:
-        if isinstance(model, nn.Module):
-            try:
-                check_attention_implementation(attention_implementation_of(model))
-            except ValueError as err:
-                raise UserError(f"--share-prompt: {err}") from None
+    try:
+        check_masked_attention(*models)
+    except ValueError as err:
+        raise UserError(f"--share-prompt: {err}") from None

@@ -109,10 +109,9 @@ def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
     """The parameters in ``dtype``, as ``from_pretrained(dtype=...)`` gives them; unlike ``model.to(dtype)``,
     which also rounds fp32 buffers (RoPE's inverse frequencies in bf16 move a bf16 model's log-probs by
     tenths of a nat on SmolLM2)."""
-    for module in model.modules():
-        for name, parameter in module.named_parameters(recurse=False):
-            if parameter.is_floating_point() and parameter.dtype != dtype:
-                parameter.data = parameter.data.to(dtype)
+    for parameter in model.parameters():  # each once, tied ones included
+        if parameter.is_floating_point() and parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
 
 
 def load_reference_model(config: TrainConfig, device: torch.device) -> tuple[nn.Module, Any]:

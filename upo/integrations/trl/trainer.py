@@ -39,8 +39,8 @@ from upo.integrations.trl.value_head import (
     save_value_head,
 )
 from upo.sequence_features import shared_prefix_labels
-from upo.shared_prompt import (SharedPromptRows, attention_implementation_of, check_attention_implementation,
-                               prompt_lengths_of, share_prompt_rows, shared_hidden_states)
+from upo.shared_prompt import (SharedPromptRows, check_masked_attention, prompt_lengths_of, share_prompt_rows,
+                               shared_hidden_states)
 
 # TRL's token-weighted metrics and the response tokens each is a mean over (chosen and rejected, or one side)
 TOKEN_WEIGHTED = {"entropy": "all", "mean_token_accuracy": "chosen", "logits/chosen": "chosen",
@@ -86,9 +86,7 @@ class UPOTrainer(DPOTrainer):
         if self._plan.use_value_head:
             self._value_head = attach_value_head(causal_lm_of(self.model))
         if setting(args, "share_prompt"):  # the shared rows need attention that takes a 4-D mask
-            for each in (self.model, self.ref_model):
-                if each is not None:
-                    check_attention_implementation(attention_implementation_of(each))
+            check_masked_attention(self.model, self.ref_model)
 
     # -- data: aux rewards scored once per example, kept through the collator
 
