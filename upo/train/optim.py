@@ -16,8 +16,14 @@ def build_optimizer(params, config: TrainConfig, value_params=()) -> torch.optim
     value_params = list(value_params)
     if value_params:
         groups.append({"params": value_params, "lr": config.value_lr, "weight_decay": config.value_weight_decay})
-    kind = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.RMSprop
-    return kind(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
+    if config.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
+    # Fused, as TRL's default (adamw_torch_fused): the step updates in place. Unfused on CPU, torch steps one
+    # parameter at a time with temporaries of its size, and the embedding's (113 MB on SmolLM2-135M) set the peak of
+    # a whole training step at 1-2k tokens (benchmarks/long_sequence.py). Sharded parameters keep torch's default.
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() and type(p.data) is torch.Tensor
+                for group in groups for p in group["params"])
+    return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay, fused=fused or None)
 
 
 def build_scheduler(optimizer, config: TrainConfig, total_steps: int):
