@@ -11,7 +11,7 @@ import upo_kernels
 from helpers import MICRO_MODEL, one_thread  # noqa: F401  (fixture used by pytestmark)
 from train_helpers import TIMING_KEYS, assert_one_line_error, make_trainer, micro_args, run_main, train_steps
 from upo.heads import describe_lm_head
-from upo.shared_prompt import prompt_lengths_of, share_prompt_rows, shared_hidden_states
+from upo.shared_prompt import SharedPromptRows, prompt_lengths_of, share_prompt_rows, shared_hidden_states
 from upo.train.data import collate
 from upo.train.errors import UserError
 from upo.train.evaluation import evaluate_pairs
@@ -142,6 +142,31 @@ def test_rejected_log_probs_do_not_depend_on_the_chosen_response():
         after, _ = shared_logprobs(model, share_prompt_rows(altered, lengths, prompts, 0), labels)
     assert torch.equal(before[pairs:], after[pairs:])
     assert not torch.equal(before[:pairs], after[:pairs])  # the chosen rows did change
+
+
+def test_sdpa_runs_by_block_without_a_dense_mask(monkeypatch):
+    """Under SDPA no [S, S] mask is built or passed: [prompt, chosen] runs on SDPA's causal kernels, the rejected
+    response with a [rejected, prompt + rejected] mask (a dense mask would make SDPA score every pair of the row)."""
+    model = micro_model("sdpa")
+    ids, lengths, prompts, labels = random_pairs(5)
+    rows = share_prompt_rows(ids, lengths, prompts, pad_id=0)
+    describe_lm_head(model)  # its probe of the model runs before the recording
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recorded(q, k, v, attn_mask=None, is_causal=False, **kwargs):
+        calls.append((q.shape[2], k.shape[2], None if attn_mask is None else tuple(attn_mask.shape), is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recorded)
+    monkeypatch.setattr(SharedPromptRows, "attention_mask", lambda *a, **k: pytest.fail("dense mask built"))
+    shared_logprobs(model, rows, labels)
+    layers = MICRO_MODEL["num_hidden_layers"]
+    expected = []
+    for prompt, chosen, rejected in rows.spans:
+        expected += [(prompt + chosen, prompt + chosen, None, True),
+                     (rejected, prompt + rejected, (rejected, prompt + rejected), False)]
+    assert calls == expected * layers
 
 
 # ------------------------------------------------------------------ upo-train: loss, gradients, every path

@@ -8,7 +8,11 @@ gathers the hidden states back into the unshared ``[2B, T, D]`` layout: labels, 
 position, the first rejected token (predicted from the prompt's last hidden state, not the chosen
 response's last) and everything downstream are those of the unshared rows, unchanged.
 
-Only attention that takes an arbitrary dense mask runs it: SDPA and eager. flash-attention's varlen kernels
+Under SDPA the attention runs block by block (:func:`block_attention`): ``[prompt, chosen]`` on SDPA's causal
+kernels, the rejected response over ``[prompt, rejected]`` with a small mask. A dense ``[S, S]`` mask would cost
+``S^2`` memory and make SDPA score every (query, key) pair, the causal half it could skip included: with a prompt of
+3/4 of the sequence that is more attention work than the unshared rows. Eager attention takes the dense 4-D mask.
+Other implementations are refused: flash-attention's varlen kernels
 take only contiguous causal segments, which cannot say "the prompt, then skip the chosen response". Flex
 attention would take the mask as a score bias, but it is refused until verified: on CPU (torch 2.13) it has
 no backward and its forward crashed the process.
@@ -18,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 MASKED_ATTENTION = ("sdpa", "eager")  # implementations verified to honour a custom 4-D mask
@@ -37,6 +42,7 @@ class SharedPromptRows:
     allowed: torch.Tensor
     source: torch.Tensor
     num_tokens: int = 0
+    spans: tuple = ()  # per pair, (prompt, chosen, rejected) lengths
 
     def to(self, device) -> "SharedPromptRows":
         return SharedPromptRows(**{f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor)
@@ -110,7 +116,8 @@ def share_prompt_rows(input_ids: torch.Tensor, lengths: torch.Tensor, prompt_len
         source[pairs + i, :prompt] = row + positions[:prompt]
         source[pairs + i, prompt:prompt + rejected] = row + positions[rejected_start:real]
         source[pairs + i, prompt + rejected:] = row
-    return SharedPromptRows(shared_ids, position_ids, allowed, source, num_tokens=sum(map(sum, spans)))
+    return SharedPromptRows(shared_ids, position_ids, allowed, source, num_tokens=sum(map(sum, spans)),
+                            spans=tuple(spans))
 
 
 def prompt_lengths_of(completion_mask: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -139,7 +146,65 @@ def compute_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
 
 def shared_hidden_states(head, model: nn.Module, rows: SharedPromptRows) -> torch.Tensor:
     """The hidden states ``head`` (an :class:`upo.heads.LMHead`) consumes, computed on the shared rows and
-    returned in the unshared ``[2B, T, D]`` layout."""
+    returned in the unshared ``[2B, T, D]`` layout.
+
+    Under SDPA the attention runs per block (:func:`block_attention`, no ``[S, S]`` mask); under eager, with the
+    additive 4-D mask."""
     check_masked_attention(model)
-    mask = rows.attention_mask(compute_dtype(model, rows.input_ids.device))
-    return rows.unshare(head.hidden_states(model, rows.input_ids, mask, rows.position_ids))
+    if attention_implementation_of(model) == "sdpa":
+        install_block_attention()
+        hidden = head.hidden_states(model, rows.input_ids, None, rows.position_ids, upo_shared_spans=rows.spans)
+    else:
+        mask = rows.attention_mask(compute_dtype(model, rows.input_ids.device))
+        hidden = head.hidden_states(model, rows.input_ids, mask, rows.position_ids)
+    return rows.unshare(hidden)
+
+
+def block_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                    upo_shared_spans=None, **kwargs):
+    """SDPA over shared rows, block by block: ``[prompt, chosen]`` causally (SDPA's causal kernels, no mask), then
+    the rejected response over ``[prompt, rejected]`` with a ``[rejected, prompt + rejected]`` mask (the prompt,
+    then causal). The unshared rows' attention without the ``[S, S]`` mask, and without its work: a dense mask
+    makes SDPA score every (query, key) pair of the row, causal or not. Padding positions get zeros (no row reads
+    them). Anything without ``upo_shared_spans`` goes to transformers' own SDPA unchanged.
+
+    ``query`` ``[B, H, S, hd]``, ``key``/``value`` ``[B, KVH, S, hd]``; returns ``([B, S, H, hd], None)`` as
+    transformers' attention functions do."""
+    if upo_shared_spans is None:
+        return _TRANSFORMERS_SDPA[0](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                     **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    rows = []
+    for i, (prompt, chosen, rejected) in enumerate(upo_shared_spans):
+        q, k, v = query[i:i + 1], key[i:i + 1], value[i:i + 1]
+        first = prompt + chosen
+        parts = [F.scaled_dot_product_attention(q[:, :, :first], k[:, :, :first], v[:, :, :first], dropout_p=dropout,
+                                                is_causal=True, scale=scaling, enable_gqa=groups > 1)]
+        if rejected:
+            keys = torch.cat([k[:, :, :prompt], k[:, :, first:first + rejected]], dim=2)
+            values = torch.cat([v[:, :, :prompt], v[:, :, first:first + rejected]], dim=2)
+            if groups > 1:  # SDPA's masked kernels take no grouped heads
+                keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+            position = torch.arange(prompt + rejected, device=q.device)
+            allowed = (position[None, :] < prompt) | (position[None, :] - prompt <= position[:rejected, None])
+            parts.append(F.scaled_dot_product_attention(q[:, :, first:first + rejected], keys, values,
+                                                        attn_mask=allowed, dropout_p=dropout, scale=scaling))
+        padding = query.shape[2] - first - rejected
+        if padding:
+            parts.append(q.new_zeros(1, q.shape[1], padding, v.shape[-1]))
+        rows.append(torch.cat(parts, dim=2))
+    return torch.cat(rows).transpose(1, 2).contiguous(), None
+
+
+_TRANSFORMERS_SDPA = []  # transformers' own "sdpa" function, once block_attention stands in front of it
+
+
+def install_block_attention() -> None:
+    """Put :func:`block_attention` in front of transformers' ``"sdpa"`` attention (once per process): a forward
+    given ``upo_shared_spans`` runs per block, every other call reaches transformers' SDPA unchanged. Passed as a
+    forward keyword, the spans reach the recompute of gradient checkpointing too."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if ALL_ATTENTION_FUNCTIONS["sdpa"] is not block_attention:
+        _TRANSFORMERS_SDPA[:] = [ALL_ATTENTION_FUNCTIONS["sdpa"]]
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = block_attention

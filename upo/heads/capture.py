@@ -85,10 +85,10 @@ def output_logits(output) -> torch.Tensor:
 
 
 def head_input(model: nn.Module, head: nn.Module, hidden_size: int, input_ids: torch.Tensor,
-               attention_mask=None, position_ids=None) -> torch.Tensor:
+               attention_mask=None, position_ids=None, **forward_kwargs) -> torch.Tensor:
     """``[*input_ids.shape, D]``: what ``head`` receives in ``model``'s own forward (differentiable)."""
     with recorded_head(head, zero_width) as seen:
-        call_causal_lm(model, input_ids, attention_mask, position_ids)
+        call_causal_lm(model, input_ids, attention_mask, position_ids, **forward_kwargs)
     return checked_capture(model, seen, input_ids, hidden_size)
 
 

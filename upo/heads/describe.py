@@ -60,9 +60,11 @@ class LMHead:
         return f"{self.name}: " + ", ".join(parts)
 
     def hidden_states(self, model: nn.Module, input_ids: torch.Tensor, attention_mask=None,
-                      position_ids=None) -> torch.Tensor:
-        """``[*input_ids.shape, D]``: the head's input in ``model``'s own forward (logits never formed)."""
-        return head_input(unwrap(model), self.head, self.hidden_size, input_ids, attention_mask, position_ids)
+                      position_ids=None, **forward_kwargs) -> torch.Tensor:
+        """``[*input_ids.shape, D]``: the head's input in ``model``'s own forward (logits never formed);
+        ``forward_kwargs`` go to the forward as they are (keywords its attention functions read)."""
+        return head_input(unwrap(model), self.head, self.hidden_size, input_ids, attention_mask, position_ids,
+                          **forward_kwargs)
 
     def weight_and_bias(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This step's ``(W [V, D], b [V] | None)``, cut to the logits the model keeps, cast to ``dtype``."""
