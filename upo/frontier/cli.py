@@ -29,7 +29,7 @@ RESULT_FILES = ("frontier.json", "frontier.png")
 TINY_SFT_LR = 1e-3
 # With --model (a pretrained model: SFT stage, then LoRA runs), what the flags left unset default to; sized so
 # that the default grid fits 60 minutes on a 2-core CPU (docs/frontier.md#a-pretrained-model).
-MODEL_DEFAULTS = {"steps": 20, "seeds": 2, "sft_steps": 24, "sft_lr": 5e-5, "generate": 16}
+MODEL_DEFAULTS = {"steps": 20, "seeds": 2, "sft_steps": 24, "sft_lr": 5e-4, "generate": 16}
 MODEL_TRAIN_DEFAULTS = {"lr": 5e-4, "batch_size": 4}  # the LoRA runs' upo-train settings, under the user's flags
 
 
@@ -245,7 +245,7 @@ def run_study(study, progress: bool, log) -> dict:
     bar = tqdm(grid, desc=PROG, unit="run", disable=not progress, dynamic_ncols=True, file=sys.stderr)
     for seed, spec in bar:
         bar.set_postfix_str(f"{spec.name} seed {seed}", refresh=True)
-        run = run_one(study, spec, runtime, seed)
+        run = run_one(study, spec, runtime, seed, lambda message: log(message, bar))
         results.append(run)
         log(f"{spec.name} seed {seed}: {describe(run)} ({run['wall_seconds']:.0f} s)", bar)
     bar.close()

@@ -152,6 +152,7 @@ def run_config(study: Study, spec: RunSpec, dataset: str, seed: int | None = Non
     if study.sft is not None:  # the SFT stage's folder is the model (--model-config built the tiny one it trained)
         model = str(sft_model_dir(study))
         settings.pop("model_config", None)
+        settings = {"logit_check": False, **settings}  # the SFT stage checked this architecture's log-probs
     settings.update(dataset=dataset, eval_dataset=study.eval_path, loss_type=spec.loss_type, max_steps=study.steps,
                     seed=seed, model=model, output_dir=str(study.output_dir / "runs" / run_name(spec, seed)),
                     overwrite=study.overwrite, progress=False)
@@ -177,8 +178,8 @@ def prepare_sft(study: Study, runtime, log) -> None:
             f"{study.sft_report['train_loss']:.3f}; every run starts from {study.sft_report['model']}")
 
 
-def run_one(study: Study, spec: RunSpec, runtime, seed: int | None = None) -> dict:
-    """Train one run of the grid for one seed and measure it on the held-out split."""
+def run_one(study: Study, spec: RunSpec, runtime, seed: int | None = None, log=None) -> dict:
+    """Train one run of the grid for one seed and measure it on the held-out split (``log``: progress lines)."""
     from upo.train.trainer import Trainer
 
     seed = study.seeds[0] if seed is None else seed
@@ -188,12 +189,16 @@ def run_one(study: Study, spec: RunSpec, runtime, seed: int | None = None) -> di
     lines: list[str] = []
     trainer = Trainer(config, runtime, log=lines.append)
     summary = trainer.train()
+    clock = time.perf_counter()
     logps = trainer.sequence_logps(trainer.eval_indices)
+    timings = {"measure_pairs": time.perf_counter() - clock}
     run = {"method": spec.method, "base": spec.base, "upo_lambda": spec.upo_lambda, "relabel_mix": spec.relabel_mix,
            "seed": seed, **pair_metrics(logps, trainer.eval_indices, study.held_out), "aux_reward_generated": None}
     if study.generate is not None:
-        run.update(measure_generations(study, trainer, seed))
-    run.update(name=spec.name, swapped_pairs=swapped if spec.method == "relabel" else None,
+        if log is not None:
+            log(f"{spec.name} seed {seed}: trained in {summary['train_seconds']:.0f} s; generating")
+        run.update(measure_generations(study, trainer, seed, timings, log))
+    run.update(name=spec.name, timings={k: round(v, 2) for k, v in timings.items()}, swapped_pairs=swapped if spec.method == "relabel" else None,
                eval_rewards_accuracies=summary["eval"].get("rewards/accuracies"),
                train_loss=summary["train"].get("loss"), train_seconds=round(summary["train_seconds"], 2),
                wall_seconds=round(time.perf_counter() - started, 2),
@@ -202,7 +207,7 @@ def run_one(study: Study, spec: RunSpec, runtime, seed: int | None = None) -> di
     return run
 
 
-def measure_generations(study: Study, trainer, seed: int) -> dict:
+def measure_generations(study: Study, trainer, seed: int, timings: dict, log=None) -> dict:
     """The generation metrics of the trained policy (generated.py) and, once per reference, the reference's;
     the texts go to ``generations.jsonl`` in the run's folder."""
     from upo.train.atomic import atomic_write_text
@@ -214,18 +219,25 @@ def measure_generations(study: Study, trainer, seed: int) -> dict:
     settings = GenerateSettings(study.generate.prompts, study.generate.max_tokens, study.generate.temperature, seed,
                                 study.generate.batch_size)
     policy = trainer.module.policy
+    clock = time.perf_counter()
     generations = generate(policy, trainer.tokenizer, prompt_ids, prompts, study.reward, study.user_reward, settings)
-    metrics = {**generations.summary(),
-               "kl_generated": kl_estimate(policy, reference_generator(trainer.module), prompt_ids, generations),
-               "generated_examples": generations.texts[:3]}
+    timings["generate"] = time.perf_counter() - clock
+    log = log or (lambda message: None)
+    log(f"generated {len(prompts)} completions in {timings['generate']:.1f} s")
+    kl = kl_estimate(policy, reference_generator(trainer.module), prompt_ids, generations)
+    timings["kl"] = time.perf_counter() - clock - timings["generate"]
+    log(f"KL estimate in {timings['kl']:.1f} s")
+    metrics = {**generations.summary(), "kl_generated": kl, "generated_examples": generations.texts[:3]}
     key = 0 if study.sft is not None else seed  # with an SFT stage every run of every seed has the same reference
     reference = reference_generator(trainer.module)  # None with --precompute-ref: no reference model held
     if key not in study.reference_generations and reference is not None:
+        clock = time.perf_counter()
         with reference as model:
             reference_generations = generate(model, trainer.tokenizer, prompt_ids, prompts, study.reward,
                                              study.user_reward, settings)
         study.reference_generations[key] = {"seed": seed, **reference_generations.summary(),
                                             "generated_examples": reference_generations.texts[:3]}
+        timings["reference_generate"] = time.perf_counter() - clock
     records = [json.dumps({"prompt": prompt, "completion": text, "aux_reward": aux, "user_reward": user},
                           ensure_ascii=False) + "\n"
                for prompt, text, aux, user in zip(prompts, generations.texts, generations.aux_reward,
