@@ -162,3 +162,16 @@ def test_the_model_is_refused_after_the_double_dash(tmp_path, capsys):
     argv = ["--output-dir", str(tmp_path / "grid"), "--no-progress", "--", "--model", "smollm2"]
     assert main(argv) == 2
     assert_one_line_error(2, capsys.readouterr().err, "use upo-frontier's --model", prog="upo-frontier")
+
+
+def test_a_stop_signal_in_a_runs_last_step_stops_the_grid_after_that_run():
+    """upo-train finishes a run whose last step saw SIGTERM; the grid must not go on to the next run."""
+    import signal
+
+    from upo.frontier.study import stop_if_signalled
+    from upo.train.errors import RunStopped
+
+    stop_if_signalled(type("Trainer", (), {"stop_signum": 0})())
+    with pytest.raises(RunStopped) as stopped:
+        stop_if_signalled(type("Trainer", (), {"stop_signum": int(signal.SIGTERM)})())
+    assert stopped.value.exit_code == 143

@@ -189,6 +189,7 @@ def run_one(study: Study, spec: RunSpec, runtime, seed: int | None = None, log=N
     lines: list[str] = []
     trainer = Trainer(config, runtime, log=lines.append)
     summary = trainer.train()
+    stop_if_signalled(trainer)
     clock = time.perf_counter()
     logps = trainer.sequence_logps(trainer.eval_indices)
     timings = {"measure_pairs": time.perf_counter() - clock}
@@ -205,6 +206,15 @@ def run_one(study: Study, spec: RunSpec, runtime, seed: int | None = None, log=N
                output_dir=os.path.relpath(config.output_dir, study.output_dir))
     (Path(config.output_dir) / "upo-train.log").write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
     return run
+
+
+def stop_if_signalled(trainer) -> None:
+    """A stop signal in a run's last step finishes that run (upo-train's rule); the grid stops after it."""
+    from upo.train.errors import RunStopped
+    from upo.train.signals import exit_code, signal_name
+
+    if trainer.stop_signum:
+        raise RunStopped(f"stopped by {signal_name(trainer.stop_signum)}", exit_code(trainer.stop_signum))
 
 
 def measure_generations(study: Study, trainer, seed: int, timings: dict, log=None) -> dict:
