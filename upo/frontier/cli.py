@@ -27,19 +27,25 @@ DEFAULT_AUX_REWARD = ["readability:1.0"]
 DEFAULT_USER_REWARD = ["lexicon:hedging:-1.0"]  # the shipped conflict data's label: direct beats hedged
 RESULT_FILES = ("frontier.json", "frontier.png")
 TINY_SFT_LR = 1e-3
+
+
+def _numbers(values) -> str:
+    return ",".join(f"{v:g}" for v in values)
+
+
 # With --model (a pretrained model: SFT stage, then LoRA runs), what the flags left unset default to; sized so
 # that the default grid fits 60 minutes on a 2-core CPU (docs/frontier.md#a-pretrained-model).
-MODEL_DEFAULTS = {"steps": 20, "seeds": 2, "sft_steps": 24, "sft_lr": 5e-4, "generate": 16}
-MODEL_TRAIN_DEFAULTS = {"lr": 5e-4, "batch_size": 4}  # the LoRA runs' upo-train settings, under the user's flags
+MODEL_DEFAULTS = {"steps": 16, "seeds": 2, "sft_steps": 40, "sft_lr": 5e-4, "generate": 16, "generate_max_tokens": 48,
+                  "lambdas": "0,0.3,1,3", "mixes": "0.5,1"}  # m = 0 trains the policy as lambda = 0 does
+TOY_DEFAULTS = {"steps": DEFAULT_STEPS, "seeds": 1, "sft_steps": 0, "sft_lr": TINY_SFT_LR, "generate": 0,
+                "generate_max_tokens": 64, "lambdas": _numbers(DEFAULT_LAMBDAS), "mixes": _numbers(DEFAULT_MIXES)}
+# The SFT stage's and LoRA runs' upo-train settings with --model, under the user's flags after --.
+MODEL_TRAIN_DEFAULTS = {"lr": 5e-4, "batch_size": 4, "warmup_steps": 2}
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         raise UserError(message)
-
-
-def _numbers(values) -> str:
-    return ",".join(f"{v:g}" for v in values)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,11 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated, of {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
     p.add_argument("--bases", default=",".join(DEFAULT_BASES),
                    help=f"base preference losses (default: {','.join(DEFAULT_BASES)})")
-    p.add_argument("--lambdas", default=_numbers(DEFAULT_LAMBDAS),
-                   help=f"UPO's lambda values, >= 0 (default: {_numbers(DEFAULT_LAMBDAS)}; 0 is the base loss)")
-    p.add_argument("--mixes", default=_numbers(DEFAULT_MIXES),
+    p.add_argument("--lambdas",
+                   help=f"UPO's lambda values, >= 0 (default: {TOY_DEFAULTS['lambdas']}; {MODEL_DEFAULTS['lambdas']} with "
+                   "--model; 0 is the base loss)")
+    p.add_argument("--mixes",
                    help="relabelling levels in [0, 1]: the share of the training pairs whose designer reward "
-                   f"disagrees with the label that get swapped (default: {_numbers(DEFAULT_MIXES)})")
+                   f"disagrees with the label that get swapped (default: {TOY_DEFAULTS['mixes']}; "
+                   f"{MODEL_DEFAULTS['mixes']} with --model, whose lambda = 0 run is the base loss on the user's labels)")
     p.add_argument("--steps", type=int,
                    help=f"optimiser steps per run (default: {DEFAULT_STEPS}; {MODEL_DEFAULTS['steps']} with --model)")
     p.add_argument("--seed", type=int, default=0, help="the first seed: the split, the SFT stage; run k of a grid "
@@ -93,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score the policy's completions of the first N held-out prompts: designer and user reward, "
                    "length, degenerate share, KL estimate (default: 0, off; "
                    f"{MODEL_DEFAULTS['generate']} with --model)")
-    p.add_argument("--generate-max-tokens", type=int, default=64, metavar="M", help="new tokens per completion")
+    p.add_argument("--generate-max-tokens", type=int, metavar="M", help="new tokens per completion (default: "
+                   f"{TOY_DEFAULTS['generate_max_tokens']}; {MODEL_DEFAULTS['generate_max_tokens']} with --model)")
     p.add_argument("--generate-temperature", type=float, default=0.0, metavar="T",
                    help="0: greedy (default); > 0: sampled, seeded by --seed")
     p.add_argument("--output-dir", default="./frontier-output", help="default: ./frontier-output")
@@ -108,8 +117,7 @@ def fill_defaults(args) -> None:
     from upo.rewards import RESOURCES_DIR
 
     pretrained = args.model is not None
-    toy = {"steps": DEFAULT_STEPS, "seeds": 1, "sft_steps": 0, "sft_lr": TINY_SFT_LR, "generate": 0}
-    for name, value in (MODEL_DEFAULTS if pretrained else toy).items():
+    for name, value in (MODEL_DEFAULTS if pretrained else TOY_DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.dataset is None:
@@ -216,9 +224,9 @@ def build_user_reward(specs: list[str]):
 
 def check_args_before_loading(args) -> None:
     """What needs no model: checked before --model's tokenizer is read."""
-    for name in ("steps", "seeds", "sft_steps", "generate"):
+    for name in ("steps", "seeds", "sft_steps", "generate", "generate_max_tokens"):
         value = getattr(args, name)
-        least = 1 if name in ("steps", "seeds") else 0
+        least = 1 if name in ("steps", "seeds", "generate_max_tokens") else 0
         if value is not None and value < least:
             raise UserError(f"--{name.replace('_', '-')} must be an integer >= {least}, got {value}")
 
