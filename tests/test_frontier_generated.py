@@ -98,10 +98,24 @@ def micro_grid(tmp_path, *extra):
     return main(argv)
 
 
+SFT_TRAININGS = []
+
+
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
+    """Two seeds of three runs after an SFT stage, with generations; every SFT training counted."""
+    import upo.frontier.study as study
+
     tmp_path = tmp_path_factory.mktemp("frontier-sft")
-    assert micro_grid(tmp_path) == 0
+    run_sft = study.run_sft
+
+    def counted(*args, **kwargs):
+        SFT_TRAININGS.append(args)
+        return run_sft(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(study, "run_sft", counted)
+        assert micro_grid(tmp_path) == 0
     out = tmp_path / "grid"
     return out, json.loads((out / "frontier.json").read_text())
 
@@ -135,6 +149,7 @@ def test_the_sft_stage_is_trained_once_and_every_run_starts_from_it(grid):
     out, report = grid
     configs = [json.loads(path.read_text()) for path in out.rglob("config.json") if path.parent.name != "model"]
     sft = [c for c in configs if c["loss_type"] == ["sft"]]
+    assert len(SFT_TRAININGS) == 1  # trained once for the six runs of the two seeds
     assert len(sft) == 1 and len(configs) == 1 + 6  # one SFT stage, six runs
     assert len((out / "sft" / "metrics.jsonl").read_text().splitlines()) == report["sft"]["steps"] == 2
     assert report["sft"]["examples"] == 2 * report["dataset"]["train_pairs"]  # both responses of every pair

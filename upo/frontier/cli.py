@@ -2,8 +2,9 @@
 
 Trains a grid of ``upo-train`` runs on the same data, split, seed and steps (UPO over a range of
 lambda for each base loss, and the base loss alone on pairs relabelled towards the designer reward
-at several mixing levels), measures each on the held-out pairs and writes ``frontier.json`` and
-``frontier.png``. Flags after ``--`` go to every ``upo-train`` run unchanged (its UPO-only flags to
+at several mixing levels), measures each on the held-out pairs and, with ``--generate``, on what it
+writes, and writes ``frontier.json`` and ``frontier.png``. With ``--model`` (a pretrained model) a
+shared SFT stage is trained first and every run trains LoRA adapters on it, ``--seeds`` times. Flags after ``--`` go to every ``upo-train`` run unchanged (its UPO-only flags to
 the UPO runs only). User mistakes end with one line ``upo-frontier: error: ...`` and exit status 2.
 """
 from __future__ import annotations
