@@ -106,3 +106,14 @@ def test_upo_train_bad_values_are_one_line_errors(tmp_path, capsys, flags, fragm
 
     code, _, err = run_main(micro_args(tmp_path, *flags), capsys)
     assert_one_line_error(code, err, fragment)
+
+
+def test_upo_config_takes_auto(tmp_path):
+    pytest.importorskip("trl")
+    from upo.integrations.trl import UPOConfig
+    from upo.integrations.trl.config import plan_loss
+
+    config = UPOConfig(output_dir=str(tmp_path), beta_aux="auto", aux_normalize="sum", loss_type=["sigmoid", "upo"],
+                       report_to=[], bf16=False, use_cpu=True)
+    kwargs = plan_loss(config, 1).kwargs  # its dry run of upo.fused_loss takes the option
+    assert kwargs["beta_aux"] == "auto" and kwargs["aux_normalize"] == "sum"
