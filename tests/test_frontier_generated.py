@@ -164,7 +164,8 @@ def test_the_sft_stage_is_trained_once_and_every_run_starts_from_it(grid):
     (["--seeds", "0"], "--seeds must be an integer >= 1, got 0"),
     (["--sft-steps", "-1"], "--sft-steps must be an integer >= 0, got -1"),
     (["--sft-lr", "0"], "--sft-lr must be a finite number > 0"),
-    (["--user-reward", "politeness:1"], "bad --user-reward politeness:1: reward spec 'politeness:1': unknown reward 'politeness'"),
+    (["--user-reward", "politeness:1"],
+     "bad --user-reward politeness:1: reward spec 'politeness:1': unknown reward 'politeness'"),
     (["--model", "/nonexistent/model"], "--model /nonexistent/model"),
 ])
 def test_bad_flags_are_one_line_before_any_run(tmp_path, capsys, extra, fragment):

@@ -4,8 +4,9 @@ Trains a grid of ``upo-train`` runs on the same data, split, seed and steps (UPO
 lambda for each base loss, and the base loss alone on pairs relabelled towards the designer reward
 at several mixing levels), measures each on the held-out pairs and, with ``--generate``, on what it
 writes, and writes ``frontier.json`` and ``frontier.png``. With ``--model`` (a pretrained model) a
-shared SFT stage is trained first and every run trains LoRA adapters on it, ``--seeds`` times. Flags after ``--`` go to every ``upo-train`` run unchanged (its UPO-only flags to
-the UPO runs only). User mistakes end with one line ``upo-frontier: error: ...`` and exit status 2.
+shared SFT stage is trained first and every run trains LoRA adapters on it, ``--seeds`` times. Flags
+after ``--`` go to every ``upo-train`` run unchanged (its UPO-only flags to the UPO runs only). User
+mistakes end with one line ``upo-frontier: error: ...`` and exit status 2.
 """
 from __future__ import annotations
 
@@ -81,12 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bases", default=",".join(DEFAULT_BASES),
                    help=f"base preference losses (default: {','.join(DEFAULT_BASES)})")
     p.add_argument("--lambdas",
-                   help=f"UPO's lambda values, >= 0 (default: {TOY_DEFAULTS['lambdas']}; {MODEL_DEFAULTS['lambdas']} with "
-                   "--model; 0 is the base loss)")
+                   help=f"UPO's lambda values, >= 0 (default: {TOY_DEFAULTS['lambdas']}; "
+                   f"{MODEL_DEFAULTS['lambdas']} with --model; 0 is the base loss)")
     p.add_argument("--mixes",
                    help="relabelling levels in [0, 1]: the share of the training pairs whose designer reward "
                    f"disagrees with the label that get swapped (default: {TOY_DEFAULTS['mixes']}; "
-                   f"{MODEL_DEFAULTS['mixes']} with --model, whose lambda = 0 run is the base loss on the user's labels)")
+                   f"{MODEL_DEFAULTS['mixes']} with --model, whose lambda = 0 run is the base loss on the user's "
+                   "labels)")
     p.add_argument("--steps", type=int,
                    help=f"optimiser steps per run (default: {DEFAULT_STEPS}; {MODEL_DEFAULTS['steps']} with --model)")
     p.add_argument("--seed", type=int, default=0, help="the first seed: the split, the SFT stage; run k of a grid "
@@ -123,7 +125,8 @@ def fill_defaults(args) -> None:
             setattr(args, name, value)
     if args.dataset is None:
         chat = pretrained and _has_chat_template(args.model)
-        args.dataset = str(RESOURCES_DIR / ("preferences_conflict_chat.jsonl" if chat else "preferences_conflict.jsonl"))
+        name = "preferences_conflict_chat.jsonl" if chat else "preferences_conflict.jsonl"
+        args.dataset = str(RESOURCES_DIR / name)
     args.aux_reward = args.aux_reward or list(DEFAULT_AUX_REWARD)
     args.user_reward = args.user_reward or list(DEFAULT_USER_REWARD)
 

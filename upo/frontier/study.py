@@ -199,7 +199,8 @@ def run_one(study: Study, spec: RunSpec, runtime, seed: int | None = None, log=N
         if log is not None:
             log(f"{spec.name} seed {seed}: trained in {summary['train_seconds']:.0f} s; generating")
         run.update(measure_generations(study, trainer, seed, timings, log))
-    run.update(name=spec.name, timings={k: round(v, 2) for k, v in timings.items()}, swapped_pairs=swapped if spec.method == "relabel" else None,
+    run.update(name=spec.name, timings={k: round(v, 2) for k, v in timings.items()},
+               swapped_pairs=swapped if spec.method == "relabel" else None,
                eval_rewards_accuracies=summary["eval"].get("rewards/accuracies"),
                train_loss=summary["train"].get("loss"), train_seconds=round(summary["train_seconds"], 2),
                wall_seconds=round(time.perf_counter() - started, 2),

@@ -47,7 +47,8 @@ def load_topics() -> list[tuple[str, ...]]:
 
 
 TOPICS = load_topics()
-PLAIN_HEDGES = {"how": ["Maybe", "Perhaps", "Possibly", "Maybe try to"], "why": ["Maybe", "Perhaps", "Probably", "I think"]}
+PLAIN_HEDGES = {"how": ["Maybe", "Perhaps", "Possibly", "Maybe try to"],
+                "why": ["Maybe", "Perhaps", "Probably", "I think"]}
 TECHNICAL_HEDGES = {"how": ["Conceivably,", "Presumably,", "Potentially,", "Arguably,"],
                     "why": ["Conceivably,", "Presumably,", "Arguably,", "Potentially,"]}
 HEDGED_CLOSERS = ["But I might be wrong.", "I am not sure, though.", "That is probably not the whole story.",

@@ -200,8 +200,8 @@ NUMBER_RANGES = {
     "f_alpha_divergence_coef": (lambda v: True, ""),  # upo.loss checks it against the divergence
     "eval_generate_temperature": (lambda v: v >= 0, ">= 0 (0: greedy)"),
 }
-OPTIONAL_NUMBERS = ("lr", "ld_alpha", "omega_max")
-WORD_VALUES = {"beta_aux": "auto"}  # a number setting that also takes this word  # None: the default for the kind of model / LD-DPO off / no cap
+OPTIONAL_NUMBERS = ("lr", "ld_alpha", "omega_max")  # None: the default for the kind of model / LD-DPO off / no cap
+WORD_VALUES = {"beta_aux": "auto"}  # a number setting that also takes this word
 
 
 def validate(config: TrainConfig, given: set[str] = frozenset()) -> None:
