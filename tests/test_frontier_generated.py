@@ -113,9 +113,14 @@ def grid(tmp_path_factory):
         SFT_TRAININGS.append(args)
         return run_sft(*args, **kwargs)
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(study, "run_sft", counted)
-        assert micro_grid(tmp_path) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one_thread is per test, this fixture per module: tiny matmuls, one thread
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(study, "run_sft", counted)
+            assert micro_grid(tmp_path) == 0
+    finally:
+        torch.set_num_threads(threads)
     out = tmp_path / "grid"
     return out, json.loads((out / "frontier.json").read_text())
 
