@@ -9,7 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["upo", "upo.*", "upo_kernels", "upo_kernels.*"]),
-    package_data={"upo": ["resources/*.jsonl", "resources/*.txt", "resources/*.md", "resources/*.py"]},
+    package_data={"upo": ["resources/*.jsonl", "resources/*.txt", "resources/*.md", "resources/*.py", "resources/*.tsv"]},
     install_requires=[
         # The README pins torch==2.13.0 on the install line so that the CPU wheel is used;
         # here we only state the API floor.

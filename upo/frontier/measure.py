@@ -8,16 +8,14 @@
 * ``kl``: the mean over the ``2N`` held-out responses of the per-token log-ratio ``(S - R) / n``.
   It is measured on the dataset's fixed responses, not on samples of the policy, so it is an
   estimate of the drift from the reference, not the KL of the policy's own outputs (it can be < 0).
-* ``aux_reward_generated``: the mean ``r_aux`` of the policy's completions of the first ``N``
-  held-out prompts (``--generate N``; greedy unless a temperature is given), else None.
+
+What the policy writes (``--generate N``) is measured in generated.py.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-
-from upo.train.generation import complete_and_score
 
 
 @dataclass
@@ -72,14 +70,6 @@ def ranking(margin: torch.Tensor, aux_chosen: torch.Tensor, aux_rejected: torch.
 
 def _mean_or_none(values: torch.Tensor) -> float | None:
     return float(values.mean()) if values.numel() else None
-
-
-def generated_reward(model, tokenizer, prompt_ids: list[list[int]], prompts: list[str], reward,
-                     settings: "GenerateSettings") -> tuple[float, list[str]]:
-    """The mean designer reward of the completions of these prompts, and the texts."""
-    texts, _, combined = complete_and_score(model, tokenizer, prompt_ids, prompts, reward, settings.max_tokens,
-                                            settings.temperature, settings.seed, settings.batch_size)
-    return float(combined.mean()), texts
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Per response: ``X = Sbar`` (``aux_normalize="mean"``) or ``S`` (``"sum"``), designer reward
 ``r_aux = sum_k w_k a_k``, advantage ``A = r_aux - V`` (V detached), AWR weight
-``omega = min(exp(A / beta_aux), omega_max)`` without gradient, value residual ``u = r_aux - V``;
+``omega = min(exp(A / beta_aux), omega_max)`` without gradient (``beta_aux="auto"``: the batch's advantage
+standard deviation, floored at ``AUTO_BETA_AUX_FLOOR``), value residual ``u = r_aux - V``;
 its loss is ``lambda * (-omega X) + e(u)`` with the expectile loss ``e(u) = |tau - 1[u < 0]| u^2``
 (trains V only; zero without values). One function computes it per response
 (:func:`_per_response`): a pair averages its two responses, an unpaired row is one response.
@@ -31,12 +32,15 @@ _UPO_OPTIONS = {
 # batch's weight on one response, and keeps omega * X and the batch's sums finite in float32 (max ~3e38),
 # whose exp overflows to inf past 88.7 (inf * X would be a NaN loss).
 MAX_EXPONENT = 50.0
+# beta_aux="auto": the standard deviation of the batch's advantages, at least this (a batch whose advantages are
+# all equal would otherwise divide by 0); rewards are O(1) by design (upo.rewards), so 0.01 is far below a spread.
+AUTO_BETA_AUX_FLOOR = 0.01
 
 
 @dataclass(frozen=True)
 class _Settings:
     upo_lambda: float
-    beta_aux: float
+    beta_aux: float | None  # None: "auto", the batch's advantage standard deviation
     omega_max: float | None
     tau: float
     normalize: str
@@ -50,8 +54,15 @@ def _settings(ctx: LossContext | UnpairedContext) -> _Settings:
     normalize = ctx.options["aux_normalize"]
     if normalize not in ("mean", "sum"):
         raise ValueError(f"option aux_normalize of loss 'upo' must be 'mean' or 'sum', got {normalize!r}")
-    return _Settings(ctx.float_option("upo_lambda"), ctx.float_option("beta_aux", positive=True), omega_max, tau,
-                     normalize)
+    auto = isinstance(ctx.options["beta_aux"], str) and ctx.options["beta_aux"] == "auto"
+    beta_aux = None if auto else ctx.float_option("beta_aux", positive=True)
+    return _Settings(ctx.float_option("upo_lambda"), beta_aux, omega_max, tau, normalize)
+
+
+def auto_beta_aux(advantage: Tensor) -> Tensor:
+    """``beta_aux="auto"``: the advantages' standard deviation over the batch (population), at least
+    ``AUTO_BETA_AUX_FLOOR``; no gradient. ``A / beta_aux`` then has unit spread in every batch."""
+    return advantage.detach().std(unbiased=False).clamp_min(AUTO_BETA_AUX_FLOOR)
 
 
 def _combined_aux_reward(ctx: LossContext | UnpairedContext, *aux: Tensor) -> list[Tensor]:
@@ -99,13 +110,14 @@ def _per_response(settings: _Settings, logps: Tensor, lengths: Tensor | None, re
         x = logps
     with torch.no_grad():
         advantage = reward - baseline.detach()
-        exponent = advantage / settings.beta_aux
+        beta_aux = auto_beta_aux(advantage) if settings.beta_aux is None else advantage.new_tensor(settings.beta_aux)
+        exponent = advantage / beta_aux
         if settings.omega_max is None:
             omega = torch.exp(exponent.clamp(max=MAX_EXPONENT))
         else:  # exp may overflow to inf; the clamp turns that into omega_max.
             omega = torch.exp(exponent).clamp(max=settings.omega_max)
     value = torch.zeros_like(x) if values is None else _expectile_loss(reward - values, settings.tau)
-    parts = {"advantage": advantage, "omega": omega, "value": value}
+    parts = {"advantage": advantage, "omega": omega, "value": value, "beta_aux": beta_aux}
     return settings.upo_lambda * -(omega * x) + value, parts
 
 
@@ -116,6 +128,7 @@ def _metrics(parts: dict[str, Tensor], reward_chosen: Tensor, reward_rejected: T
         "aux/advantage_std": advantage.std(unbiased=False),
         "aux/weight_mean": omega.mean(),
         "aux/weight_max": omega.max(),
+        "aux/beta_aux": parts["beta_aux"],  # the temperature used: beta_aux, or the batch's with "auto"
         "value/loss": parts["value"].mean(),
     }
     # Unpaired rows may hold no desirable (or no undesirable) completion: its mean is left out, as TRL does.

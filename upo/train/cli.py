@@ -48,6 +48,19 @@ def _float_or_none(text: str) -> float | None:
 _float_or_none.__name__ = "number or none"  # argparse names the type in its message
 
 
+def _float_or_auto(text: str) -> float | str:
+    """A number, or ``auto`` (UPO's beta_aux from the batch's advantages)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number or 'auto': '{text}'") from None
+
+
+_float_or_auto.__name__ = "number or auto"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that raises :class:`UserError` instead of printing usage and exiting."""
 
@@ -119,13 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auxiliary reward for 'upo', repeatable: NAME:WEIGHT (readability, length, lexicon) or "
                    "column:COLUMN:WEIGHT; the first use replaces the default" + _default("aux_reward"))
     g.add_argument("--upo-lambda", type=float, help="weight lambda of the UPO auxiliary term" + _default("upo_lambda"))
-    g.add_argument("--beta-aux", type=float, help="AWR temperature beta_aux" + _default("beta_aux"))
+    g.add_argument("--beta-aux", type=_float_or_auto, help="AWR temperature beta_aux of the weights exp(A / "
+                   "beta_aux); auto: each batch's advantage standard deviation (at least 0.01), logged as "
+                   "aux/beta_aux" + _default("beta_aux"))
     g.add_argument("--omega-max", type=_float_or_none, help="cap of the AWR weights exp(A / beta_aux); none: no "
                    "cap (the exponent stops at 50, to stay finite)" + _default("omega_max"))
     g.add_argument("--expectile", type=float, help="expectile tau of the value loss" + _default("expectile"))
     g.add_argument("--baseline", choices=["value", "pair_mean", "batch_mean"],
                    help="UPO advantage baseline: value = learned ValueHead on the last prompt token "
                    "(pair_mean needs paired data)" + _default("baseline"))
+    g.add_argument("--aux-normalize", choices=["mean", "sum"],
+                   help="UPO's likelihood term on each response's token-mean log-prob (mean: lambda reads per token, "
+                   "favours short responses) or its sum (sum: same scale as the preference term)"
+                   + _default("aux_normalize"))
     g.add_argument("--value-lr", type=float, help="learning rate of the value head (its own optimiser parameter "
                    f"group, same schedule; the head starts at 0) (default: {VALUE_LR:g})")
     g.add_argument("--value-weight-decay", type=float, help="weight decay of the value head"

@@ -50,10 +50,11 @@ class TrainConfig:
     use_weighting: bool = False
     aux_reward: list[str] = field(default_factory=lambda: list(DEFAULT_AUX_REWARDS))
     upo_lambda: float = 1.0
-    beta_aux: float = 1.0
+    beta_aux: float | str = 1.0  # "auto": the batch's advantage standard deviation (upo/losses/upo.py)
     omega_max: float | None = 20.0  # None: no cap
     expectile: float = 0.7
     baseline: str = "value"
+    aux_normalize: str = "mean"  # UPO's likelihood term on the token-mean log-prob ("mean") or the sum
     value_lr: float = VALUE_LR  # the value head's own AdamW / RMSprop parameter group
     value_weight_decay: float = 0.0
     desirable_weight: float = 1.0  # KTO's class weights (TRL's KTOConfig names and defaults)
@@ -113,6 +114,7 @@ class TrainConfig:
 CHOICES = {
     "truncation": ("keep_end", "keep_start"),
     "baseline": ("value", "pair_mean", "batch_mean"),
+    "aux_normalize": ("mean", "sum"),
     "f_divergence_type": ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
     "optimizer": ("adamw", "rmsprop"),
     "lr_scheduler": ("constant", "linear", "cosine"),
@@ -128,8 +130,8 @@ def flag(name: str) -> str:
 
 
 # Settings only the UPO objective reads: given without 'upo' in --loss-type they would do nothing.
-UPO_SETTINGS = ("aux_reward", "upo_lambda", "beta_aux", "omega_max", "expectile", "baseline", "value_lr",
-                "value_weight_decay")
+UPO_SETTINGS = ("aux_reward", "upo_lambda", "beta_aux", "omega_max", "expectile", "baseline", "aux_normalize",
+                "value_lr", "value_weight_decay")
 KTO_SETTINGS = ("desirable_weight", "undesirable_weight")
 CLASS_WEIGHTED_LOSSES = ("kto", "apo_zero_unpaired")  # the losses KTO_SETTINGS weigh (TRL's KTOTrainer's)
 
@@ -182,7 +184,7 @@ NUMBER_RANGES = {
     "beta": (lambda v: v > 0, "> 0"),
     "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
     "upo_lambda": (lambda v: True, ""),  # any finite weight, as upo.loss takes
-    "beta_aux": (lambda v: v > 0, "> 0"),
+    "beta_aux": (lambda v: v > 0, "> 0 or auto"),
     "omega_max": (lambda v: v > 0, "> 0 (or none: no cap)"),
     "value_lr": (lambda v: v > 0, "> 0"),
     "value_weight_decay": (lambda v: v >= 0, ">= 0"),
@@ -199,6 +201,7 @@ NUMBER_RANGES = {
     "eval_generate_temperature": (lambda v: v >= 0, ">= 0 (0: greedy)"),
 }
 OPTIONAL_NUMBERS = ("lr", "ld_alpha", "omega_max")  # None: the default for the kind of model / LD-DPO off / no cap
+WORD_VALUES = {"beta_aux": "auto"}  # a number setting that also takes this word
 
 
 def validate(config: TrainConfig, given: set[str] = frozenset()) -> None:
@@ -216,7 +219,7 @@ def validate(config: TrainConfig, given: set[str] = frozenset()) -> None:
                 raise SettingError(name, f"{flag(name)} must be an integer >= {least}, got {value!r}")
     for name, (in_range, meaning) in NUMBER_RANGES.items():
         value = getattr(config, name)
-        if name in OPTIONAL_NUMBERS and value is None:
+        if (name in OPTIONAL_NUMBERS and value is None) or (name in WORD_VALUES and value == WORD_VALUES[name]):
             continue
         if not (_is_number(value) and math.isfinite(value) and in_range(value)):
             bound = f" {meaning}" if meaning else ""

@@ -28,7 +28,7 @@ def loss_kwargs_from_config(config: TrainConfig, reward_weights: list[float] | N
         kwargs.update(desirable_weight=config.desirable_weight, undesirable_weight=config.undesirable_weight)
     if uses_aux_objective(config.loss_type):
         kwargs.update(upo_lambda=config.upo_lambda, beta_aux=config.beta_aux, omega_max=config.omega_max,
-                      expectile=config.expectile, baseline=config.baseline)
+                      expectile=config.expectile, baseline=config.baseline, aux_normalize=config.aux_normalize)
         if reward_weights:
             kwargs["aux_weights"] = list(reward_weights)
     return kwargs

@@ -38,8 +38,9 @@ class UPOConfig(DPOConfig):
 
     upo_lambda: float | None = field(default=None, metadata={
         "help": "Weight of UPO's advantage-weighted likelihood term inside loss 'upo' (upo's default: 1.0)."})
-    beta_aux: float | None = field(default=None, metadata={
-        "help": "Temperature of UPO's advantage weights exp(A / beta_aux) (upo's default: 1.0)."})
+    beta_aux: float | None = field(default=None, metadata={  # also "auto" (from Python; TrlParser reads a float)
+        "help": "Temperature of UPO's advantage weights exp(A / beta_aux) (upo's default: 1.0); 'auto': each batch's "
+                "advantage standard deviation."})
     omega_max: float | None = field(default=None, metadata={
         "help": "Upper clip of UPO's advantage weights (upo's default: 20.0)."})
     expectile: float | None = field(default=None, metadata={
