@@ -313,8 +313,8 @@ def test_combination_is_weighted_sum_of_terms(names, weights):
 BASE_METRICS = {
     "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
 }
-UPO_METRICS = {"aux/advantage_mean", "aux/advantage_std", "aux/weight_mean", "aux/weight_max", "aux/reward_chosen",
-               "aux/reward_rejected", "value/loss"}
+UPO_METRICS = {"aux/advantage_mean", "aux/advantage_std", "aux/weight_mean", "aux/weight_max", "aux/beta_aux",
+               "aux/reward_chosen", "aux/reward_rejected", "value/loss"}
 
 
 @pytest.mark.parametrize(
