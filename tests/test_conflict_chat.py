@@ -1,7 +1,6 @@
 """The conversational conflict data of ``upo-frontier --model``: its stated statistics recomputed from the file
 (the disagreement share, the user's and designer's scores, the length match), and with SmolLM2's tokenizer the
 token lengths and the generator's reproduction of the file."""
-import importlib.util
 import json
 import re
 import statistics
@@ -9,6 +8,7 @@ import statistics
 import pytest
 
 from real_model import require_real_model
+from resource_scripts import load_resource_script
 from upo.rewards import RESOURCES_DIR, lexicon_fraction, load_lexicon, readability
 
 DATA = RESOURCES_DIR / "preferences_conflict_chat.jsonl"
@@ -17,10 +17,7 @@ SECTION = "## Conversational conflict data"
 
 
 def load_generator():
-    spec = importlib.util.spec_from_file_location("make_conflict_chat", RESOURCES_DIR / "make_conflict_chat.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_resource_script("make_conflict_chat")
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,12 @@
 """The conflicting preference data: the label (direct beats hedged) and the designer reward (readability)
 disagree on exactly the stated share of the rows; reproducible from its generator; the README's numbers hold."""
-import importlib.util
 import json
 import re
 import statistics
 
 import pytest
 
+from resource_scripts import load_resource_script
 from upo.rewards import RESOURCES_DIR, readability
 
 DATA = RESOURCES_DIR / "preferences_conflict.jsonl"
@@ -17,11 +17,7 @@ HEDGED_CLOSERS = ("I am not sure, though.", "But I could be wrong.", "That is ju
 
 
 def load_generator():
-    spec = importlib.util.spec_from_file_location("make_conflict_preferences",
-                                                  RESOURCES_DIR / "make_conflict_preferences.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_resource_script("make_conflict_preferences")
 
 
 @pytest.fixture(scope="module")

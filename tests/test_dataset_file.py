@@ -1,10 +1,10 @@
 """The bundled preference data: well formed, readable chosen side, reproducible from its generator."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from resource_scripts import load_resource_script
 from upo.rewards import RESOURCES_DIR, lexicon, readability
 
 PREFERENCES = RESOURCES_DIR / "preferences.jsonl"
@@ -19,11 +19,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def load_generator():
-    # resources/ is data, not a package, so the script is loaded from its path.
-    spec = importlib.util.spec_from_file_location("make_preferences", RESOURCES_DIR / "make_preferences.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_resource_script("make_preferences")
 
 
 @pytest.fixture(scope="module")
