@@ -1,0 +1,81 @@
+"""pytest-benchmark micro-cases of benchmarks/long_sequence.py: forward + backward of one pair, a tiny Llama.
+
+    pytest benchmarks/bench_long_sequence.py --benchmark-only --benchmark-autosave      # saved under .benchmarks/
+    pytest benchmarks/bench_long_sequence.py --benchmark-only --benchmark-compare       # against the last saved run
+    pytest benchmarks/ --benchmark-only --benchmark-json=bench-results/bench.json        # with the other micro-cases
+
+Not collected by the test run (``testpaths = tests``). Each case is one system's forward and backward of one pair
+(no optimiser step: TRL's ``training_step`` is its forward and backward) on a tiny random Llama (vocabulary of
+bytes, 2 layers), for ``upo-train`` with and without ``--share-prompt`` and TRL's ``DPOTrainer``, on a
+prompt-heavy pair; ``extra_info`` holds the step's floor (``memory_floor``) and its peak extra RSS measured in this
+shared process (indicative only: the figures that count come from ``python -m benchmarks.long_sequence``, a fresh
+process per case).
+"""
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import measure
+from benchmarks.long_sequence import SHARED, Case, make_trl_trainer, make_upo_train, memory_floor, tiny_model, write_pairs
+
+LENGTHS = [256, 1024]
+SYSTEMS = ["upo-train", "upo-train-shared", "trl"]
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    return tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+def _upo_train_step(case, data, workdir):
+    trainer = make_upo_train(case, data, workdir)
+    batch = trainer.make_batch([0])
+
+    def step():
+        trainer.model(batch).loss.backward()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    return step, trainer.close, sum(p.numel() for p in trainer.params)
+
+
+def _trl_step(case, data, workdir):
+    trainer = make_trl_trainer(case, data, workdir)
+    batch = next(iter(trainer.get_train_dataloader()))
+    model = trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train's loop, which this bypasses
+
+    def step():
+        trainer.training_step(model, batch)
+        model.zero_grad(set_to_none=True)
+
+    return step, lambda: None, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_step(benchmark, model_folder, tmp_path, system, length):
+    if system == "trl":
+        pytest.importorskip("trl")
+    case = Case(system, "prompt_heavy", length, gradient_checkpointing=True, model=model_folder)
+    data = write_pairs(case, tmp_path / "pairs.jsonl")
+    step, close, trainable = (_trl_step if system == "trl" else _upo_train_step)(case, data, tmp_path)
+    try:
+        step()  # warm-up: first-call costs out of the timing
+        with measure.PeakMemory("cpu") as mem:
+            step()
+        benchmark.group = f"prompt_heavy-L{length}"
+        floor = memory_floor(tiny_model_config(model_folder), case.prompt_tokens, case.response_tokens,
+                             share_prompt=system in SHARED, trainable=trainable)
+        benchmark.extra_info.update(system=system, length=length, prompt_tokens=case.prompt_tokens,
+                                    response_tokens=case.response_tokens, floor_bytes=floor["total"],
+                                    peak_extra_bytes=mem.extra)
+        benchmark.pedantic(step, rounds=5, warmup_rounds=0)
+    finally:
+        close()
+
+
+def tiny_model_config(folder: str) -> dict:
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(folder) / "config.json").read_text())

@@ -1,0 +1,669 @@
+"""Long sequences end to end: peak memory and time of one whole training step against the sequence length.
+
+One pair per step (fp32 weights, full fine-tuning, AdamW), for ``upo-train`` (:class:`upo.train.trainer.Trainer`,
+driven step by step), ``UPOTrainer`` and TRL's ``DPOTrainer``, each with and without prompt sharing where it has
+it, with and without gradient checkpointing, for a response-heavy and a prompt-heavy mix, beside the step's
+memory floor computed from the model's config (:func:`memory_floor`).
+
+    python -m benchmarks.long_sequence                       # SmolLM2-135M-Instruct, the default grid (CPU: ~1 h)
+    python -m benchmarks.long_sequence --lengths 1024,2048 --systems upo-train,trl --mixes prompt_heavy
+    python -m benchmarks.long_sequence --dry-run             # a tiny Llama, seconds: the code path and the schema
+    python -m benchmarks.long_sequence --render results.json # the markdown table and plot again
+
+Every case runs in a fresh process (``--case``). It loads the model, runs ``--warmup`` steps (which allocate
+the optimiser's state), then measures ``--steps`` steps: **extra** is the peak over the memory held when the step
+starts (the model, the reference, the optimiser's state: what a step cannot avoid holding), so it is the
+step's own memory: gradients, activations, the loss. CPU: the resident set's high-water mark, reset before each
+step (``benchmarks/measure.py``), in a process started with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed
+buffers go back to the OS and the RSS follows what is alive (``--malloc default`` measures glibc's defaults);
+CUDA: ``max_memory_allocated``. Time: the median of the measured steps' wall time.
+
+Results: ``long-sequence-<date>.json`` (every case, the floor's parts, the environment) and beside it ``.md``
+(tables) and ``.png`` (extra memory against L); ``--out`` as the other benchmarks (``benchmarks/common.py``).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import out_dir, write_json
+
+SYSTEMS = ("upo-train", "upo-train-shared", "upotrainer", "upotrainer-shared", "trl")
+SHARED = {"upo-train-shared": "upo-train", "upotrainer-shared": "upotrainer"}
+# (prompt share, response share) of a sequence of L tokens: prompt + one response.
+MIXES = {"response_heavy": (0.25, 0.75), "prompt_heavy": (0.75, 0.25)}
+DEFAULT_LENGTHS = (1024, 2048, 4096)
+DEFAULT_CAP_GB = 8.0
+FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# upo's torch backend's logit tile ([3, chunk_tokens, chunk_vocab] fp32, upo_kernels/chunked.py)
+LOSS_TILE = (3, 2048, 384)
+SCHEMA_VERSION = 1
+
+
+# ---- the floor ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Dims:
+    """What the floor needs of a decoder-only (Llama-type) config."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, config) -> "Dims":
+        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        heads = get("num_attention_heads")
+        return cls(hidden=get("hidden_size"), intermediate=get("intermediate_size"), layers=get("num_hidden_layers"),
+                   heads=heads, kv_heads=get("num_key_value_heads") or heads,
+                   head_dim=get("head_dim") or get("hidden_size") // heads, vocab=get("vocab_size"),
+                   tied=bool(get("tie_word_embeddings", False)))
+
+    def parameters(self) -> int:
+        """Weights of the model (embedding, layers, final norm, the head unless tied)."""
+        d, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        layer = d * q + 2 * d * kv + q * d + 3 * d * self.intermediate + 2 * d
+        return self.vocab * d * (1 if self.tied else 2) + self.layers * layer + d
+
+    def saved_per_token(self, with_input: bool) -> int:
+        """Floats one decoder layer's backward keeps per token: what a transformers Llama layer under SDPA saves.
+
+        RMSNorm 1: its normalised input, its output (shared by the q, k, v projections) and 1/rms; attention:
+        the rotated q and k, v, its output (o_proj's input) and a logsumexp per head (SDPA's flash path; a math
+        path would also keep [heads, T, T] probabilities); RMSNorm 2: its input, normalised input, output and
+        1/rms; the MLP: gate, silu(gate), up and their product (down_proj's input). ``with_input``: the layer's
+        input too (without gradient checkpointing; with it the input is the checkpoint, counted apart).
+        tests/test_long_sequence_bench.py checks this count against the tensors a real layer saves.
+        """
+        d, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        norm1 = 2 * d + 1
+        attention = q + 2 * kv + q + self.heads
+        norm2 = 3 * d + 1
+        mlp = 4 * i
+        return norm1 + attention + norm2 + mlp + (d if with_input else 0)
+
+
+def step_tokens(prompt: int, response: int, share_prompt: bool) -> int:
+    """Tokens one pair puts through the model: [prompt, chosen] and [prompt, rejected], or shared [p, c, r]."""
+    return prompt + 2 * response if share_prompt else 2 * (prompt + response)
+
+
+def memory_floor(config, prompt: int, response: int, *, share_prompt: bool = False,
+                 gradient_checkpointing: bool = True, trainable: int | None = None,
+                 dtype: str = "float32") -> dict:
+    """Bytes one training step of one pair must hold beyond the model, reference and optimiser state.
+
+    - gradients: one per trainable weight (``trainable``; default every weight of the config);
+    - activations: with gradient checkpointing, every layer's input (the checkpoints) plus one layer's
+      saved tensors during its recompute; without, every layer's saved tensors and input;
+    - the final norm's input, normalised input and output (the head's input);
+    - the loss: one logit tile of upo's torch backend (the loss never holds [tokens, vocab] logits).
+
+    ``total`` adds them up (the issue's floor); it overstates what must coexist, since the backward frees each
+    layer's checkpoint as it allocates that layer's gradients. ``in_order`` follows the backward instead (full
+    fine-tuning only, else None): the largest of what is alive at the loss's backward, at the last layer's
+    recompute, at the first layer's, and at the end, where the embedding's dense gradient is summed into a tied
+    head's (:func:`backward_in_order`). The reference's forward runs without gradients (one layer's activations at
+    a time, before the policy's backward) and adds nothing to either. The attention probabilities of a math path
+    ([heads, T, T]) are not counted: a floor is what the fastest path needs.
+    """
+    dims = Dims.from_config(config)
+    size = FLOAT_BYTES[dtype]
+    tokens = step_tokens(prompt, response, share_prompt)
+    trainable = dims.parameters() if trainable is None else trainable
+    parts = {"gradients": trainable * size}
+    if gradient_checkpointing:
+        parts["checkpoints"] = dims.layers * tokens * dims.hidden * size
+        parts["layer_recompute"] = tokens * dims.saved_per_token(with_input=False) * size
+    else:
+        parts["activations"] = dims.layers * tokens * dims.saved_per_token(with_input=True) * size
+    parts["head_input"] = 3 * tokens * dims.hidden * size
+    parts["loss_tile"] = LOSS_TILE[0] * min(LOSS_TILE[1], tokens) * min(LOSS_TILE[2], dims.vocab) * 4
+    in_order = backward_in_order(dims, parts, size) if trainable == dims.parameters() else None
+    return {"tokens": tokens, "parts": parts, "total": sum(parts.values()), "in_order": in_order}
+
+
+def backward_in_order(dims: Dims, parts: dict, size: int) -> int:
+    """The floor along the backward of a full fine-tuning step: the max of four moments' live bytes.
+
+    ``head``: the head's weight gradient (V x D, made first, by the loss); ``layer``: one layer's weight gradients;
+    ``kept``: one layer's checkpoint (with checkpointing) or its saved tensors and input (without).
+    1. the loss's backward: head + every layer's kept + the final norm's tensors + the loss tile;
+    2. the last layer's backward: head + every layer's kept + (with checkpointing) its recompute;
+    3. the first layer's: head + the other layers' gradients + its kept + its recompute;
+    4. the end: every gradient, plus the embedding's dense gradient before a tied head's sums it in.
+    """
+    n = dims.layers
+    head = dims.vocab * dims.hidden * size
+    layer = (dims.parameters() - dims.vocab * dims.hidden * (1 if dims.tied else 2) - dims.hidden) * size // n
+    kept = (parts["checkpoints"] if "checkpoints" in parts else parts["activations"]) // n
+    recompute = parts.get("layer_recompute", 0)
+    moments = [head + n * kept + parts["head_input"] + parts["loss_tile"],
+               head + n * kept + recompute,
+               head + (n - 1) * layer + kept + recompute,
+               parts["gradients"] + (head if dims.tied else 0)]
+    return max(moments)
+
+
+# ---- one case, in its own process --------------------------------------------------------------------------
+@dataclass
+class Case:
+    system: str
+    mix: str
+    length: int  # tokens per sequence (prompt + one response)
+    gradient_checkpointing: bool
+    model: str
+    device: str = "cpu"
+    warmup: int = 1
+    steps: int = 1
+
+    @property
+    def prompt_tokens(self) -> int:
+        return round(self.length * MIXES[self.mix][0])
+
+    @property
+    def response_tokens(self) -> int:
+        return self.length - self.prompt_tokens
+
+    @property
+    def key(self) -> str:
+        return f"{self.system}/{self.mix}/L{self.length}/{'gc' if self.gradient_checkpointing else 'nogc'}"
+
+
+def _filler(tokenizer, tokens: int) -> str:
+    """A text of exactly ``tokens`` tokens (a repeated word; the content does not change memory or time)."""
+    for word in (" the", " a", "x"):
+        text = word * tokens
+        if len(tokenizer(text, add_special_tokens=False)["input_ids"]) == tokens:
+            return text
+    raise RuntimeError(f"no filler word tokenizes to one token per word for {type(tokenizer).__name__}")
+
+
+def _rows(case: Case, tokenizer, n: int = 8) -> list[dict]:
+    prompt = _filler(tokenizer, case.prompt_tokens)
+    response = _filler(tokenizer, case.response_tokens)
+    return [{"prompt": prompt, "chosen": response, "rejected": response}] * n
+
+
+def _step_recorder(device: str):
+    from benchmarks import measure
+
+    records = []
+
+    class Recorder:
+        def __enter__(self):
+            self.mem = measure.PeakMemory(device).__enter__()
+            measure.sync(device)
+            self.t0 = time.perf_counter()
+            return self
+
+        def __exit__(self, *exc):
+            measure.sync(device)
+            seconds = time.perf_counter() - self.t0
+            self.mem.__exit__(*exc)
+            records.append({"seconds": seconds, "base_bytes": self.mem.base, "peak_bytes": self.mem.peak,
+                            "extra_bytes": self.mem.extra, "method": self.mem.method})
+            return False
+
+    return Recorder, records
+
+
+def make_upo_train(case: Case, data: Path, workdir: Path):
+    """``upo-train``'s :class:`Trainer` for this case (sigmoid loss, one pair per step, lr 1e-6)."""
+    from upo.train.config import build_config
+    from upo.train.trainer import Trainer
+
+    config = build_config({}, {
+        "model": case.model, "dataset": str(data), "batch_size": 1, "max_length": 4 * case.length,
+        "loss_type": ["sigmoid"], "gradient_checkpointing": case.gradient_checkpointing,
+        "share_prompt": case.system in SHARED, "max_steps": case.warmup + case.steps, "lr": 1e-6,
+        "warmup_steps": 0, "eval_every": 10 ** 6, "save_every": 10 ** 6, "output_dir": str(workdir / "run"),
+        "progress": False, "device": case.device, "logit_check": False})  # the check is start-up, not the step
+    return Trainer(config, log=lambda message: None)
+
+
+def make_trl_trainer(case: Case, data: Path, workdir: Path, callbacks=()):
+    """TRL's ``DPOTrainer`` (``trl``) or ``UPOTrainer`` (``upotrainer[-shared]``) in TRL's defaults but fp32 and
+    one pair per step, no length limit, the same learning rate and loss as :func:`make_upo_train`."""
+    from datasets import Dataset
+
+    from upo.pretrained import load_causal_lm, load_tokenizer
+
+    common = dict(output_dir=str(workdir / "run"), per_device_train_batch_size=1, max_steps=case.warmup + case.steps,
+                  learning_rate=1e-6, lr_scheduler_type="constant", max_length=None, bf16=False, report_to=[],
+                  logging_steps=1, save_strategy="no", gradient_checkpointing=case.gradient_checkpointing,
+                  dataloader_num_workers=0, use_cpu=case.device == "cpu", disable_tqdm=True, loss_type=["sigmoid"])
+    if case.system == "trl":
+        from trl import DPOConfig, DPOTrainer
+
+        args, trainer_class = DPOConfig(**common), DPOTrainer
+    else:
+        from upo.integrations.trl import UPOConfig, UPOTrainer
+
+        args = UPOConfig(**common, share_prompt=case.system in SHARED)
+        trainer_class = UPOTrainer
+    model, tokenizer = load_causal_lm(case.model), load_tokenizer(case.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    return trainer_class(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         callbacks=list(callbacks))
+
+
+def _run_upo_train(case: Case, data: Path, workdir: Path, recorder) -> dict:
+    with make_upo_train(case, data, workdir) as trainer:
+        for step in range(case.warmup + case.steps):
+            if step < case.warmup:
+                trainer.train_step()
+                continue
+            with recorder():
+                trainer.train_step()
+        return {"trainable": sum(p.numel() for p in trainer.params),
+                "attn_implementation": trainer.module.policy.config._attn_implementation}
+
+
+def _run_trl(case: Case, data: Path, workdir: Path, recorder) -> dict:
+    from transformers import TrainerCallback
+
+    class Measure(TrainerCallback):
+        def __init__(self):
+            self.step, self.active = 0, None
+
+        def on_step_begin(self, args, state, control, **kw):
+            if self.step >= case.warmup:
+                self.active = recorder().__enter__()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.active is not None:
+                self.active.__exit__(None, None, None)
+                self.active = None
+            self.step += 1
+
+    trainer = make_trl_trainer(case, data, workdir, [Measure()])
+    trainer.train()
+    model = trainer.model
+    return {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "attn_implementation": model.config._attn_implementation}
+
+
+def write_pairs(case: Case, path: Path) -> Path:
+    """The case's pairs as a jsonl file (both systems read the same file)."""
+    from upo.pretrained import load_tokenizer
+
+    path.write_text("".join(json.dumps(row) + "\n" for row in _rows(case, load_tokenizer(case.model))))
+    return path
+
+
+def run_case(case: Case) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory(prefix="upo-long-") as tmp:
+        workdir = Path(tmp)
+        data = write_pairs(case, workdir / "pairs.jsonl")
+        recorder, steps = _step_recorder(case.device)
+        runner = _run_upo_train if case.system.startswith("upo-train") else _run_trl
+        info = runner(case, data, workdir, recorder)
+    if not steps:
+        raise RuntimeError(f"{case.key}: no step was measured")
+    return {**asdict(case), "key": case.key, "prompt_tokens": case.prompt_tokens,
+            "response_tokens": case.response_tokens, **info, "steps_measured": steps,
+            "extra_bytes": max(s["extra_bytes"] for s in steps),
+            "step_seconds": statistics.median(s["seconds"] for s in steps)}
+
+
+# ---- the grid, in fresh processes --------------------------------------------------------------------------
+def _case_env(malloc: str) -> dict:
+    env = dict(os.environ)
+    if malloc == "mmap":
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    return env
+
+
+def run_in_process(case: Case, malloc: str, timeout: float) -> dict:
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as result:
+        command = [sys.executable, "-m", "benchmarks.long_sequence", "--case", json.dumps(asdict(case)),
+                   "--result", result.name]
+        root = Path(__file__).resolve().parent.parent
+        try:
+            done = subprocess.run(command, cwd=root, env=_case_env(malloc), capture_output=True, text=True,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {**asdict(case), "key": case.key, "status": "timeout", "error": f"over {timeout:.0f} s"}
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            return {**asdict(case), "key": case.key, "status": "error", "error": " | ".join(tail)}
+        record = json.loads(Path(result.name).read_text())
+    return {**record, "status": "ok"}
+
+
+def grid(systems, mixes, lengths, checkpointing, model, device, warmup, steps) -> list[Case]:
+    """Every combination, except prompt sharing on a mix whose prompt is the smaller part (little to share)."""
+    cases = []  # shortest first, each length for every mix and system: a grid stopped early has whole rows
+    for gc in checkpointing:
+        for length in lengths:
+            for mix in mixes:
+                for system in systems:
+                    if system in SHARED and MIXES[mix][0] < 0.5:
+                        continue
+                    cases.append(Case(system, mix, length, gc, model, device, warmup, steps))
+    return cases
+
+
+def model_config(model: str) -> dict:
+    from transformers import AutoConfig
+
+    from upo.pretrained import load_causal_lm, loads_without_upo
+
+    if loads_without_upo(model):
+        return AutoConfig.from_pretrained(model).to_dict()
+    return load_causal_lm(model).config.to_dict()  # a .gguf file or "smollm2": read through upo's cache
+
+
+def add_floors(records: list[dict], config: dict) -> None:
+    for r in records:
+        if r.get("status") != "ok":
+            continue
+        floor = memory_floor(config, r["prompt_tokens"], r["response_tokens"], share_prompt=r["system"] in SHARED,
+                             gradient_checkpointing=r["gradient_checkpointing"], trainable=r["trainable"])
+        r["floor_bytes"], r["floor_parts"], r["floor_in_order_bytes"] = floor["total"], floor["parts"], floor["in_order"]
+        r["extra_over_floor"] = r["extra_bytes"] / floor["total"]
+        r["extra_over_floor_in_order"] = r["extra_bytes"] / floor["in_order"] if floor["in_order"] else None
+
+
+def longest_within(records: list[dict], cap_bytes: float) -> dict:
+    """Per (system, mix, checkpointing): the longest measured L whose whole peak (base + extra) fits the cap, and
+    the L where a straight line through the measured peaks (least squares, 2+ lengths) reaches it: an
+    extrapolation, labelled as one (with SDPA's flash kernels a step's memory grows linearly in L, but past the
+    measured lengths nothing was measured)."""
+    points = {}
+    for r in records:
+        if r.get("status") != "ok":
+            continue
+        key = f"{r['system']}/{r['mix']}/{'gc' if r['gradient_checkpointing'] else 'nogc'}"
+        points.setdefault(key, []).append((r["length"], max(s["peak_bytes"] for s in r["steps_measured"])))
+    best = {}
+    for key, pts in points.items():
+        fits = [length for length, peak in pts if peak <= cap_bytes]
+        entry = {"measured": max(fits) if fits else None, "extrapolated": None}
+        if len({length for length, _ in pts}) >= 2:
+            n = len(pts)
+            mean_l, mean_p = sum(p[0] for p in pts) / n, sum(p[1] for p in pts) / n
+            slope = sum((l - mean_l) * (p - mean_p) for l, p in pts) / sum((l - mean_l) ** 2 for l, _ in pts)
+            if slope > 0:
+                entry["extrapolated"] = int(mean_l + (cap_bytes - mean_p) / slope)
+        best[key] = entry
+    return best
+
+
+def environment(device: str, malloc: str) -> dict:
+    import torch
+    import transformers
+
+    env = {"date": datetime.date.today().isoformat(), "device": device, "machine": platform.machine(),
+           "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+           "torch": torch.__version__, "transformers": transformers.__version__, "malloc": malloc}
+    try:
+        import trl
+
+        env["trl"] = trl.__version__
+    except ImportError:
+        env["trl"] = None
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    try:
+        env["load_average_start"] = os.getloadavg()
+    except OSError:
+        pass
+    return env
+
+
+# ---- report ------------------------------------------------------------------------------------------------
+def _gb(n) -> str:
+    return "–" if n is None else f"{n / 1e9:.2f}"
+
+
+def _ratio(x) -> str:
+    return "–" if x is None else f"{x:.2f}x"
+
+
+def markdown(doc: dict) -> str:
+    records = [r for r in doc["cases"] if r.get("status") == "ok"]
+    lines = [f"# Long sequences: one training step, {doc['model_name']}",
+             "", f"{doc['environment']['date']}, {doc['environment']['device']}, "
+             f"{doc['environment']['cpus']} CPUs, malloc {doc['environment']['malloc']}; extra = the step's peak over "
+             "the model, reference and optimiser state (GB), and its ratio to the floor in order and to TRL's extra; "
+             "floor from the config (`memory_floor`: the sum of its parts, and in the backward's order); time = "
+             "median step seconds.", ""]
+    for mix in doc["mixes"]:
+        for gc in doc["gradient_checkpointing"]:
+            rows = [r for r in records if r["mix"] == mix and r["gradient_checkpointing"] == gc]
+            if not rows:
+                continue
+            systems = [s for s in doc["systems"] if any(r["system"] == s for r in rows)]
+            lines += [f"## {mix}, gradient checkpointing {'on' if gc else 'off'}", "",
+                      "| L | floor: sum / in order | " + " | ".join(f"{s} extra / time" for s in systems) + " |",
+                      "|---|---|" + "---|" * len(systems)]
+            for length in sorted({r["length"] for r in rows}):
+                at = {r["system"]: r for r in rows if r["length"] == length}
+                unshared = [r for r in at.values() if r["system"] not in SHARED]
+                floor = (f"{_gb(unshared[0]['floor_bytes'])} / {_gb(unshared[0]['floor_in_order_bytes'])} GB"
+                         if unshared else "–")
+                trl = at.get("trl")
+                cells = [f"{_gb(at[s]['extra_bytes'])} GB ({_ratio(at[s]['extra_over_floor_in_order'])} floor"
+                         + (f", {at[s]['extra_bytes'] / trl['extra_bytes']:.2f}x TRL" if trl and s != "trl" else "")
+                         + f") / {at[s]['step_seconds']:.1f} s" if s in at else "–" for s in systems]
+                lines.append(f"| {length} | {floor} | " + " | ".join(cells) + " |")
+            lines.append("")
+    failed = [r for r in doc["cases"] if r.get("status") != "ok"]
+    if failed:
+        lines += ["Cases that did not finish:", ""] + [f"- {r['key']}: {r['status']} ({r.get('error')})" for r in failed]
+        lines.append("")
+    cap = doc["cap_bytes"]
+    lines += [f"Longest L whose whole peak (model, reference, optimiser state and the step) fits {cap / 1e9:g} GB: "
+              "measured; extrapolated along a straight line through the measured peaks:", ""]
+    for key, value in doc["longest_within_cap"].items():
+        extrapolated = value["extrapolated"]
+        lines.append(f"- {key}: {value['measured'] if value['measured'] is not None else 'none measured'}; "
+                     f"{'~' + str(extrapolated) if extrapolated else 'not extrapolated'}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in doc["cases"] if r.get("status") == "ok"]
+    panels = [(m, gc) for m in doc["mixes"] for gc in doc["gradient_checkpointing"]
+              if any(r["mix"] == m and r["gradient_checkpointing"] == gc for r in records)]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (mix, gc) in zip(axes[0], panels):
+        rows = [r for r in records if r["mix"] == mix and r["gradient_checkpointing"] == gc]
+        for system in doc["systems"]:
+            pts = sorted((r["length"], r["extra_bytes"] / 1e9) for r in rows if r["system"] == system)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=system)
+        floor = sorted({(r["length"], r["floor_bytes"] / 1e9) for r in rows if r["system"] not in SHARED})
+        if floor:
+            ax.plot(*zip(*floor), "k--", label="floor (unshared)")
+        ax.set(title=f"{mix}, checkpointing {'on' if gc else 'off'}", xlabel="L (tokens per sequence)",
+               ylabel="extra memory of one step (GB)", xscale="log", yscale="log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(doc: dict, json_path: Path) -> None:
+    write_json(doc, str(json_path))
+    json_path.with_suffix(".md").write_text(markdown(doc))
+    plot(doc, json_path.with_suffix(".png"))
+
+
+# ---- command line ------------------------------------------------------------------------------------------
+def _usage_error(message: str):
+    print(f"long_sequence: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        _usage_error(message)
+
+
+def _names(text: str, allowed, flag: str) -> list[str]:
+    names = [n for n in text.split(",") if n]
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        _usage_error(f"{flag}: unknown {', '.join(bad) or repr(text)}; choose from {', '.join(allowed)}")
+    return names
+
+
+def _lengths(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        _usage_error(f"--lengths: comma-separated integers expected, got {text!r}")
+    if not values or min(values) < 8:
+        _usage_error(f"--lengths: each at least 8 tokens, got {text!r}")
+    return values
+
+
+def _appended(earlier: dict, new: dict) -> dict:
+    """``earlier`` with ``new``'s grid added (the same model and allocator, or the numbers would not compare)."""
+    for key in ("model", "model_config"):
+        if earlier[key] != new[key]:
+            _usage_error(f"--append: that file measured another {key.replace('_', ' ')} ({earlier[key]!r})")
+    if earlier["environment"]["malloc"] != new["environment"]["malloc"]:
+        _usage_error(f"--append: that file was measured with --malloc {earlier['environment']['malloc']}")
+    for key in ("systems", "mixes", "lengths", "gradient_checkpointing"):
+        earlier[key] = [*earlier[key], *(v for v in new[key] if v not in earlier[key])]
+    earlier["cap_bytes"] = new["cap_bytes"]
+    earlier.setdefault("appended", []).append(new["environment"])
+    return earlier
+
+
+def tiny_model(folder: Path) -> str:
+    """A small random Llama with SmolLM2's tokenizer shape of things (GQA, tied head), saved for every system."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from upo.train.data.tokenizer import hf_byte_tokenizer
+
+    if not (folder / "config.json").exists():
+        config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                             max_position_embeddings=4096, attn_implementation="sdpa")
+        LlamaForCausalLM(config).save_pretrained(folder)
+        hf_byte_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def main(argv=None) -> int:
+    p = _Parser(prog="python -m benchmarks.long_sequence", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2", help="any model upo-train takes (default: smollm2)")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"of {', '.join(SYSTEMS)}")
+    p.add_argument("--mixes", default=",".join(MIXES), help=f"of {', '.join(MIXES)} (prompt, response shares)")
+    p.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)), help="L, tokens per sequence")
+    p.add_argument("--checkpointing", default="on,off", help="gradient checkpointing: on, off or on,off")
+    p.add_argument("--max-length-without-checkpointing", type=int, default=1024,
+                   help="skip L above this without checkpointing (default: 1024)")
+    p.add_argument("--warmup", type=int, default=1, help="steps before the measured ones (default: 1)")
+    p.add_argument("--steps", type=int, default=1, help="measured steps per case (default: 1)")
+    p.add_argument("--cap-gb", type=float, default=DEFAULT_CAP_GB, help="memory cap of the headline (default: 8)")
+    p.add_argument("--malloc", choices=("mmap", "default"), default="mmap",
+                   help="CPU: mmap = MALLOC_MMAP_THRESHOLD_=65536 (the RSS follows what is alive), default = glibc's")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per case (default: 900)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="every system once on a tiny Llama (prompt-heavy, L = 24, checkpointing on): seconds")
+    p.add_argument("--out", help="output folder (default: $OUT, else ./bench-results)")
+    p.add_argument("--render", metavar="JSON", help="rewrite the .md and .png of an earlier result and stop")
+    p.add_argument("--append", metavar="JSON", help="add this grid's cases to an earlier result (same model and "
+                   "--malloc), skipping those it has")
+    p.add_argument("--case", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.case:
+        Path(args.result).write_text(json.dumps(run_case(Case(**json.loads(args.case)))))
+        return 0
+    if args.render:
+        path = Path(args.render)
+        doc = json.loads(path.read_text())
+        add_floors(doc["cases"], doc["model_config"])  # the floor as this file computes it now
+        doc["longest_within_cap"] = longest_within(doc["cases"], doc["cap_bytes"])
+        write_report(doc, path)
+        return 0
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    systems = _names(args.systems, SYSTEMS, "--systems")
+    mixes = _names(args.mixes, tuple(MIXES), "--mixes")
+    checkpointing = [v == "on" for v in _names(args.checkpointing, ("on", "off"), "--checkpointing")]
+    lengths = _lengths(args.lengths)
+    folder = Path(out_dir(args.out))
+    model = args.model
+    if args.dry_run:
+        model = tiny_model(folder / "tiny-model")
+        lengths, mixes, checkpointing, args.warmup, args.steps = [24], ["prompt_heavy"], [True], 1, 1
+    if "trl" in systems or any(s.startswith("upotrainer") for s in systems):
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            print("long_sequence: TRL is not installed: its systems are skipped", file=sys.stderr)
+            systems = [s for s in systems if s.startswith("upo-train")]
+    cases = [c for c in grid(systems, mixes, lengths, checkpointing, model, device, args.warmup, args.steps)
+             if c.gradient_checkpointing or c.length <= args.max_length_without_checkpointing]
+    doc = {"schema": SCHEMA_VERSION, "model_name": args.model if not args.dry_run else "tiny Llama (dry run)",
+           "model": model, "systems": systems, "mixes": mixes, "lengths": lengths,
+           "gradient_checkpointing": checkpointing, "cap_bytes": args.cap_gb * 1e9,
+           "environment": environment(device, args.malloc), "cases": []}
+    config = model_config(model)
+    doc["model_config"] = {k: config.get(k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                       "num_attention_heads", "num_key_value_heads", "head_dim",
+                                                       "vocab_size", "tie_word_embeddings")}
+    json_path = folder / f"long-sequence{'-dry-run' if args.dry_run else ''}-{doc['environment']['date']}.json"
+    if args.append:
+        json_path, doc = Path(args.append), _appended(json.loads(Path(args.append).read_text()), doc)
+        cases = [c for c in cases if c.key not in {r["key"] for r in doc["cases"] if r.get("status") == "ok"}]
+    for n, case in enumerate(cases, 1):
+        started = time.perf_counter()
+        record = run_in_process(case, args.malloc, args.timeout)
+        record["wall_seconds"] = time.perf_counter() - started
+        doc["cases"].append(record)
+        add_floors(doc["cases"], config)
+        doc["longest_within_cap"] = longest_within(doc["cases"], doc["cap_bytes"])
+        write_report(doc, json_path)  # after every case: a stopped grid keeps what it measured
+        extra = f"extra {_gb(record.get('extra_bytes'))} GB, {record.get('step_seconds', 0):.1f} s/step" \
+            if record["status"] == "ok" else record["status"] + ": " + str(record.get("error"))
+        print(f"[{n}/{len(cases)}] {case.key}: {extra} ({record['wall_seconds']:.0f} s)", file=sys.stderr, flush=True)
+    print(json_path)
+    return 0 if all(r["status"] == "ok" for r in doc["cases"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

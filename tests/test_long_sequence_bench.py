@@ -1,0 +1,138 @@
+"""benchmarks/long_sequence.py: the memory floor's arithmetic, checked by hand and against a real decoder layer,
+and the benchmark's dry run (every system once on a tiny Llama) with its JSON schema."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.long_sequence import Dims, longest_within, memory_floor, step_tokens
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# SmolLM2-135M-Instruct's config.json (the fields the floor reads)
+SMOLLM2 = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+           "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "tie_word_embeddings": True}
+
+
+def test_floor_of_smollm2_by_hand():
+    # One pair, prompt 1024 + each response 3072 tokens, gradient checkpointing, fp32, full fine-tuning.
+    # tokens: 2 x (1024 + 3072) = 8192
+    # weights: embedding 49152*576 = 28,311,552 (tied head); per layer q 576*576 + k, v 2*576*192 + o 576*576
+    #   + mlp 3*576*1536 + 2 norms 2*576 = 331,776 + 221,184 + 331,776 + 2,654,208 + 1,152 = 3,540,096;
+    #   30 layers 106,202,880; final norm 576: 134,515,008 -> gradients 538,060,032 bytes
+    # checkpoints: 30 layers * 8192 * 576 * 4 = 566,231,040
+    # one layer's saved floats per token: norm1 2*576+1 = 1,153; attention q 576 + k, v 384 + out 576 + lse 9
+    #   = 1,545; norm2 3*576+1 = 1,729; mlp 4*1536 = 6,144 -> 10,571; * 8192 * 4 = 346,390,528
+    # final norm: 3 * 8192 * 576 * 4 = 56,623,104; loss tile 3 * 2048 * 384 * 4 = 9,437,184
+    floor = memory_floor(SMOLLM2, 1024, 3072)
+    assert floor["tokens"] == 8192
+    assert floor["parts"] == {"gradients": 538_060_032, "checkpoints": 566_231_040, "layer_recompute": 346_390_528,
+                              "head_input": 56_623_104, "loss_tile": 9_437_184}
+    assert floor["total"] == 1_516_741_888
+    # in the backward's order: head gradient E = 49152*576*4 = 113,246,208; a layer's gradients 3,540,096*4 =
+    # 14,160,384; a checkpoint 8192*576*4 = 18,874,368. Loss: E + 30 checkpoints + final norm + tile = 745,537,536;
+    # last layer: E + 30 checkpoints + recompute = 1,025,867,776; first: E + 29 layers' gradients + 1 checkpoint +
+    # recompute = 889,162,240; end: every gradient + the embedding's dense one = 651,306,240
+    assert floor["in_order"] == 1_025_867_776
+
+
+def test_floor_without_checkpointing_and_shared_prompt_by_hand():
+    # prompt 3000 + responses 1000: shared, 3000 + 2*1000 = 5000 tokens through the model
+    # every layer keeps its input too: (10,571 + 576) floats per token * 30 layers * 5000 * 4 bytes
+    floor = memory_floor(SMOLLM2, 3000, 1000, share_prompt=True, gradient_checkpointing=False, trainable=1000)
+    assert floor["tokens"] == 5000 == step_tokens(3000, 1000, True)
+    assert floor["parts"] == {"gradients": 4000, "activations": 6_688_200_000, "head_input": 34_560_000,
+                              "loss_tile": 9_437_184}
+    assert floor["in_order"] is None  # not full fine-tuning: which gradients exist when is not known
+    assert step_tokens(3000, 1000, False) == 8000
+
+
+def test_longest_length_within_the_cap_by_hand():
+    def case(system, length, peak):
+        return {"status": "ok", "system": system, "mix": "prompt_heavy", "gradient_checkpointing": True,
+                "length": length, "steps_measured": [{"peak_bytes": peak - 1}, {"peak_bytes": peak}]}
+
+    records = [case("a", 1000, 3e9), case("a", 2000, 5e9), case("b", 1000, 9e9), {"status": "error"}]
+    # a: 2e6 bytes per token through (1500, 4e9): 8e9 at 1500 + 4e9 / 2e6 = 3500; b: one length, over the cap
+    assert longest_within(records, 8e9) == {"a/prompt_heavy/gc": {"measured": 2000, "extrapolated": 3500},
+                                            "b/prompt_heavy/gc": {"measured": None, "extrapolated": None}}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_parameter_count_is_the_models(tied):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=301, hidden_size=96, intermediate_size=160, num_hidden_layers=3,
+                         num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=tied)
+    model = LlamaForCausalLM(config)
+    assert Dims.from_config(config).parameters() == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("kv_heads", [2, 6])
+def test_saved_per_token_is_what_a_decoder_layer_saves(kv_heads):
+    """Every tensor a real Llama layer (SDPA) saves for its backward, weights and RoPE tables apart."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=301, hidden_size=96, intermediate_size=160, num_hidden_layers=1,
+                         num_attention_heads=6, num_key_value_heads=kv_heads, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config)
+    tokens = 37
+    x = torch.randn(1, tokens, config.hidden_size, requires_grad=True)
+    rope = model.model.rotary_emb(x, torch.arange(tokens)[None])
+    saved = {}
+
+    def keep(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        model.model.layers[0](x, position_embeddings=rope, attention_mask=None)
+    not_activations = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *rope]}
+    activation_bytes = sum(n for ptr, n in saved.items() if ptr not in not_activations)
+    assert activation_bytes == tokens * 4 * Dims.from_config(config).saved_per_token(with_input=True)
+
+
+def test_dry_run_writes_every_system_and_the_floor(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "benchmarks.long_sequence", "--dry-run", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    path = Path(done.stdout.strip().splitlines()[-1])
+    doc = json.loads(path.read_text())
+    assert doc["schema"] == 1 and doc["environment"]["device"] == "cpu"
+    systems = {"upo-train", "upo-train-shared", "upotrainer", "upotrainer-shared", "trl"}
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        systems = {"upo-train", "upo-train-shared"}
+    assert {case["system"] for case in doc["cases"]} == systems
+    for case in doc["cases"]:
+        assert case["status"] == "ok"
+        assert case["prompt_tokens"] == 18 and case["response_tokens"] == 6 and case["gradient_checkpointing"]
+        assert case["extra_bytes"] >= 0 and case["step_seconds"] > 0
+        shared = case["system"].endswith("-shared")
+        assert case["floor_bytes"] == memory_floor(doc["model_config"], 18, 6, share_prompt=shared,
+                                                   trainable=case["trainable"])["total"]
+        assert case["trainable"] == Dims.from_config(doc["model_config"]).parameters()
+    assert path.with_suffix(".md").read_text().startswith("# Long sequences")
+    assert path.with_suffix(".png").stat().st_size > 0
+    assert set(doc["longest_within_cap"]) == {f"{s}/prompt_heavy/gc" for s in systems}
+    assert all(set(v) == {"measured", "extrapolated"} for v in doc["longest_within_cap"].values())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--systems", "upo-train,trll"], "--systems: unknown trll"),
+    (["--lengths", "1k"], "--lengths: comma-separated integers expected"),
+    (["--mixes", "balanced"], "--mixes: unknown balanced"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+])
+def test_bad_flags_are_one_line(flags, message):
+    done = subprocess.run([sys.executable, "-m", "benchmarks.long_sequence", *flags], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"long_sequence: error: {done.stderr.split('error: ', 1)[1].strip()}"]
+    assert message in done.stderr
