@@ -393,7 +393,8 @@ def add_floors(records: list[dict], config: dict) -> None:
 
 def longest_within(records: list[dict], cap_bytes: float) -> dict:
     """Per (system, mix, checkpointing): the longest measured L whose whole peak (base + extra) fits the cap, and
-    the L where a straight line through the measured peaks (least squares, 2+ lengths) reaches it: an
+    the L where the straight line through the peaks at the two longest measured lengths reaches it (TRL's
+    tile grows with the tokens up to its chunk size, so the shorter lengths would bend the line): an
     extrapolation, labelled as one (with SDPA's flash kernels a step's memory grows linearly in L, but past the
     measured lengths nothing was measured)."""
     points = {}
@@ -406,12 +407,14 @@ def longest_within(records: list[dict], cap_bytes: float) -> dict:
     for key, pts in points.items():
         fits = [length for length, peak in pts if peak <= cap_bytes]
         entry = {"measured": max(fits) if fits else None, "extrapolated": None}
-        if len({length for length, _ in pts}) >= 2:
-            n = len(pts)
-            mean_l, mean_p = sum(p[0] for p in pts) / n, sum(p[1] for p in pts) / n
-            slope = sum((l - mean_l) * (p - mean_p) for l, p in pts) / sum((l - mean_l) ** 2 for l, _ in pts)
+        by_length = {}
+        for length, peak in pts:
+            by_length.setdefault(length, []).append(peak)
+        if len(by_length) >= 2:
+            (l0, p0), (l1, p1) = [(n, sum(v) / len(v)) for n, v in sorted(by_length.items())[-2:]]
+            slope = (p1 - p0) / (l1 - l0)
             if slope > 0:
-                entry["extrapolated"] = int(mean_l + (cap_bytes - mean_p) / slope)
+                entry["extrapolated"] = int(l1 + (cap_bytes - p1) / slope)
         best[key] = entry
     return best
 
@@ -481,7 +484,7 @@ def markdown(doc: dict) -> str:
         lines.append("")
     cap = doc["cap_bytes"]
     lines += [f"Longest L whose whole peak (model, reference, optimiser state and the step) fits {cap / 1e9:g} GB: "
-              "measured; extrapolated along a straight line through the measured peaks:", ""]
+              "measured; extrapolated along the line through the peaks at the two longest lengths:", ""]
     for key, value in doc["longest_within_cap"].items():
         extrapolated = value["extrapolated"]
         lines.append(f"- {key}: {value['measured'] if value['measured'] is not None else 'none measured'}; "
@@ -506,10 +509,13 @@ def plot(doc: dict, path: Path) -> None:
         for system in doc["systems"]:
             pts = sorted((r["length"], r["extra_bytes"] / 1e9) for r in rows if r["system"] == system)
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=system)
-        floor = sorted({(r["length"], r["floor_bytes"] / 1e9) for r in rows if r["system"] not in SHARED})
-        if floor:
-            ax.plot(*zip(*floor), "k--", label="floor (unshared)")
+                ax.plot(*zip(*pts), marker="o", label=system, color=f"C{SYSTEMS.index(system)}")
+        unshared = [r for r in rows if r["system"] not in SHARED]
+        for key, style, label in (("floor_bytes", "k--", "floor, sum (unshared)"),
+                                  ("floor_in_order_bytes", "k:", "floor in order (unshared)")):
+            floor = sorted({(r["length"], r[key] / 1e9) for r in unshared if r.get(key)})
+            if floor:
+                ax.plot(*zip(*floor), style, marker="_", label=label)
         ax.set(title=f"{mix}, checkpointing {'on' if gc else 'off'}", xlabel="L (tokens per sequence)",
                ylabel="extra memory of one step (GB)", xscale="log", yscale="log")
         ax.legend(fontsize=7)

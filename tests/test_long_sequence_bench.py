@@ -57,8 +57,10 @@ def test_longest_length_within_the_cap_by_hand():
         return {"status": "ok", "system": system, "mix": "prompt_heavy", "gradient_checkpointing": True,
                 "length": length, "steps_measured": [{"peak_bytes": peak - 1}, {"peak_bytes": peak}]}
 
-    records = [case("a", 1000, 3e9), case("a", 2000, 5e9), case("b", 1000, 9e9), {"status": "error"}]
-    # a: 2e6 bytes per token through (1500, 4e9): 8e9 at 1500 + 4e9 / 2e6 = 3500; b: one length, over the cap
+    records = [case("a", 500, 1e9), case("a", 1000, 3e9), case("a", 2000, 5e9), case("b", 1000, 9e9),
+               {"status": "error"}]
+    # a: through its two longest, 2e6 bytes per token from (2000, 5e9): 8e9 at 2000 + 3e9 / 2e6 = 3500;
+    # b: one length, over the cap
     assert longest_within(records, 8e9) == {"a/prompt_heavy/gc": {"measured": 2000, "extrapolated": 3500},
                                             "b/prompt_heavy/gc": {"measured": None, "extrapolated": None}}
 
