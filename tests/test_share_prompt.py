@@ -11,7 +11,8 @@ import upo_kernels
 from helpers import MICRO_MODEL, one_thread  # noqa: F401  (fixture used by pytestmark)
 from train_helpers import TIMING_KEYS, assert_one_line_error, make_trainer, micro_args, run_main, train_steps
 from upo.heads import describe_lm_head
-from upo.shared_prompt import SharedPromptRows, prompt_lengths_of, share_prompt_rows, shared_hidden_states
+from upo.shared_prompt import (SharedPromptRows, block_attention, prompt_lengths_of, share_prompt_rows,
+                               shared_hidden_states)
 from upo.train.data import collate
 from upo.train.errors import UserError
 from upo.train.evaluation import evaluate_pairs
@@ -268,6 +269,26 @@ def test_cli_refuses_unpaired_data(tmp_path, capsys):
     data = unpaired_file(tmp_path / "unpaired.jsonl")
     code, _, err = run_main(micro_args(tmp_path, "--share-prompt", "--dataset", data, "--loss-type", "kto"), capsys)
     assert_one_line_error(code, err, "--share-prompt needs paired data")
+
+
+def test_attention_with_a_sliding_window_is_refused():
+    """A window the shared rows would not keep (a custom 4-D mask and attention by block are full causal)."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=2, attn_implementation="sdpa")
+    mistral = MistralForCausalLM(MistralConfig(**small, sliding_window=4))
+    with pytest.raises(UserError, match="sliding window of 4 tokens") as err:
+        check_shared_prompt_attention(mistral)
+    assert "\n" not in str(err.value)
+    check_shared_prompt_attention(Qwen2ForCausalLM(Qwen2Config(**small, sliding_window=4, use_sliding_window=False)))
+    check_shared_prompt_attention(MistralForCausalLM(MistralConfig(**small, sliding_window=None)))
+
+
+def test_block_attention_refuses_what_it_would_not_apply():
+    q = torch.zeros(1, 2, 5, 4)
+    with pytest.raises(ValueError, match="sliding_window=3"):
+        block_attention(torch.nn.Module(), q, q, q, None, upo_shared_spans=((2, 2, 1),), sliding_window=3)
 
 
 def test_attention_without_4d_masks_is_refused():

@@ -75,6 +75,23 @@ def check_masked_attention(*models) -> None:
                              f" the model uses {attn_implementation!r} (flash-attention's varlen kernels cannot skip "
                              "the chosen response; flex attention is not verified yet): load it with "
                              "attn_implementation='sdpa'")
+        window = sliding_window_of(model)
+        if window is not None:
+            raise ValueError(f"prompt sharing runs full causal attention over [prompt, chosen, rejected]; the model's "
+                             f"attention has a sliding window of {window} tokens, which its rows would not keep")
+
+
+def sliding_window_of(model: nn.Module) -> int | None:
+    """The sliding window a transformers model's attention uses (None: none): ``sliding_window`` in its config,
+    unless ``use_sliding_window`` is False (Qwen2 keeps a window in configs that do not use it)."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            window = getattr(config, "sliding_window", None)
+            if window is None or getattr(config, "use_sliding_window", True) is False:
+                return None
+            return window
+    return None
 
 
 def share_prompt_rows(input_ids: torch.Tensor, lengths: torch.Tensor, prompt_lengths: torch.Tensor,
@@ -173,6 +190,12 @@ def block_attention(module, query, key, value, attention_mask, dropout: float = 
     if upo_shared_spans is None:
         return _TRANSFORMERS_SDPA[0](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                      **kwargs)
+    for name in ("sliding_window", "softcap", "position_bias", "s_aux"):  # what only a mask or eager would apply
+        if kwargs.get(name) is not None:
+            raise ValueError(f"prompt sharing: this model's attention takes {name}={kwargs[name]!r}, which attention "
+                             "by block does not apply")
+    if getattr(module, "is_causal", True) is False:
+        raise ValueError("prompt sharing: this attention layer is not causal")
     groups = query.shape[1] // key.shape[1]
     rows = []
     for i, (prompt, chosen, rejected) in enumerate(upo_shared_spans):
@@ -183,7 +206,7 @@ def block_attention(module, query, key, value, attention_mask, dropout: float = 
         if rejected:
             keys = torch.cat([k[:, :, :prompt], k[:, :, first:first + rejected]], dim=2)
             values = torch.cat([v[:, :, :prompt], v[:, :, first:first + rejected]], dim=2)
-            if groups > 1:  # SDPA's masked kernels take no grouped heads
+            if groups > 1:  # CUDA's masked SDPA kernel (memory-efficient) takes no grouped heads
                 keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
             position = torch.arange(prompt + rejected, device=q.device)
             allowed = (position[None, :] < prompt) | (position[None, :] - prompt <= position[:rejected, None])
