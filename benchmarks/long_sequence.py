@@ -1,11 +1,12 @@
 """Long sequences end to end: peak memory and time of one whole training step against the sequence length.
 
-One pair per step (fp32 weights, full fine-tuning, AdamW), for ``upo-train`` (:class:`upo.train.trainer.Trainer`,
+One pair per step (fp32 weights, full fine-tuning or ``--lora``, AdamW), for ``upo-train`` (:class:`upo.train.trainer.Trainer`,
 driven step by step), ``UPOTrainer`` and TRL's ``DPOTrainer``, each with and without prompt sharing where it has
 it, with and without gradient checkpointing, for a response-heavy and a prompt-heavy mix, beside the step's
 memory floor computed from the model's config (:func:`memory_floor`).
 
-    python -m benchmarks.long_sequence                       # SmolLM2-135M-Instruct, the default grid (CPU: ~1 h)
+    python -m benchmarks.long_sequence                       # SmolLM2-135M-Instruct, the default grid (2-core CPU:
+                                                             # ~80 min, 32 cases)
     python -m benchmarks.long_sequence --lengths 1024,2048 --systems upo-train,trl --mixes prompt_heavy
     python -m benchmarks.long_sequence --dry-run             # a tiny Llama, seconds: the code path and the schema
     python -m benchmarks.long_sequence --render results.json # the markdown table and plot again
@@ -117,8 +118,7 @@ def memory_floor(config, prompt: int, response: int, *, share_prompt: bool = Fal
     - the loss: one logit tile of upo's torch backend (the loss never holds [tokens, vocab] logits).
 
     ``total`` adds them up (the issue's floor); it overstates what must coexist, since the backward frees each
-    layer's checkpoint as it allocates that layer's gradients. ``in_order`` follows the backward instead (full
-    fine-tuning only, else None): the largest of what is alive at the loss's backward, at the last layer's
+    layer's checkpoint as it allocates that layer's gradients. ``in_order`` follows the backward instead: the largest of what is alive at the loss's backward, at the last layer's
     recompute, at the first layer's, and at the end, where the embedding's dense gradient is summed into a tied
     head's (:func:`backward_in_order`). The reference's forward runs without gradients (one layer's activations at
     a time, before the policy's backward) and adds nothing to either. The attention probabilities of a math path
@@ -136,14 +136,15 @@ def memory_floor(config, prompt: int, response: int, *, share_prompt: bool = Fal
         parts["activations"] = dims.layers * tokens * dims.saved_per_token(with_input=True) * size
     parts["head_input"] = 3 * tokens * dims.hidden * size
     parts["loss_tile"] = LOSS_TILE[0] * min(LOSS_TILE[1], tokens) * min(LOSS_TILE[2], dims.vocab) * 4
-    in_order = backward_in_order(dims, parts, size) if trainable == dims.parameters() else None
+    in_order = backward_in_order(dims, parts, size, full=trainable == dims.parameters())
     return {"tokens": tokens, "parts": parts, "total": sum(parts.values()), "in_order": in_order}
 
 
-def backward_in_order(dims: Dims, parts: dict, size: int) -> int:
-    """The floor along the backward of a full fine-tuning step: the max of four moments' live bytes.
+def backward_in_order(dims: Dims, parts: dict, size: int, full: bool = True) -> int:
+    """The floor along the backward of a step: the max of four moments' live bytes.
 
-    ``head``: the head's weight gradient (V x D, made first, by the loss); ``layer``: one layer's weight gradients;
+    ``head``: the head's weight gradient (V x D, made first, by the loss; none unless ``full``); ``layer``: one
+    layer's weight gradients (not ``full``, e.g. LoRA: the trainable weights spread evenly over the layers);
     ``kept``: one layer's checkpoint (with checkpointing) or its saved tensors and input (without).
     1. the loss's backward: head + every layer's kept + the final norm's tensors + the loss tile;
     2. the last layer's backward: head + every layer's kept + (with checkpointing) its recompute;
@@ -151,8 +152,9 @@ def backward_in_order(dims: Dims, parts: dict, size: int) -> int:
     4. the end: every gradient, plus the embedding's dense gradient before a tied head's sums it in.
     """
     n = dims.layers
-    head = dims.vocab * dims.hidden * size
-    layer = (dims.parameters() - dims.vocab * dims.hidden * (1 if dims.tied else 2) - dims.hidden) * size // n
+    head = dims.vocab * dims.hidden * size if full else 0
+    layer = ((dims.parameters() - dims.vocab * dims.hidden * (1 if dims.tied else 2) - dims.hidden) * size // n
+             if full else parts["gradients"] // n)
     kept = (parts["checkpoints"] if "checkpoints" in parts else parts["activations"]) // n
     recompute = parts.get("layer_recompute", 0)
     moments = [head + n * kept + parts["head_input"] + parts["loss_tile"],
@@ -173,6 +175,7 @@ class Case:
     device: str = "cpu"
     warmup: int = 1
     steps: int = 1
+    lora: bool = False  # LoRA rank 8 on every linear layer (upo-train's --lora; the same for TRL's systems)
 
     @property
     def prompt_tokens(self) -> int:
@@ -184,7 +187,22 @@ class Case:
 
     @property
     def key(self) -> str:
-        return f"{self.system}/{self.mix}/L{self.length}/{'gc' if self.gradient_checkpointing else 'nogc'}"
+        return f"{self.system}/{_setting(self.mix, self.gradient_checkpointing, self.lora)}/L{self.length}"
+
+
+def _setting(mix: str, gradient_checkpointing: bool, lora: bool) -> str:
+    return f"{mix}/{'gc' if gradient_checkpointing else 'nogc'}{'/lora' if lora else ''}"
+
+
+def _setting_of(record: dict) -> tuple:
+    return record["mix"], record["gradient_checkpointing"], record.get("lora", False)
+
+
+def _settings(doc: dict, records: list[dict]) -> list[tuple]:
+    """The (mix, checkpointing, LoRA) settings measured, in the grid's order."""
+    seen = {_setting_of(r) for r in records}
+    return [(m, gc, lora) for m in doc["mixes"] for gc in doc["gradient_checkpointing"] for lora in (False, True)
+            if (m, gc, lora) in seen]
 
 
 def _filler(tokenizer, tokens: int) -> str:
@@ -235,7 +253,8 @@ def make_upo_train(case: Case, data: Path, workdir: Path):
         "loss_type": ["sigmoid"], "gradient_checkpointing": case.gradient_checkpointing,
         "share_prompt": case.system in SHARED, "max_steps": case.warmup + case.steps, "lr": 1e-6,
         "warmup_steps": 0, "eval_every": 10 ** 6, "save_every": 10 ** 6, "output_dir": str(workdir / "run"),
-        "progress": False, "device": case.device, "logit_check": False})  # the check is start-up, not the step
+        "progress": False, "device": case.device, "logit_check": False,  # the check is start-up, not the step
+        "lora": case.lora})
     return Trainer(config, log=lambda message: None)
 
 
@@ -263,8 +282,13 @@ def make_trl_trainer(case: Case, data: Path, workdir: Path, callbacks=()):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     rows = [json.loads(line) for line in data.read_text().splitlines()]
+    peft = None
+    if case.lora:
+        from peft import LoraConfig
+
+        peft = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     return trainer_class(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         callbacks=list(callbacks))
+                         callbacks=list(callbacks), peft_config=peft)
 
 
 def _run_upo_train(case: Case, data: Path, workdir: Path, recorder) -> dict:
@@ -357,7 +381,7 @@ def run_in_process(case: Case, malloc: str, timeout: float) -> dict:
     return {**record, "status": "ok"}
 
 
-def grid(systems, mixes, lengths, checkpointing, model, device, warmup, steps) -> list[Case]:
+def grid(systems, mixes, lengths, checkpointing, model, device, warmup, steps, lora=False) -> list[Case]:
     """Every combination, except prompt sharing on a mix whose prompt is the smaller part (little to share)."""
     cases = []  # shortest first, each length for every mix and system: a grid stopped early has whole rows
     for gc in checkpointing:
@@ -366,7 +390,7 @@ def grid(systems, mixes, lengths, checkpointing, model, device, warmup, steps) -
                 for system in systems:
                     if system in SHARED and MIXES[mix][0] < 0.5:
                         continue
-                    cases.append(Case(system, mix, length, gc, model, device, warmup, steps))
+                    cases.append(Case(system, mix, length, gc, model, device, warmup, steps, lora))
     return cases
 
 
@@ -401,7 +425,7 @@ def longest_within(records: list[dict], cap_bytes: float) -> dict:
     for r in records:
         if r.get("status") != "ok":
             continue
-        key = f"{r['system']}/{r['mix']}/{'gc' if r['gradient_checkpointing'] else 'nogc'}"
+        key = f"{r['system']}/{_setting(*_setting_of(r))}"
         points.setdefault(key, []).append((r["length"], max(s["peak_bytes"] for s in r["steps_measured"])))
     best = {}
     for key, pts in points.items():
@@ -458,26 +482,24 @@ def markdown(doc: dict) -> str:
              "the model, reference and optimiser state (GB), and its ratio to the floor in order and to TRL's extra; "
              "floor from the config (`memory_floor`: the sum of its parts, and in the backward's order); time = "
              "median step seconds.", ""]
-    for mix in doc["mixes"]:
-        for gc in doc["gradient_checkpointing"]:
-            rows = [r for r in records if r["mix"] == mix and r["gradient_checkpointing"] == gc]
-            if not rows:
-                continue
-            systems = [s for s in doc["systems"] if any(r["system"] == s for r in rows)]
-            lines += [f"## {mix}, gradient checkpointing {'on' if gc else 'off'}", "",
-                      "| L | floor: sum / in order | " + " | ".join(f"{s} extra / time" for s in systems) + " |",
-                      "|---|---|" + "---|" * len(systems)]
-            for length in sorted({r["length"] for r in rows}):
-                at = {r["system"]: r for r in rows if r["length"] == length}
-                unshared = [r for r in at.values() if r["system"] not in SHARED]
-                floor = (f"{_gb(unshared[0]['floor_bytes'])} / {_gb(unshared[0]['floor_in_order_bytes'])} GB"
-                         if unshared else "–")
-                trl = at.get("trl")
-                cells = [f"{_gb(at[s]['extra_bytes'])} GB ({_ratio(at[s]['extra_over_floor_in_order'])} floor"
-                         + (f", {at[s]['extra_bytes'] / trl['extra_bytes']:.2f}x TRL" if trl and s != "trl" else "")
-                         + f") / {at[s]['step_seconds']:.1f} s" if s in at else "–" for s in systems]
-                lines.append(f"| {length} | {floor} | " + " | ".join(cells) + " |")
-            lines.append("")
+    for setting in _settings(doc, records):
+        mix, gc, lora = setting
+        rows = [r for r in records if _setting_of(r) == setting]
+        systems = [s for s in doc["systems"] if any(r["system"] == s for r in rows)]
+        lines += [f"## {mix}, gradient checkpointing {'on' if gc else 'off'}{', LoRA' if lora else ''}", "",
+                  "| L | floor: sum / in order | " + " | ".join(f"{s} extra / time" for s in systems) + " |",
+                  "|---|---|" + "---|" * len(systems)]
+        for length in sorted({r["length"] for r in rows}):
+            at = {r["system"]: r for r in rows if r["length"] == length}
+            unshared = [r for r in at.values() if r["system"] not in SHARED]
+            floor = (f"{_gb(unshared[0]['floor_bytes'])} / {_gb(unshared[0]['floor_in_order_bytes'])} GB"
+                     if unshared else "–")
+            trl = at.get("trl")
+            cells = [f"{_gb(at[s]['extra_bytes'])} GB ({_ratio(at[s]['extra_over_floor_in_order'])} floor"
+                     + (f", {at[s]['extra_bytes'] / trl['extra_bytes']:.2f}x TRL" if trl and s != "trl" else "")
+                     + f") / {at[s]['step_seconds']:.1f} s" if s in at else "–" for s in systems]
+            lines.append(f"| {length} | {floor} | " + " | ".join(cells) + " |")
+        lines.append("")
     failed = [r for r in doc["cases"] if r.get("status") != "ok"]
     if failed:
         lines += ["Cases that did not finish:", ""] + [f"- {r['key']}: {r['status']} ({r.get('error')})" for r in failed]
@@ -499,13 +521,12 @@ def plot(doc: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     records = [r for r in doc["cases"] if r.get("status") == "ok"]
-    panels = [(m, gc) for m in doc["mixes"] for gc in doc["gradient_checkpointing"]
-              if any(r["mix"] == m and r["gradient_checkpointing"] == gc for r in records)]
+    panels = _settings(doc, records)
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (mix, gc) in zip(axes[0], panels):
-        rows = [r for r in records if r["mix"] == mix and r["gradient_checkpointing"] == gc]
+    for ax, (mix, gc, lora) in zip(axes[0], panels):
+        rows = [r for r in records if _setting_of(r) == (mix, gc, lora)]
         for system in doc["systems"]:
             pts = sorted((r["length"], r["extra_bytes"] / 1e9) for r in rows if r["system"] == system)
             if pts:
@@ -516,7 +537,8 @@ def plot(doc: dict, path: Path) -> None:
             floor = sorted({(r["length"], r[key] / 1e9) for r in unshared if r.get(key)})
             if floor:
                 ax.plot(*zip(*floor), style, marker="_", label=label)
-        ax.set(title=f"{mix}, checkpointing {'on' if gc else 'off'}", xlabel="L (tokens per sequence)",
+        ax.set(title=f"{mix}, checkpointing {'on' if gc else 'off'}{', LoRA' if lora else ''}",
+               xlabel="L (tokens per sequence)",
                ylabel="extra memory of one step (GB)", xscale="log", yscale="log")
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -597,6 +619,8 @@ def main(argv=None) -> int:
     p.add_argument("--checkpointing", default="on,off", help="gradient checkpointing: on, off or on,off")
     p.add_argument("--max-length-without-checkpointing", type=int, default=1024,
                    help="skip L above this without checkpointing (default: 1024)")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters (rank 8, every linear layer) instead of "
+                   "every weight: the step's memory is then its activations")
     p.add_argument("--warmup", type=int, default=1, help="steps before the measured ones (default: 1)")
     p.add_argument("--steps", type=int, default=1, help="measured steps per case (default: 1)")
     p.add_argument("--cap-gb", type=float, default=DEFAULT_CAP_GB, help="memory cap of the headline (default: 8)")
@@ -642,7 +666,7 @@ def main(argv=None) -> int:
         except ImportError:
             print("long_sequence: TRL is not installed: its systems are skipped", file=sys.stderr)
             systems = [s for s in systems if s.startswith("upo-train")]
-    cases = [c for c in grid(systems, mixes, lengths, checkpointing, model, device, args.warmup, args.steps)
+    cases = [c for c in grid(systems, mixes, lengths, checkpointing, model, device, args.warmup, args.steps, args.lora)
              if c.gradient_checkpointing or c.length <= args.max_length_without_checkpointing]
     doc = {"schema": SCHEMA_VERSION, "model_name": args.model if not args.dry_run else "tiny Llama (dry run)",
            "model": model, "systems": systems, "mixes": mixes, "lengths": lengths,
