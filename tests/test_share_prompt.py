@@ -161,6 +161,7 @@ def test_sdpa_runs_by_block_without_a_dense_mask(monkeypatch):
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recorded)
     monkeypatch.setattr(SharedPromptRows, "attention_mask", lambda *a, **k: pytest.fail("dense mask built"))
+    monkeypatch.setattr(SharedPromptRows, "allowed", property(lambda self: pytest.fail("dense mask built")))
     shared_logprobs(model, rows, labels)
     layers = MICRO_MODEL["num_hidden_layers"]
     expected = []

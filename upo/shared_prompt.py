@@ -32,17 +32,34 @@ MASKED_ATTENTION = ("sdpa", "eager")  # implementations verified to honour a cus
 class SharedPromptRows:
     """``B`` pairs as ``B`` rows ``[prompt, chosen, rejected, padding]`` of width ``S``.
 
-    ``allowed``: bool ``[B, 1, S, S]``, True where query ``q`` may attend key ``k`` (a padding position sees
-    only itself, so no row of the softmax is empty). ``source``: ``[2B, T]`` positions into the flattened
-    ``[B * S]`` shared rows, one per position of the unshared rows (padding points at the pair's first token).
+    ``source``: ``[2B, T]`` positions into the flattened ``[B * S]`` shared rows, one per position of the
+    unshared rows (padding points at the pair's first token). ``spans``: per pair, its (prompt, chosen,
+    rejected) lengths, from which :attr:`allowed` (the dense mask eager attention needs) is derived on demand:
+    attention by block under SDPA never builds it.
     """
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
-    allowed: torch.Tensor
     source: torch.Tensor
     num_tokens: int = 0
-    spans: tuple = ()  # per pair, (prompt, chosen, rejected) lengths
+    spans: tuple = ()
+
+    @property
+    def allowed(self) -> torch.Tensor:
+        """Bool ``[B, 1, S, S]``, True where query ``q`` may attend key ``k``: causal, the rejected response not
+        seeing the chosen one, a padding position seeing only itself (so no row of the softmax is empty)."""
+        width = self.input_ids.shape[1]
+        positions = torch.arange(width, device=self.input_ids.device)
+        query, key = positions[:, None], positions[None, :]
+        allowed = torch.zeros((len(self.spans), 1, width, width), dtype=torch.bool, device=self.input_ids.device)
+        for i, (prompt, chosen, rejected) in enumerate(self.spans):
+            real, rejected_start = prompt + chosen + rejected, prompt + chosen
+            rejected_query = (query >= rejected_start) & (query < real)
+            chosen_key = (key >= prompt) & (key < rejected_start)
+            real_query = query < real
+            allowed[i, 0] = (((key <= query) & real_query & ~(rejected_query & chosen_key))
+                             | (~real_query & (key == query)))
+        return allowed
 
     def to(self, device) -> "SharedPromptRows":
         return SharedPromptRows(**{f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor)
@@ -54,8 +71,9 @@ class SharedPromptRows:
         Additive in the compute dtype rather than boolean, for SDPA too: given a boolean mask, SDPA's CPU
         kernel makes a float copy per call and keeps it for backward, one ``S x S`` copy per layer; this one
         tensor is shared by every layer (SDPA wants the query's dtype, eager adds it to the scores)."""
-        return torch.zeros(self.allowed.shape, dtype=dtype, device=self.allowed.device).masked_fill(
-            ~self.allowed, torch.finfo(dtype).min)
+        allowed = self.allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed,
+                                                                                          torch.finfo(dtype).min)
 
     def unshare(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[B, S, D]`` shared hidden states -> ``[2B, T, D]`` in the unshared rows' layout (differentiable)."""
@@ -113,28 +131,21 @@ def share_prompt_rows(input_ids: torch.Tensor, lengths: torch.Tensor, prompt_len
     device = input_ids.device
     shared_ids = torch.full((pairs, width), pad_id, dtype=input_ids.dtype, device=device)
     position_ids = torch.zeros((pairs, width), dtype=torch.long, device=device)
-    allowed = torch.zeros((pairs, 1, width, width), dtype=torch.bool, device=device)
     source = torch.zeros(input_ids.shape, dtype=torch.long, device=device)
     positions = torch.arange(width, device=device)
-    query, key = positions[:, None], positions[None, :]
     for i, (prompt, chosen, rejected) in enumerate(spans):
         real, rejected_start = prompt + chosen + rejected, prompt + chosen
         shared_ids[i, :rejected_start] = input_ids[i, :rejected_start]
         shared_ids[i, rejected_start:real] = input_ids[pairs + i, prompt:prompt + rejected]
         position_ids[i, :rejected_start] = positions[:rejected_start]
         position_ids[i, rejected_start:real] = positions[prompt:prompt + rejected]  # as in [prompt, rejected]
-        rejected_query = (query >= rejected_start) & (query < real)
-        chosen_key = (key >= prompt) & (key < rejected_start)
-        real_query = query < real
-        allowed[i, 0] = ((key <= query) & real_query & ~(rejected_query & chosen_key)) | (~real_query & (key == query))
         row = i * width
         source[i, :rejected_start] = row + positions[:rejected_start]
         source[i, rejected_start:] = row  # padding of the unshared row
         source[pairs + i, :prompt] = row + positions[:prompt]
         source[pairs + i, prompt:prompt + rejected] = row + positions[rejected_start:real]
         source[pairs + i, prompt + rejected:] = row
-    return SharedPromptRows(shared_ids, position_ids, allowed, source, num_tokens=sum(map(sum, spans)),
-                            spans=tuple(spans))
+    return SharedPromptRows(shared_ids, position_ids, source, num_tokens=sum(map(sum, spans)), spans=tuple(spans))
 
 
 def prompt_lengths_of(completion_mask: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
