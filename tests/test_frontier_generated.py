@@ -189,7 +189,7 @@ def test_a_stop_signal_in_a_runs_last_step_stops_the_grid_after_that_run():
     """upo-train finishes a run whose last step saw SIGTERM; the grid must not go on to the next run."""
     import signal
 
-    from upo.frontier.study import stop_if_signalled
+    from upo.train.signals import stop_if_signalled
     from upo.train.errors import RunStopped
 
     stop_if_signalled(type("Trainer", (), {"stop_signum": 0})())

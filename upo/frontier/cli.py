@@ -142,17 +142,16 @@ def _has_chat_template(model: str) -> bool:
 
 
 def check_args(args) -> None:
+    """The flags as given (None: left to :func:`fill_defaults`)."""
     checks = [("--steps", args.steps, 1), ("--generate", args.generate, 0),
               ("--generate-max-tokens", args.generate_max_tokens, 1), ("--seeds", args.seeds, 1),
-              ("--sft-steps", args.sft_steps, 0)]
-    if args.max_examples is not None:
-        checks.append(("--max-examples", args.max_examples, 2))
+              ("--sft-steps", args.sft_steps, 0), ("--max-examples", args.max_examples, 2)]
     for name, value, least in checks:
-        if value < least:
+        if value is not None and value < least:
             raise UserError(f"{name} must be an integer >= {least}, got {value}")
     if not 0 < args.eval_fraction < 1:
         raise UserError(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
-    if not (math.isfinite(args.sft_lr) and args.sft_lr > 0):
+    if args.sft_lr is not None and not (math.isfinite(args.sft_lr) and args.sft_lr > 0):
         raise UserError(f"--sft-lr must be a finite number > 0, got {args.sft_lr}")
     if not args.generate_temperature >= 0:
         raise UserError(f"--generate-temperature must be >= 0, got {args.generate_temperature}")
@@ -198,9 +197,8 @@ def plan(argv: list[str]):
 
     own, train_args = split_argv(argv)
     args = build_parser().parse_args(own)
-    check_args_before_loading(args)
+    check_args(args)  # before fill_defaults, which may read --model's tokenizer; its defaults pass these checks
     fill_defaults(args)
-    check_args(args)
     methods = parse_names(args.methods, "method", METHODS)
     bases = parse_names(args.bases, "base loss")
     check_bases(bases)
@@ -212,27 +210,8 @@ def plan(argv: list[str]):
     if args.model is not None:
         settings = {**MODEL_TRAIN_DEFAULTS, **settings}
     reward = build_reward(args.aux_reward)
-    user_reward = build_user_reward(args.user_reward)
+    user_reward = build_reward(args.user_reward, "--user-reward")
     return prepare_study(args, reward, runs, settings, train_args, user_reward), args
-
-
-def build_user_reward(specs: list[str]):
-    from upo import rewards
-
-    try:
-        return rewards.CombinedReward.from_specs(list(specs))
-    except (KeyError, ValueError, OSError) as err:
-        message = err.args[0] if err.args and isinstance(err.args[0], str) else str(err)
-        raise UserError(f"bad --user-reward {' '.join(specs)}: {message}") from None
-
-
-def check_args_before_loading(args) -> None:
-    """What needs no model: checked before --model's tokenizer is read."""
-    for name in ("steps", "seeds", "sft_steps", "generate", "generate_max_tokens"):
-        value = getattr(args, name)
-        least = 1 if name in ("steps", "seeds", "generate_max_tokens") else 0
-        if value is not None and value < least:
-            raise UserError(f"--{name.replace('_', '-')} must be an integer >= {least}, got {value}")
 
 
 def run_study(study, progress: bool, log) -> dict:

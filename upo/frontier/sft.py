@@ -19,6 +19,7 @@ from pathlib import Path
 
 from upo.frontier.grid import write_rows
 from upo.train.config import KTO_SETTINGS, UPO_SETTINGS, TrainConfig, build_config
+from upo.train.signals import stop_if_signalled
 
 SFT_DIR = "sft"
 MERGED_DIR = "merged"  # the SFT stage's LoRA adapters merged into the weights: a plain model folder
@@ -67,8 +68,6 @@ def run_sft(study, runtime) -> dict:
     lines: list[str] = []
     trainer = Trainer(config, runtime, log=lines.append)
     summary = trainer.train()
-    from upo.frontier.study import stop_if_signalled
-
     stop_if_signalled(trainer)
     if study.lora:
         save_merged(trainer.module.policy, trainer.tokenizer, sft_model_dir(study))

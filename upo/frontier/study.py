@@ -25,6 +25,7 @@ from upo.frontier.sft import run_sft, sft_config, sft_model_dir
 from upo.train.config import UPO_SETTINGS, TrainConfig, build_config
 from upo.train.data import ByteTokenizer, load_records, render_record, split_train_eval
 from upo.train.errors import UserError
+from upo.train.signals import stop_if_signalled
 
 # Settings the frontier sets itself: refused among the passed-through upo-train flags.
 OWNED_SETTINGS = {
@@ -72,7 +73,7 @@ class Study:
 
     @property
     def lora(self) -> bool:
-        """LoRA on a pretrained model (the SFT stage trains the whole model; the grid, adapters on it)."""
+        """LoRA on a pretrained model: the SFT stage's adapters (merged afterwards), and the grid's on it."""
         return self.model is not None
 
 
@@ -207,15 +208,6 @@ def run_one(study: Study, spec: RunSpec, runtime, seed: int | None = None, log=N
                output_dir=os.path.relpath(config.output_dir, study.output_dir))
     (Path(config.output_dir) / "upo-train.log").write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
     return run
-
-
-def stop_if_signalled(trainer) -> None:
-    """A stop signal in a run's last step finishes that run (upo-train's rule); the grid stops after it."""
-    from upo.train.errors import RunStopped
-    from upo.train.signals import exit_code, signal_name
-
-    if trainer.stop_signum:
-        raise RunStopped(f"stopped by {signal_name(trainer.stop_signum)}", exit_code(trainer.stop_signum))
 
 
 def measure_generations(study: Study, trainer, seed: int, timings: dict, log=None) -> dict:

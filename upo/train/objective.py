@@ -127,8 +127,9 @@ def needs_reference(loss_types: list[str]) -> bool:
     return any(reads_reference(name) for name in loss_types)
 
 
-def build_reward(specs: list[str]):
-    """A ``CombinedReward`` from ``name:weight`` / ``column:NAME:weight`` specs (None if no specs)."""
+def build_reward(specs: list[str], flag: str = "--aux-reward"):
+    """A ``CombinedReward`` from ``name:weight`` / ``column:NAME:weight`` specs (None if no specs); a bad spec is a
+    ``UserError`` naming ``flag``."""
     if not specs:
         return None
     from upo import rewards
@@ -137,4 +138,4 @@ def build_reward(specs: list[str]):
         return rewards.CombinedReward.from_specs(list(specs))
     except (KeyError, ValueError, OSError) as err:  # OSError: a lexicon file that is missing or unreadable
         message = err.args[0] if err.args and isinstance(err.args[0], str) else str(err)
-        raise UserError(f"bad --aux-reward {' '.join(specs)}: {message}") from None
+        raise UserError(f"bad {flag} {' '.join(specs)}: {message}") from None

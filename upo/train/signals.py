@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 
-from upo.train.errors import StopNow
+from upo.train.errors import RunStopped, StopNow
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
 
@@ -24,6 +24,13 @@ def exit_code(signum: int) -> int:
 
 def signal_name(signum: int) -> str:
     return signal.Signals(signum).name
+
+
+def stop_if_signalled(trainer) -> None:
+    """After a run that finished: a stop signal in its last step (which upo-train finishes rather than stops)
+    raises :class:`RunStopped`, so that whatever drives several runs (upo-frontier) stops after this one."""
+    if trainer.stop_signum:
+        raise RunStopped(f"stopped by {signal_name(trainer.stop_signum)}", exit_code(trainer.stop_signum))
 
 
 class StopRequests:
