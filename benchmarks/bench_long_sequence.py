@@ -16,7 +16,8 @@ from __future__ import annotations
 import pytest
 
 from benchmarks import measure
-from benchmarks.long_sequence import SHARED, Case, make_trl_trainer, make_upo_train, memory_floor, tiny_model, write_pairs
+from benchmarks.long_sequence import (SHARED, Case, make_trl_trainer, make_upo_train, memory_floor, model_config,
+                                      tiny_model, write_pairs)
 
 LENGTHS = [256, 1024]
 SYSTEMS = ["upo-train", "upo-train-shared", "trl"]
@@ -64,7 +65,7 @@ def test_step(benchmark, model_folder, tmp_path, system, length):
         with measure.PeakMemory("cpu") as mem:
             step()
         benchmark.group = f"prompt_heavy-L{length}"
-        floor = memory_floor(tiny_model_config(model_folder), case.prompt_tokens, case.response_tokens,
+        floor = memory_floor(model_config(model_folder), case.prompt_tokens, case.response_tokens,
                              share_prompt=system in SHARED, trainable=trainable)
         benchmark.extra_info.update(system=system, length=length, prompt_tokens=case.prompt_tokens,
                                     response_tokens=case.response_tokens, floor_bytes=floor["total"],
@@ -72,10 +73,3 @@ def test_step(benchmark, model_folder, tmp_path, system, length):
         benchmark.pedantic(step, rounds=5, warmup_rounds=0)
     finally:
         close()
-
-
-def tiny_model_config(folder: str) -> dict:
-    import json
-    from pathlib import Path
-
-    return json.loads((Path(folder) / "config.json").read_text())
