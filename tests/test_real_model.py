@@ -98,6 +98,56 @@ def test_causal_lm_logprobs_equal_the_models_own_on_chat_templated_conversations
     assert check_lm_head(model, input_ids, mask, rows=1, tokens=12, backend="triton") < 1e-4
 
 
+def chat_pairs(tokenizer, rows):
+    """Unshared rows of chat-templated pairs (``[B chosen rows, B rejected rows]``, right-padded): ids, lengths,
+    prompt lengths and labels (each response token after its prompt)."""
+    spans = []
+    for row in rows:
+        prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+        spans.append([tokenizer(text, add_special_tokens=False)["input_ids"]
+                      for text in (prompt, row["chosen"][0]["content"], row["rejected"][0]["content"])])
+    sequences = [p + c for p, c, _ in spans] + [p + r for p, _, r in spans]
+    ids = torch.zeros(len(sequences), max(map(len, sequences)), dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    for i, sequence in enumerate(sequences):
+        ids[i, :len(sequence)] = torch.tensor(sequence)
+        start = len(spans[i % len(spans)][0])
+        labels[i, start - 1:len(sequence) - 1] = ids[i, start:len(sequence)]
+    return ids, torch.tensor(list(map(len, sequences))), torch.tensor([len(p) for p, _, _ in spans]), labels
+
+
+@pytest.mark.real_model
+@pytest.mark.xdist_group("real_model")
+def test_prompt_sharing_equals_the_models_own_logprobs_in_fp32_and_no_worse_in_bf16():
+    """The shared rows under SDPA (attention by block) against the model's own log_softmax on the unshared rows:
+    fp32 to 1e-4; with bf16 weights, no farther from the fp32 model than the bf16 model's own logits are."""
+    import upo_kernels
+    from upo.heads import describe_lm_head
+    from upo.shared_prompt import attention_implementation_of, share_prompt_rows, shared_hidden_states
+
+    def own(model, ids, lengths, labels):
+        mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
+        return own_logprobs(model, ids, mask).masked_fill(labels[:, :-1] == -100, 0.0)
+
+    def shared(model, ids, lengths, prompts, labels):
+        head = describe_lm_head(model)
+        with torch.no_grad():
+            hidden = shared_hidden_states(head, model, share_prompt_rows(ids, lengths, prompts, pad_id=0))
+            weight, _ = head.weight_and_bias()
+            logps = upo_kernels.linear_logprobs(hidden.float(), weight.float(), labels, backend="torch")
+        return logps.masked_fill(labels == -100, 0.0)[:, :-1]
+
+    model, tokenizer = smollm2()
+    assert attention_implementation_of(model) == "sdpa"
+    ids, lengths, prompts, labels = chat_pairs(tokenizer, conversational_rows(2, start=5))
+    assert len(set(lengths.tolist())) == 4  # every row of another length: padding in both layouts
+    reference = own(model, ids, lengths, labels)
+    assert (shared(model, ids, lengths, prompts, labels) - reference).abs().max() < 1e-4
+    low, _ = smollm2(torch.bfloat16)
+    baseline = (own(low, ids, lengths, labels) - reference).abs().max()
+    assert (shared(low, ids, lengths, prompts, labels) - reference).abs().max() <= 1.25 * baseline
+
+
 @pytest.mark.real_model
 @pytest.mark.xdist_group("real_model")
 def test_generation_through_the_chat_template_answers_the_shipped_prompts():
