@@ -52,9 +52,12 @@ def test_prompt_lengths_from_a_completion_mask():
 
 
 # ------------------------------------------------------------------ against the model's own log-probs
-def micro_model(attn: str, seed: int = 0):
+GROUPED_HEADS = {"num_attention_heads": 4, "num_key_value_heads": 2}  # grouped-query attention, as SmolLM2's
+
+
+def micro_model(attn: str, seed: int = 0, **config):
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(tiny_llama_config(MICRO_MODEL), attn_implementation=attn)
+    return AutoModelForCausalLM.from_config(tiny_llama_config({**MICRO_MODEL, **config}), attn_implementation=attn)
 
 
 def random_pairs(seed: int, pairs: int = 3):
@@ -94,10 +97,11 @@ def shared_logprobs(model, rows, labels):
     return upo_kernels.linear_logprobs(hidden, weight, labels), hidden
 
 
+@pytest.mark.parametrize("heads", [{}, GROUPED_HEADS], ids=["mha", "gqa"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_per_token_logprobs_and_their_gradients_equal_the_unshared_rows(attn, seed):
-    model = micro_model(attn, seed)
+def test_per_token_logprobs_and_their_gradients_equal_the_unshared_rows(attn, seed, heads):
+    model = micro_model(attn, seed, **heads)
     ids, lengths, prompts, labels = random_pairs(seed)
     rows = share_prompt_rows(ids, lengths, prompts, pad_id=0)
     upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(seed))

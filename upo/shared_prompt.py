@@ -217,12 +217,16 @@ def block_attention(module, query, key, value, attention_mask, dropout: float = 
         if rejected:
             keys = torch.cat([k[:, :, :prompt], k[:, :, first:first + rejected]], dim=2)
             values = torch.cat([v[:, :, :prompt], v[:, :, first:first + rejected]], dim=2)
-            if groups > 1:  # CUDA's masked SDPA kernel (memory-efficient) takes no grouped heads
+            # CUDA's masked SDPA kernel (memory-efficient) takes no grouped heads: repeat them there. The CPU
+            # kernel takes a mask and grouped heads, and the repeat would save groups x the keys and values.
+            grouped = groups > 1 and q.device.type == "cpu"
+            if groups > 1 and not grouped:
                 keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
             position = torch.arange(prompt + rejected, device=q.device)
             allowed = (position[None, :] < prompt) | (position[None, :] - prompt <= position[:rejected, None])
             parts.append(F.scaled_dot_product_attention(q[:, :, first:first + rejected], keys, values,
-                                                        attn_mask=allowed, dropout_p=dropout, scale=scaling))
+                                                        attn_mask=allowed, dropout_p=dropout, scale=scaling,
+                                                        enable_gqa=grouped))
         padding = query.shape[2] - first - rejected
         if padding:
             parts.append(q.new_zeros(1, q.shape[1], padding, v.shape[-1]))
