@@ -6,13 +6,15 @@ import json
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import upo_kernels
 from helpers import MICRO_MODEL, one_thread  # noqa: F401  (fixture used by pytestmark)
 from train_helpers import TIMING_KEYS, assert_one_line_error, make_trainer, micro_args, run_main, train_steps
+from upo import shared_prompt
 from upo.heads import describe_lm_head
-from upo.shared_prompt import (SharedPromptRows, block_attention, prompt_lengths_of, share_prompt_rows,
-                               shared_hidden_states)
+from upo.shared_prompt import (SharedPromptRows, block_attention, install_block_attention, prompt_lengths_of,
+                               share_prompt_rows, shared_hidden_states)
 from upo.train.data import collate
 from upo.train.errors import UserError
 from upo.train.evaluation import evaluate_pairs
@@ -163,6 +165,15 @@ def test_sdpa_runs_by_block_without_a_dense_mask(monkeypatch):
         calls.append((q.shape[2], k.shape[2], None if attn_mask is None else tuple(attn_mask.shape), is_causal))
         return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
 
+    masks = []
+
+    def block_attention_recording_its_mask(module, query, key, value, attention_mask, **kwargs):
+        masks.append(attention_mask)  # what transformers built for the layer (block_attention ignores it)
+        return block_attention(module, query, key, value, attention_mask, **kwargs)
+
+    install_block_attention()
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", block_attention_recording_its_mask)
+    monkeypatch.setattr(shared_prompt, "install_block_attention", lambda: None)
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recorded)
     monkeypatch.setattr(SharedPromptRows, "attention_mask", lambda *a, **k: pytest.fail("dense mask built"))
     monkeypatch.setattr(SharedPromptRows, "allowed", property(lambda self: pytest.fail("dense mask built")))
@@ -173,6 +184,7 @@ def test_sdpa_runs_by_block_without_a_dense_mask(monkeypatch):
         expected += [(prompt + chosen, prompt + chosen, None, True),
                      (rejected, prompt + rejected, (rejected, prompt + rejected), False)]
     assert calls == expected * layers
+    assert masks == [None] * layers  # transformers built no [S, S] mask either
 
 
 # ------------------------------------------------------------------ upo-train: loss, gradients, every path

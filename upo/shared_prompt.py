@@ -181,7 +181,10 @@ def shared_hidden_states(head, model: nn.Module, rows: SharedPromptRows) -> torc
     check_masked_attention(model)
     if attention_implementation_of(model) == "sdpa":
         install_block_attention()
-        hidden = head.hidden_states(model, rows.input_ids, None, rows.position_ids, upo_shared_spans=rows.spans)
+        # A mask of ones, not None: with no mask, transformers reads the restarting position ids as packed
+        # sequences and builds an [S, S] mask that every layer keeps (block_attention reads the spans instead).
+        hidden = head.hidden_states(model, rows.input_ids, torch.ones_like(rows.input_ids), rows.position_ids,
+                                    upo_shared_spans=rows.spans)
     else:
         mask = rows.attention_mask(compute_dtype(model, rows.input_ids.device))
         hidden = head.hidden_states(model, rows.input_ids, mask, rows.position_ids)
