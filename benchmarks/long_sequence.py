@@ -1,9 +1,9 @@
 """Long sequences end to end: peak memory and time of one whole training step against the sequence length.
 
-One pair per step (fp32 weights, full fine-tuning or ``--lora``, AdamW), for ``upo-train`` (:class:`upo.train.trainer.Trainer`,
-driven step by step), ``UPOTrainer`` and TRL's ``DPOTrainer``, each with and without prompt sharing where it has
-it, with and without gradient checkpointing, for a response-heavy and a prompt-heavy mix, beside the step's
-memory floor computed from the model's config (:func:`memory_floor`).
+One pair per step (fp32 weights, full fine-tuning or ``--lora``, AdamW), for ``upo-train``
+(:class:`upo.train.trainer.Trainer`, driven step by step), ``UPOTrainer`` and TRL's ``DPOTrainer``, each with and
+without prompt sharing where it has it, with and without gradient checkpointing, for a response-heavy and a
+prompt-heavy mix, beside the step's memory floor computed from the model's config (:func:`memory_floor`).
 
     python -m benchmarks.long_sequence                       # SmolLM2-135M-Instruct, the default grid (2-core CPU:
                                                              # ~80 min, 32 cases)
@@ -118,11 +118,12 @@ def memory_floor(config, prompt: int, response: int, *, share_prompt: bool = Fal
     - the loss: one logit tile of upo's torch backend (the loss never holds [tokens, vocab] logits).
 
     ``total`` adds them up (the issue's floor); it overstates what must coexist, since the backward frees each
-    layer's checkpoint as it allocates that layer's gradients. ``in_order`` follows the backward instead: the largest of what is alive at the loss's backward, at the last layer's
-    recompute, at the first layer's, and at the end, where the embedding's dense gradient is summed into a tied
-    head's (:func:`backward_in_order`). The reference's forward runs without gradients (one layer's activations at
-    a time, before the policy's backward) and adds nothing to either. The attention probabilities of a math path
-    ([heads, T, T]) are not counted: a floor is what the fastest path needs.
+    layer's checkpoint as it allocates that layer's gradients. ``in_order`` follows the backward instead: the
+    largest of what is alive at the loss's backward, at the last layer's recompute, at the first layer's, and at
+    the end, where the embedding's dense gradient is summed into a tied head's (:func:`backward_in_order`). The
+    reference's forward runs without gradients (one layer's activations at a time, before the policy's backward)
+    and adds nothing to either. The attention probabilities of a math path ([heads, T, T]) are not counted: a
+    floor is what the fastest path needs.
     """
     dims = Dims.from_config(config)
     size = FLOAT_BYTES[dtype]
