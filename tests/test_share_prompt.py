@@ -20,6 +20,7 @@ from upo.train.errors import UserError
 from upo.train.evaluation import evaluate_pairs
 from upo.train.model_checks import check_shared_prompt_attention
 from upo.train.models import tiny_llama_config
+from upo_kernels.prefix_attention import prefix_causal_attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -153,7 +154,8 @@ def test_rejected_log_probs_do_not_depend_on_the_chosen_response():
 
 def test_sdpa_runs_by_block_without_a_dense_mask(monkeypatch):
     """Under SDPA no [S, S] mask is built or passed: [prompt, chosen] runs on SDPA's causal kernels, the rejected
-    response with a [rejected, prompt + rejected] mask (a dense mask would make SDPA score every pair of the row)."""
+    response over the prompt and itself by prefix_causal_attention (on CPU two flash kernels and no mask at all; a
+    dense mask would make SDPA score every pair of the row)."""
     model = micro_model("sdpa")
     ids, lengths, prompts, labels = random_pairs(5)
     rows = share_prompt_rows(ids, lengths, prompts, pad_id=0)
@@ -162,8 +164,12 @@ def test_sdpa_runs_by_block_without_a_dense_mask(monkeypatch):
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
     def recorded(q, k, v, attn_mask=None, is_causal=False, **kwargs):
-        calls.append((q.shape[2], k.shape[2], None if attn_mask is None else tuple(attn_mask.shape), is_causal))
+        calls.append(("sdpa", q.shape[2], k.shape[2], None if attn_mask is None else tuple(attn_mask.shape), is_causal))
         return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    def prefix_attention_recorded(q, prefix_key, prefix_value, key, value, **kwargs):
+        calls.append(("prefix", q.shape[2], prefix_key.shape[2], key.shape[2]))
+        return prefix_causal_attention(q, prefix_key, prefix_value, key, value, **kwargs)
 
     masks = []
 
@@ -174,6 +180,7 @@ def test_sdpa_runs_by_block_without_a_dense_mask(monkeypatch):
     install_block_attention()
     monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", block_attention_recording_its_mask)
     monkeypatch.setattr(shared_prompt, "install_block_attention", lambda: None)
+    monkeypatch.setattr(shared_prompt, "prefix_causal_attention", prefix_attention_recorded)
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recorded)
     monkeypatch.setattr(SharedPromptRows, "attention_mask", lambda *a, **k: pytest.fail("dense mask built"))
     monkeypatch.setattr(SharedPromptRows, "allowed", property(lambda self: pytest.fail("dense mask built")))
@@ -181,9 +188,8 @@ def test_sdpa_runs_by_block_without_a_dense_mask(monkeypatch):
     layers = MICRO_MODEL["num_hidden_layers"]
     expected = []
     for prompt, chosen, rejected in rows.spans:
-        expected += [(prompt + chosen, prompt + chosen, None, True),
-                     (rejected, prompt + rejected, (rejected, prompt + rejected), False)]
-    assert calls == expected * layers
+        expected += [("sdpa", prompt + chosen, prompt + chosen, None, True), ("prefix", rejected, prompt, rejected)]
+    assert calls == expected * layers  # no masked SDPA call: the CPU path of prefix_causal_attention takes none
     assert masks == [None] * layers  # transformers built no [S, S] mask either
 
 

@@ -9,7 +9,8 @@ position, the first rejected token (predicted from the prompt's last hidden stat
 response's last) and everything downstream are those of the unshared rows, unchanged.
 
 Under SDPA the attention runs block by block (:func:`block_attention`): ``[prompt, chosen]`` on SDPA's causal
-kernels, the rejected response over ``[prompt, rejected]`` with a small mask. A dense ``[S, S]`` mask would cost
+kernels, the rejected response over the prompt and itself (:func:`upo_kernels.prefix_attention.prefix_causal_attention`:
+on CPU two flash kernels merged by log-sum-exp, no mask; on CUDA a small mask). A dense ``[S, S]`` mask would cost
 ``S^2`` memory and make SDPA score every (query, key) pair, the causal half it could skip included: with a prompt of
 3/4 of the sequence that is more attention work than the unshared rows. Eager attention takes the dense 4-D mask.
 Other implementations are refused: flash-attention's varlen kernels
@@ -24,6 +25,8 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from upo_kernels.prefix_attention import prefix_causal_attention
 
 MASKED_ATTENTION = ("sdpa", "eager")  # implementations verified to honour a custom 4-D mask
 
@@ -194,8 +197,8 @@ def shared_hidden_states(head, model: nn.Module, rows: SharedPromptRows) -> torc
 def block_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                     upo_shared_spans=None, **kwargs):
     """SDPA over shared rows, block by block: ``[prompt, chosen]`` causally (SDPA's causal kernels, no mask), then
-    the rejected response over ``[prompt, rejected]`` with a ``[rejected, prompt + rejected]`` mask (the prompt,
-    then causal). The unshared rows' attention without the ``[S, S]`` mask, and without its work: a dense mask
+    the rejected response over the prompt and itself (:func:`prefix_causal_attention`: every prompt key, its own
+    keys causally). The unshared rows' attention without the ``[S, S]`` mask, and without its work: a dense mask
     makes SDPA score every (query, key) pair of the row, causal or not. Padding positions get zeros (no row reads
     them). Anything without ``upo_shared_spans`` goes to transformers' own SDPA unchanged.
 
@@ -218,18 +221,9 @@ def block_attention(module, query, key, value, attention_mask, dropout: float = 
         parts = [F.scaled_dot_product_attention(q[:, :, :first], k[:, :, :first], v[:, :, :first], dropout_p=dropout,
                                                 is_causal=True, scale=scaling, enable_gqa=groups > 1)]
         if rejected:
-            keys = torch.cat([k[:, :, :prompt], k[:, :, first:first + rejected]], dim=2)
-            values = torch.cat([v[:, :, :prompt], v[:, :, first:first + rejected]], dim=2)
-            # CUDA's masked SDPA kernel (memory-efficient) takes no grouped heads: repeat them there. The CPU
-            # kernel takes a mask and grouped heads, and the repeat would save groups x the keys and values.
-            grouped = groups > 1 and q.device.type == "cpu"
-            if groups > 1 and not grouped:
-                keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-            position = torch.arange(prompt + rejected, device=q.device)
-            allowed = (position[None, :] < prompt) | (position[None, :] - prompt <= position[:rejected, None])
-            parts.append(F.scaled_dot_product_attention(q[:, :, first:first + rejected], keys, values,
-                                                        attn_mask=allowed, dropout_p=dropout, scale=scaling,
-                                                        enable_gqa=grouped))
+            parts.append(prefix_causal_attention(q[:, :, first:first + rejected], k[:, :, :prompt], v[:, :, :prompt],
+                                                 k[:, :, first:first + rejected], v[:, :, first:first + rejected],
+                                                 scale=scaling, dropout_p=dropout))
         padding = query.shape[2] - first - rejected
         if padding:
             parts.append(q.new_zeros(1, q.shape[1], padding, v.shape[-1]))
