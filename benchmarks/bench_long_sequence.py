@@ -7,17 +7,21 @@
 Not collected by the test run (``testpaths = tests``). Each case is one system's forward and backward of one pair
 (no optimiser step: TRL's ``training_step`` is its forward and backward) on a tiny random Llama (vocabulary of
 bytes, 2 layers), for ``upo-train`` with and without ``--share-prompt`` and TRL's ``DPOTrainer``, on a
-prompt-heavy pair; ``extra_info`` holds the step's floor (``memory_floor``) and its peak extra RSS measured in this
+prompt-heavy pair; ``test_rejected_block_attention`` times prompt sharing's attention of the rejected response
+(``prefix_causal_attention``, forward and backward, SmolLM2's heads) against the masked SDPA call it replaced.
+``extra_info`` of the step cases holds the step's floor (``memory_floor``) and its peak extra RSS measured in this
 shared process (indicative only: the figures that count come from ``python -m benchmarks.long_sequence``, a fresh
 process per case).
 """
 from __future__ import annotations
 
 import pytest
+import torch
 
 from benchmarks import measure
 from benchmarks.long_sequence import (SHARED, Case, make_trl_trainer, make_upo_train, memory_floor, model_config,
                                       tiny_model, write_pairs)
+from upo_kernels.prefix_attention import prefix_causal_attention, prefix_causal_attention_masked
 
 LENGTHS = [256, 1024]
 SYSTEMS = ["upo-train", "upo-train-shared", "trl"]
@@ -73,3 +77,22 @@ def test_step(benchmark, model_folder, tmp_path, system, length):
         benchmark.pedantic(step, rounds=5, warmup_rounds=0)
     finally:
         close()
+
+
+@pytest.mark.parametrize("prompt, response", [(768, 256), (3072, 1024)])
+@pytest.mark.parametrize("impl", [prefix_causal_attention, prefix_causal_attention_masked], ids=["split", "masked"])
+def test_rejected_block_attention(benchmark, impl, prompt, response):
+    """One layer's attention of a rejected response over the prompt and itself, SmolLM2-135M's heads (9 query
+    heads, 3 key/value heads of 64), fp32, forward and backward."""
+    heads, kv_heads, head_dim = 9, 3, 64
+    query = torch.randn(1, heads, response, head_dim, requires_grad=True)
+    prefix_key, prefix_value, key, value = (
+        torch.randn(1, kv_heads, tokens, head_dim, requires_grad=True) for tokens in (prompt, prompt, response,
+                                                                                        response))
+
+    def step():
+        impl(query, prefix_key, prefix_value, key, value).sum().backward()
+
+    benchmark.group = f"rejected-block-P{prompt}-R{response}"
+    benchmark.extra_info.update(prompt_tokens=prompt, response_tokens=response, heads=heads, kv_heads=kv_heads)
+    benchmark.pedantic(step, rounds=5, warmup_rounds=1)

@@ -65,6 +65,26 @@ def test_values_and_gradients_against_float64(shape, impl):
         assert rel_err(got.grad, want.grad) < 1e-5, f"d{name}, seed {seed}"
 
 
+@pytest.mark.parametrize("shape", [(2, 6, 2, 13, 9), (1, 4, 1, 0, 5)], ids=["gqa", "no-prefix"])
+def test_masked_call_with_repeated_heads_as_on_cuda(monkeypatch, shape):
+    """CUDA's masked kernel takes no grouped heads, so the fallback repeats keys and values there: that branch, run
+    on CPU, against float64 (values and gradients; a wrong repeat, e.g. tiled instead of interleaved, fails)."""
+    import upo_kernels.prefix_attention as prefix_attention
+
+    monkeypatch.setattr(prefix_attention, "masked_kernel_takes_grouped_heads", lambda device: False)
+    seed = new_seed()
+    batch, heads, kv_heads, prefix, blocks = shape
+    q, k, v = random_inputs(seed, batch, heads, kv_heads, prefix, blocks)
+    out = prefix_causal_attention_masked(*split(q, k, v, prefix))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    expected = reference(*split(q64, k64, v64, prefix))
+    assert rel_err(out, expected) < 1e-5, f"seed {seed}"
+    out.backward(torch.ones_like(out))
+    expected.backward(torch.ones_like(expected))
+    for got, want in ((q, q64), (k, k64), (v, v64)):
+        assert rel_err(got.grad, want.grad) < 1e-5, f"seed {seed}"
+
+
 def test_bf16_is_no_worse_than_the_masked_sdpa_call():
     """In bf16 the merge of the two halves (in fp32, then rounded once) is as close to float64 as SDPA's own masked
     kernel: values and every gradient within 1.25x its error."""

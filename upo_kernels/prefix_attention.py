@@ -42,15 +42,19 @@ def prefix_causal_attention_masked(query, prefix_key, prefix_value, key, value, 
     prefix, blocks = prefix_key.shape[2], key.shape[2]
     groups = query.shape[1] // key.shape[1]
     keys, values = torch.cat([prefix_key, key], dim=2), torch.cat([prefix_value, value], dim=2)
-    # CUDA's masked SDPA kernel (memory-efficient) takes no grouped heads: repeat them there. The CPU kernel takes
-    # a mask and grouped heads, and the repeat would save groups x the keys and values.
-    grouped = groups > 1 and query.device.type == "cpu"
+    grouped = groups > 1 and masked_kernel_takes_grouped_heads(query.device)
     if groups > 1 and not grouped:
         keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
     position = torch.arange(prefix + blocks, device=query.device)
     allowed = (position[None, :] < prefix) | (position[None, :] - prefix <= position[:blocks, None])
     return F.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, dropout_p=dropout_p, scale=scale,
                                           enable_gqa=grouped)
+
+
+def masked_kernel_takes_grouped_heads(device: torch.device) -> bool:
+    """CUDA's masked SDPA kernel (memory-efficient) takes no grouped heads: the keys and values are repeated there.
+    The CPU kernel takes a mask and grouped heads, and the repeat would save groups x the keys and values."""
+    return device.type == "cpu"
 
 
 def _check_shapes(query, prefix_key, prefix_value, key, value) -> None:
