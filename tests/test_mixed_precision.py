@@ -88,6 +88,7 @@ CONFIGS = {
     "bf16-precompute": dict(precision="bf16", precompute_ref=True),
     "bf16-lora": dict(precision="bf16", lora=True, lora_r=4),
     "bf16-packing": dict(precision="bf16", packing=True),
+    "bf16-share-prompt": dict(precision="bf16", share_prompt=True, gradient_checkpointing=True),
     "bf16-weights": dict(model_dtype="bf16"),
     "bf16-weights-autocast-precompute": dict(model_dtype="bf16", precision="bf16", precompute_ref=True),
     "fp16-weights-lora": dict(model_dtype="fp16", lora=True, lora_r=4),

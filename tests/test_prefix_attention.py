@@ -129,3 +129,23 @@ def test_bad_shapes_are_refused_in_one_line(bad, message):
     with pytest.raises(ValueError, match=message) as err:
         prefix_causal_attention(*bad(*split(q, k, v, 3)))
     assert "\n" not in str(err.value)
+
+
+def test_autocast_casts_every_input_as_it_does_for_sdpa():
+    """Under autocast a model may hand fp32 rotated queries beside bf16 values (the TRL default, bf16=True): both
+    paths compute in autocast's dtype, as close to float64 as each other, and the fp32 query gets an fp32 gradient."""
+    seed = new_seed()
+    prefix, blocks = 29, 17
+    q, k, v = random_inputs(seed, 1, 4, 2, prefix, blocks)
+    q64, k64, v64 = (t.detach().double() for t in (q, k, v))
+    expected = reference(*split(q64, k64, v64, prefix))
+    errors = []
+    for impl in (prefix_causal_attention, prefix_causal_attention_masked):
+        query = q.detach().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = impl(*split(query, k.detach().bfloat16(), v.detach().bfloat16(), prefix))
+        assert out.dtype == torch.bfloat16
+        out.float().sum().backward()
+        assert query.grad.dtype == torch.float32 and torch.isfinite(query.grad).all()
+        errors.append(rel_err(out, expected))
+    assert errors[0] <= 1.25 * errors[1] + 1e-3, f"seed {seed}: {errors}"

@@ -68,3 +68,21 @@ def test_attention_without_4d_masks_is_refused():
         UPOTrainer(model=model, ref_model=copy.deepcopy(model), train_dataset=trl_tiny.make_dataset(),
                    args=UPOConfig(**trl_tiny.trainer_args(share_prompt=True, logit_check=False)),
                    processing_class=tokenizer)
+
+
+def test_shared_prompt_in_trls_default_bf16():
+    """TRL's default configuration (``bf16=True``, autocast on CPU): at step 1 the shared policy and reference give
+    rewards of exactly 0 and a loss of log 2 (one numerical path for both), and over the run the shared trainer's
+    updates and losses are as close to the unshared fp32 run's as the unshared bf16 run's are."""
+    settings = dict(loss_type=["sigmoid"], max_steps=3)
+    fp32 = trl_tiny.run(UPOTrainer, UPOConfig, bf16=False, **settings)
+    plain16 = trl_tiny.run(UPOTrainer, UPOConfig, bf16=True, **settings)
+    shared16 = trl_tiny.run(UPOTrainer, UPOConfig, bf16=True, share_prompt=True, **settings)
+    first = shared16.logs[0]
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0, first
+    assert first["loss"] == torch.tensor(2.0).log().item(), first
+    ours, baseline = trl_tiny.update_ratio(fp32, shared16), trl_tiny.update_ratio(fp32, plain16)
+    assert 0 < ours <= 1.5 * baseline, (ours, baseline)
+    loss_gap = max(abs(a["loss"] - b["loss"]) for a, b in zip(shared16.logs, fp32.logs))
+    baseline_gap = max(abs(a["loss"] - b["loss"]) for a, b in zip(plain16.logs, fp32.logs))
+    assert loss_gap <= 1.5 * baseline_gap + 1e-6, (loss_gap, baseline_gap)

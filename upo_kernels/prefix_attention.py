@@ -24,7 +24,13 @@ def prefix_causal_attention(query: torch.Tensor, prefix_key: torch.Tensor, prefi
                             dropout_p: float = 0.0) -> torch.Tensor:
     """``query`` ``[B, H, R, d]``; ``prefix_key``/``prefix_value`` ``[B, KVH, P, d]``; ``key``/``value``
     ``[B, KVH, R, d]`` (``KVH`` dividing ``H``: grouped-query heads). Query ``i`` attends every prefix key and keys
-    ``0..i`` of its block; returns ``[B, H, R, d]``. ``scale`` defaults to ``1 / sqrt(d)`` as in SDPA."""
+    ``0..i`` of its block; returns ``[B, H, R, d]``. ``scale`` defaults to ``1 / sqrt(d)`` as in SDPA. Under
+    autocast every input is cast to autocast's dtype first, as autocast does for SDPA (a model's rotated queries
+    may be fp32 beside bf16 values)."""
+    if torch.is_autocast_enabled(query.device.type):
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, prefix_key, prefix_value, key, value = (t.to(dtype) for t in (query, prefix_key, prefix_value, key,
+                                                                             value))
     _check_shapes(query, prefix_key, prefix_value, key, value)
     blocks, prefix = query.shape[2], prefix_key.shape[2]
     groups = query.shape[1] // key.shape[1]
