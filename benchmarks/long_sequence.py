@@ -475,6 +475,11 @@ def _ratio(x) -> str:
     return "–" if x is None else f"{x:.2f}x"
 
 
+def _title(setting: tuple) -> str:
+    mix, gradient_checkpointing, lora = setting
+    return f"{mix}, gradient checkpointing {'on' if gradient_checkpointing else 'off'}{', LoRA' if lora else ''}"
+
+
 def markdown(doc: dict) -> str:
     records = [r for r in doc["cases"] if r.get("status") == "ok"]
     lines = [f"# Long sequences: one training step, {doc['model_name']}",
@@ -484,10 +489,9 @@ def markdown(doc: dict) -> str:
              "floor from the config (`memory_floor`: the sum of its parts, and in the backward's order); time = "
              "median step seconds.", ""]
     for setting in _settings(doc, records):
-        mix, gc, lora = setting
         rows = [r for r in records if _setting_of(r) == setting]
         systems = [s for s in doc["systems"] if any(r["system"] == s for r in rows)]
-        lines += [f"## {mix}, gradient checkpointing {'on' if gc else 'off'}{', LoRA' if lora else ''}", "",
+        lines += [f"## {_title(setting)}", "",
                   "| L | floor: sum / in order | " + " | ".join(f"{s} extra / time" for s in systems) + " |",
                   "|---|---|" + "---|" * len(systems)]
         for length in sorted({r["length"] for r in rows}):
@@ -526,8 +530,8 @@ def plot(doc: dict, path: Path) -> None:
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (mix, gc, lora) in zip(axes[0], panels):
-        rows = [r for r in records if _setting_of(r) == (mix, gc, lora)]
+    for ax, setting in zip(axes[0], panels):
+        rows = [r for r in records if _setting_of(r) == setting]
         for system in doc["systems"]:
             pts = sorted((r["length"], r["extra_bytes"] / 1e9) for r in rows if r["system"] == system)
             if pts:
@@ -538,7 +542,7 @@ def plot(doc: dict, path: Path) -> None:
             floor = sorted({(r["length"], r[key] / 1e9) for r in unshared if r.get(key)})
             if floor:
                 ax.plot(*zip(*floor), style, marker="_", label=label)
-        ax.set(title=f"{mix}, checkpointing {'on' if gc else 'off'}{', LoRA' if lora else ''}",
+        ax.set(title=_title(setting),
                xlabel="L (tokens per sequence)",
                ylabel="extra memory of one step (GB)", xscale="log", yscale="log")
         ax.legend(fontsize=7)
