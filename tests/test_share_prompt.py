@@ -118,6 +118,32 @@ def test_per_token_logprobs_and_their_gradients_equal_the_unshared_rows(attn, se
         torch.testing.assert_close(g, e, **TOL, msg=name)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_under_bf16_autocast_no_farther_from_fp32_than_the_models_own(attn):
+    """--precision bf16 and TRL's default bf16=True run the model under autocast (rotated queries fp32 beside bf16
+    values): the shared rows' log-probs and gradients are no farther from the fp32 model's own than the model's own
+    under autocast are."""
+    seed = 3
+    model = micro_model(attn, seed, **GROUPED_HEADS)
+    ids, lengths, prompts, labels = random_pairs(seed)
+    rows = share_prompt_rows(ids, lengths, prompts, pad_id=0)
+    params = list(model.parameters())
+    exact = own_logprobs(model, ids, lengths, labels)
+    exact_grads = torch.autograd.grad(exact.sum(), params)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        own = own_logprobs(model, ids, lengths, labels)
+        shared, _ = shared_logprobs(model, rows, labels)
+    shared = shared.float().masked_fill(labels == -100, 0.0)
+    errors = {}
+    for name, values in (("own", own), ("shared", shared)):
+        grads = torch.autograd.grad(values.sum(), params)
+        errors[name] = [float((values - exact).abs().max())] + [
+            float((g - e).norm() / e.norm()) for g, e in zip(grads, exact_grads) if e.norm() > 0]
+    assert max(errors["own"]) > 0  # autocast did round
+    for got, baseline in zip(errors["shared"], errors["own"]):
+        assert got <= 1.25 * baseline + 1e-3, (errors["shared"], errors["own"])
+
+
 def test_first_rejected_token_is_predicted_from_the_prompts_last_hidden_state():
     """In the shared row the token before the first rejected token is the last CHOSEN token; the shift must
     not read that position (it would give a different number)."""
