@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -76,7 +78,8 @@ def assert_one_line_error(code, err, *fragments, alone=True, prog="upo-train"):
 
 
 def subprocess_env() -> dict:
-    return dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    # PYTHONFAULTHANDLER: a process that dies by a signal (SIGABRT, SIGSEGV) prints where its threads were
+    return dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
 
 
 def upo_train_command(args, processes: int = 1) -> list[str]:
@@ -86,9 +89,27 @@ def upo_train_command(args, processes: int = 1) -> list[str]:
             "-m", "upo.train", *args]
 
 
+# What libstdc++ prints when a C++ thread object is torn down unjoined. Seen twice in loaded 2-core CI runs, each
+# time in one of 3 gloo processes, never reproduced here (about 110 such runs under load, 2026-12-06).
+CPP_ABORT = "terminate called without an active exception"
+
+
 def run_upo_train(args, processes: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(upo_train_command(args, processes), capture_output=True, text=True, env=subprocess_env(),
-                          timeout=timeout)
+    """A run to its end. Under torchrun, a fresh run (not ``--resume``) that one rank's C++ abort ended is
+    run once more from an empty output folder, with a warning that carries where that rank was: the rerun
+    must pass on its own, so a fault of ours that aborts every time still fails the test."""
+    def run():
+        return subprocess.run(upo_train_command(args, processes), capture_output=True, text=True,
+                              env=subprocess_env(), timeout=timeout)
+
+    result = run()
+    if (processes > 1 and result.returncode != 0 and CPP_ABORT in result.stderr
+            and "--resume" not in args and "--output-dir" in args):
+        where = result.stderr[result.stderr.find(CPP_ABORT):][:3000]
+        warnings.warn(f"upo-train on {processes} processes: one rank aborted in C++, run again; it said: {where}")
+        shutil.rmtree(args[args.index("--output-dir") + 1], ignore_errors=True)
+        result = run()
+    return result
 
 
 def start_upo_train(args, processes: int = 1) -> subprocess.Popen:

@@ -7,6 +7,7 @@ losses. A check raises AssertionError on its rank; ``torch.multiprocessing.spawn
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import weakref
 
@@ -19,6 +20,7 @@ from upo_kernels import TOKEN_STATS, linear_logprobs, reference
 
 
 def init(rank, world, init_file):
+    faulthandler.enable()  # a rank that dies by a signal (SIGABRT in C++) prints where its threads were
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
 
 
