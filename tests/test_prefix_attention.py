@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from helpers import new_seed, rel_err
+import upo_kernels.prefix_attention as prefix_attention
 from upo_kernels.prefix_attention import prefix_causal_attention, prefix_causal_attention_masked
 
 
@@ -46,14 +47,22 @@ SHAPES = [  # batch, heads, kv_heads, prefix, block
 ]
 
 
-@pytest.mark.parametrize("impl", [prefix_causal_attention, prefix_causal_attention_masked], ids=["split", "masked"])
+IMPLS = {"split": prefix_causal_attention, "masked": prefix_causal_attention_masked,
+         # CUDA's masked kernel takes no grouped heads, so the fallback repeats keys and values there: that branch,
+         # run on CPU (a wrong repeat, e.g. tiled instead of interleaved, fails)
+         "masked-repeated-heads-as-on-cuda": prefix_causal_attention_masked}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
-def test_values_and_gradients_against_float64(shape, impl):
+def test_values_and_gradients_against_float64(monkeypatch, shape, impl):
+    if impl == "masked-repeated-heads-as-on-cuda":
+        monkeypatch.setattr(prefix_attention, "masked_kernel_takes_grouped_heads", lambda device: False)
     seed = new_seed()
     batch, heads, kv_heads, prefix, blocks = shape
     q, k, v = random_inputs(seed, batch, heads, kv_heads, prefix, blocks)
     scale = 0.3 if blocks % 2 else None  # the model's own scaling, and SDPA's default
-    out = impl(*split(q, k, v, prefix), scale=scale)
+    out = IMPLS[impl](*split(q, k, v, prefix), scale=scale)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     expected = reference(*split(q64, k64, v64, prefix), scale=scale)
     assert out.shape == expected.shape and out.dtype == q.dtype
@@ -63,26 +72,6 @@ def test_values_and_gradients_against_float64(shape, impl):
     expected.backward(grad)
     for name, got, want in (("query", q, q64), ("key", k, k64), ("value", v, v64)):
         assert rel_err(got.grad, want.grad) < 1e-5, f"d{name}, seed {seed}"
-
-
-@pytest.mark.parametrize("shape", [(2, 6, 2, 13, 9), (1, 4, 1, 0, 5)], ids=["gqa", "no-prefix"])
-def test_masked_call_with_repeated_heads_as_on_cuda(monkeypatch, shape):
-    """CUDA's masked kernel takes no grouped heads, so the fallback repeats keys and values there: that branch, run
-    on CPU, against float64 (values and gradients; a wrong repeat, e.g. tiled instead of interleaved, fails)."""
-    import upo_kernels.prefix_attention as prefix_attention
-
-    monkeypatch.setattr(prefix_attention, "masked_kernel_takes_grouped_heads", lambda device: False)
-    seed = new_seed()
-    batch, heads, kv_heads, prefix, blocks = shape
-    q, k, v = random_inputs(seed, batch, heads, kv_heads, prefix, blocks)
-    out = prefix_causal_attention_masked(*split(q, k, v, prefix))
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    expected = reference(*split(q64, k64, v64, prefix))
-    assert rel_err(out, expected) < 1e-5, f"seed {seed}"
-    out.backward(torch.ones_like(out))
-    expected.backward(torch.ones_like(expected))
-    for got, want in ((q, q64), (k, k64), (v, v64)):
-        assert rel_err(got.grad, want.grad) < 1e-5, f"seed {seed}"
 
 
 def test_bf16_is_no_worse_than_the_masked_sdpa_call():

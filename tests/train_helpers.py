@@ -89,8 +89,9 @@ def upo_train_command(args, processes: int = 1) -> list[str]:
             "-m", "upo.train", *args]
 
 
-# What libstdc++ prints when a C++ thread object is torn down unjoined. Seen twice in loaded 2-core CI runs, each
-# time in one of 3 gloo processes, never reproduced here (about 110 such runs under load, 2026-12-06).
+# What libstdc++ prints when std::terminate is called with no exception in flight (a running std::thread object
+# destroyed, for one). Seen twice in loaded 2-core CI runs, each time in one of 3 gloo processes; never reproduced
+# here (about 120 such runs, most under load, 2026-12-06).
 CPP_ABORT = "terminate called without an active exception"
 
 
