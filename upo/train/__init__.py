@@ -9,6 +9,8 @@
     models.py            the built-in tiny Llama or a pretrained model; LoRA; activation checkpointing
     objective.py         which losses and rewards, and their options
     preference_model.py  the module DDP/FSDP wrap: backbone -> hidden states -> upo.fused_loss
+    hidden_states.py     a batch's hidden states the head consumes, each prompt's last (the value head's input)
+    kto_pairs.py         KTO in the trainer: mismatched pairs' log-probs, their reference cache, unpaired rows
     reference.py         reference log-probs precomputed once and cached
     trainer.py           the loop: set-up, optimiser step, evaluation, checkpoints, outputs
     output_dir.py        one run per --output-dir (--overwrite, --resume); run_lock.py: its lock

@@ -19,6 +19,8 @@ import upo
 from upo.train.atomic import atomic_save
 from upo.train.data import DataPosition, PairSampler, PreferenceData, SequenceRows, UnpairedBatch, kl_keys
 from upo.train.errors import UserError
+from upo.train.hidden_states import head_inputs, prompt_hidden
+from upo.train.reference import reference_cache_path, sequences_logps
 from upo.train.runtime import Runtime, barrier
 
 
@@ -46,8 +48,6 @@ def eval_chunks(indices: list[int], batch_size: int, mismatched: bool) -> list[l
 
 # ---- log-probs inside the forward -----------------------------------------------------------
 def _rows_logps(module: nn.Module, causal_lm: nn.Module, rows: SequenceRows) -> torch.Tensor:
-    from upo.train.preference_model import head_inputs
-
     head, hidden = head_inputs(causal_lm, rows)
     weight, bias = head.weight_and_bias(hidden.dtype)
     sums, _ = upo.sequence_logprobs(hidden, weight, rows.labels, bias=bias, cu_seqlens=rows.cu_seqlens,
@@ -78,8 +78,6 @@ def mismatched_kwargs(module: nn.Module, batch) -> dict:
 def unpaired_forward(module: nn.Module, batch: UnpairedBatch, hidden: torch.Tensor, weight: torch.Tensor,
                      bias: torch.Tensor | None, logit_options: dict) -> upo.LossOutput:
     """``upo.unpaired_loss`` of an unpaired batch from the policy's hidden states (inside the module's forward)."""
-    from upo.train.preference_model import prompt_hidden
-
     sums, counts = upo.sequence_logprobs(hidden, weight, batch.labels, bias=bias, cu_seqlens=batch.cu_seqlens,
                                          backend=module.backend, **logit_options)
     kwargs = dict(module.loss_kwargs)
@@ -108,8 +106,6 @@ def visited_batches(sampler: PairSampler, micro_batches: int, world_size: int) -
 
 def kl_reference_of_run(trainer, policy: nn.Module) -> dict:
     """The reference log-probs of every mismatched pair a trainer's run visits (training and evaluation)."""
-    from upo.train.reference import reference_cache_path
-
     config = trainer.config
     batches = visited_batches(trainer.sampler, trainer.total_steps * config.grad_accum, trainer.runtime.world_size)
     batches += eval_chunks(trainer.eval_indices, config.batch_size, True)
@@ -122,8 +118,6 @@ def load_or_compute_kl_reference(model: nn.Module, data: PreferenceData, batches
                                  config, runtime: Runtime, autocast_dtype, log, cache_path: Path) -> dict:
     """``{(prompt example, response example, side): reference log-prob}`` of every mismatched row of
     ``batches``: the cached ones from ``<hash>-kl.pt`` beside the matched cache, the others computed by rank 0."""
-    from upo.train.reference import sequences_logps
-
     path = cache_path.with_name(cache_path.stem + "-kl.pt")
     sides = list(data.examples[0].responses)
     needed: dict[tuple, tuple] = {}

@@ -15,19 +15,10 @@ import torch
 from torch import nn
 
 import upo
-from upo.heads import LMHead, describe_lm_head
-from upo.shared_prompt import shared_hidden_states
+from upo.heads import LMHead
 from upo.train.data import PreferenceBatch, UnpairedBatch
-
-
-def head_inputs(causal_lm: nn.Module, batch) -> tuple[LMHead, torch.Tensor]:
-    """The model's head description and the hidden states its head consumes: ``[2B, T, D]`` padded,
-    ``[N, D]`` packed; a batch with shared prompt rows runs those and is gathered back to ``[2B, T, D]``."""
-    head = describe_lm_head(causal_lm)
-    if getattr(batch, "shared", None) is not None:
-        return head, shared_hidden_states(head, causal_lm, batch.shared)
-    hidden = head.hidden_states(causal_lm, batch.input_ids, batch.attention_mask, batch.position_ids)
-    return head, hidden[0] if batch.packed else hidden
+from upo.train.hidden_states import head_inputs, prompt_hidden
+from upo.train.kto_pairs import mismatched_kwargs, unpaired_forward
 
 
 class PreferenceModel(nn.Module):
@@ -56,8 +47,6 @@ class PreferenceModel(nn.Module):
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
     def forward(self, batch: PreferenceBatch):
-        from upo.train.kto_pairs import mismatched_kwargs, unpaired_forward
-
         device = batch.input_ids.device
         with self._autocast(device):
             head, hidden = head_inputs(self.policy, batch)
@@ -100,11 +89,3 @@ class PreferenceModel(nn.Module):
             kwargs["values_chosen"] = values
             kwargs["values_rejected"] = values  # same prompt, same baseline
         return kwargs
-
-
-def prompt_hidden(hidden: torch.Tensor, batch: PreferenceBatch) -> torch.Tensor:
-    """``[B, D]``: each pair's hidden state at its last prompt token (chosen sequence)."""
-    if batch.packed:
-        return hidden[batch.prompt_last_index]
-    rows = torch.arange(batch.prompt_last_index.numel(), device=hidden.device)
-    return hidden[rows, batch.prompt_last_index]

@@ -14,7 +14,7 @@ from upo.sequence_features import shared_prefix_labels
 from upo.train.atomic import atomic_save
 from upo.train.config import TrainConfig
 from upo.train.data import PreferenceData, rows_of
-from upo.train.preference_model import head_inputs
+from upo.train.hidden_states import head_inputs
 from upo.train.runtime import Runtime, barrier
 
 SHARED_KEYS = ("chosen_shared", "rejected_shared")
