@@ -23,9 +23,9 @@ from torch import nn
 
 from upo.heads.capture import head_input
 from upo.heads.errors import UnsupportedModelError, model_name, unwrap
-from upo.heads.peft import adapter_key
+from upo.heads.peft import adapter_key, peft_head_weights
 from upo.heads.probe import LogitMap, probe_logit_map
-from upo.heads.weights import HeadWeights, head_weights
+from upo.heads.weights import HeadWeights, unwrapped_head_weights
 
 _CACHE = "_upo_lm_head"
 
@@ -125,6 +125,14 @@ def describe_lm_head(model: nn.Module) -> LMHead:
     description = _describe(base, head)
     base.__dict__[_CACHE] = _Cached(description)
     return description
+
+
+def head_weights(head: nn.Module | None, name: str) -> HeadWeights:
+    """How to read ``head``'s weight and bias each step: through PEFT's wrapper (``peft.py``, which reads the
+    module it wraps with this function) or as the module it is (``weights.py``)."""
+    if head is not None and type(head).__module__.split(".")[0] == "peft":
+        return peft_head_weights(head, name, head_weights)
+    return unwrapped_head_weights(head, name)
 
 
 def _describe(base: nn.Module, head: nn.Module | None) -> LMHead:

@@ -1,12 +1,13 @@
-"""The LM head as ``(W [V, D], b [V] | None)``: read each step, inside autograd, through any wrapper.
+"""The LM head as ``(W [V, D], b [V] | None)``: read each step, inside autograd.
 
-``head_weights(head)`` decides once what kind of head it is and returns an object whose ``read()``
-gives this step's weight and bias (tensors that carry gradients to whatever parameters they come
-from). Kinds:
+A :class:`HeadWeights` is what ``describe_lm_head`` decided once about a head: its ``read()`` gives
+this step's weight and bias (tensors that carry gradients to whatever parameters they come from).
+This file holds that interface and the kinds of a head no PEFT wrapper holds (``unwrapped_head_weights``);
+PEFT's wrappers (LoRA, ``modules_to_save``, trainable tokens) are read in ``peft.py``, and
+``describe.py`` picks between the two. Kinds here:
 
 * a module whose ``forward`` is ``nn.Linear.forward`` (plain, tied or not): its ``weight``/``bias``.
   ``isinstance(head, nn.Linear)`` is not the test: a subclass may change ``forward`` (Dory scales rows).
-* PEFT wrappers (LoRA, ``modules_to_save``, trainable tokens): ``upo/heads/peft.py``.
 * any other module with a 2-D ``weight`` that behaves as ``F.linear(x, weight, bias)`` on random
   inputs: its ``weight``/``bias``; else, if it is affine in ``x``, the effective
   ``W = (head(I) - head(0))^T``, ``b = head(0)`` (one D-token pass through the head per step).
@@ -59,14 +60,11 @@ def is_plain_linear(module: nn.Module) -> bool:
             and isinstance(weight, torch.Tensor) and weight.dim() == 2)
 
 
-def head_weights(head: nn.Module | None, name: str) -> HeadWeights:
-    """How to read ``head``'s weight and bias each step (``name``: the model, for messages)."""
+def unwrapped_head_weights(head: nn.Module | None, name: str) -> HeadWeights:
+    """How to read the weight and bias of ``head``, a module no PEFT wrapper holds, each step (``name``: the
+    model, for messages)."""
     if head is None:
         raise UnsupportedModelError(f"{name} has no LM head (get_output_embeddings() is None)")
-    if type(head).__module__.split(".")[0] == "peft":
-        from upo.heads.peft import peft_head_weights
-
-        return peft_head_weights(head, name, head_weights)
     if is_plain_linear(head):
         return LinearWeights(head)
     return _behaving_weights(head, name)
