@@ -14,6 +14,7 @@ import torch
 
 from upo.shared_prompt import SharedPromptRows, share_prompt_rows
 from upo.train.data.pairs import PreferenceExample
+from upo.train.data.unpaired import UnpairedExample
 
 IGNORE_INDEX = -100
 Sequences = list[tuple[list[int], int]]  # (token ids, prompt length) per row
@@ -218,13 +219,49 @@ def collate_packed(examples: Sequence[PreferenceExample], ref_logps: dict | None
     return _batch(examples, pack_rows(_sequences(examples)), ref_logps, {})
 
 
+@dataclass
+class UnpairedBatch(_Batch):
+    """Model inputs for ``N`` unpaired rows (one sequence each, padded ``[N, T]`` or packed ``[1, T]``),
+    ``desirable`` ``[N]`` their labels; ``kl``: KTO's ``N`` mismatched rows (``ref_kl_logps`` when cached)."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    prompt_last_index: torch.Tensor
+    desirable: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    aux: torch.Tensor | None = None  # [N, K]
+    ref_logps: torch.Tensor | None = None  # [N], when precomputed
+    kl: SequenceRows | None = None
+    ref_kl_logps: torch.Tensor | None = None
+    example_indices: list[int] = field(default_factory=list)
+    num_tokens: int = 0
+
+
+def collate_unpaired(examples: Sequence[UnpairedExample], pad_id: int, packing: bool, ref_logps: dict | None,
+                     kl_extra: dict) -> UnpairedBatch:
+    """The batch of ``N`` unpaired rows, one sequence each (``kl_extra``: KTO's mismatched rows)."""
+    rows = rows_of([(e.prompt_ids + e.completion_ids, len(e.prompt_ids)) for e in examples], pad_id, packing)
+    extra: dict[str, Any] = dict(kl_extra)
+    if examples[0].aux:
+        extra["aux"] = torch.tensor([e.aux for e in examples], dtype=torch.float32)
+    if ref_logps is not None:
+        extra["ref_logps"] = ref_logps["completion"][torch.tensor([e.index for e in examples])].float()
+    return UnpairedBatch(
+        input_ids=rows.input_ids, labels=rows.labels,
+        prompt_last_index=rows.last_prompt_positions([len(e.prompt_ids) for e in examples]),
+        desirable=torch.tensor([e.label for e in examples], dtype=torch.bool),
+        attention_mask=rows.attention_mask, position_ids=rows.position_ids, cu_seqlens=rows.cu_seqlens,
+        example_indices=[e.index for e in examples], num_tokens=rows.num_tokens, **extra,
+    )
+
+
 def collate(examples: Sequence, pad_id: int, packing: bool, ref_logps: dict | None = None, *,
             kl: bool = False, max_length: int | None = None, share_prompt: bool = False):
     """The batch of these examples: a :class:`PreferenceBatch` of pairs, or an ``UnpairedBatch`` of
     unpaired rows; ``kl``: with KTO's mismatched rows (their completions cut to ``max_length``, never
     shared: each is a prompt with another pair's response); ``share_prompt``: pairs as shared rows."""
-    from upo.train.data.unpaired import UnpairedExample, collate_unpaired
-
     kl_extra = kl_fields(examples, pad_id, packing, ref_logps, max_length) if kl else {}
     if isinstance(examples[0], UnpairedExample):
         return collate_unpaired(examples, pad_id, packing, ref_logps, kl_extra)

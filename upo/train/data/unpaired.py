@@ -1,18 +1,15 @@
 """Unpaired data, KTO's format as TRL names it: rows of ``prompt``, ``completion`` and ``label`` (True: the
-completion is desirable), strings or chat messages; rendering, tokenising, scoring and batching them.
+completion is desirable), strings or chat messages; detecting, rendering, tokenising and scoring them.
 
-A row is one completion of its prompt; nothing pairs the rows. Its batch holds ``N`` completion rows
-(and, for KTO, ``N`` mismatched rows: prompt ``i`` with completion ``i - 1``, as TRL's rotation).
+A row is one completion of its prompt; nothing pairs the rows. Its batch (``collate.py``) holds ``N``
+completion rows (and, for KTO, ``N`` mismatched rows: prompt ``i`` with completion ``i - 1``, as TRL's rotation).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
-import torch
-
-from upo.train.data.collate import SequenceRows, _Batch, rows_of
-from upo.train.data.pairs import TokenizeSettings, _is_conversation, render_messages, tokenize_responses
+from upo.train.data.pairs import TokenizeSettings, is_conversation, render_messages, tokenize_responses
 from upo.train.data.tokenizer import has_chat_template
 from upo.train.errors import UserError
 
@@ -68,7 +65,7 @@ def render_unpaired(record: dict, tokenizer, row: str) -> tuple[RenderedCompleti
             raise UserError(f"{row}: missing column '{column}' (unpaired rows have prompt, completion, label)")
     label = check_label(record["label"], row)
     completion = record["completion"]
-    if _is_conversation(completion):
+    if is_conversation(completion):
         prompt_text, prompt_plain, [(text, plain)] = render_messages(record["prompt"], [completion], tokenizer, row)
         return RenderedCompletion(prompt_text, text, prompt_plain, plain, has_chat_template(tokenizer)), label
     for column in ("prompt", "completion"):
@@ -97,40 +94,3 @@ def score_completions(reward, rows: list[dict], rendered: list[RenderedCompletio
         raise UserError(f"auxiliary reward on rows {first}..{first + len(rows) - 1}: {err}") from None
     for example, values in zip(examples, scores.tolist()):
         example.aux = values
-
-
-@dataclass
-class UnpairedBatch(_Batch):
-    """Model inputs for ``N`` unpaired rows (one sequence each, padded ``[N, T]`` or packed ``[1, T]``),
-    ``desirable`` ``[N]`` their labels; ``kl``: KTO's ``N`` mismatched rows (``ref_kl_logps`` when cached)."""
-
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    prompt_last_index: torch.Tensor
-    desirable: torch.Tensor
-    attention_mask: torch.Tensor | None = None
-    position_ids: torch.Tensor | None = None
-    cu_seqlens: torch.Tensor | None = None
-    aux: torch.Tensor | None = None  # [N, K]
-    ref_logps: torch.Tensor | None = None  # [N], when precomputed
-    kl: SequenceRows | None = None
-    ref_kl_logps: torch.Tensor | None = None
-    example_indices: list[int] = field(default_factory=list)
-    num_tokens: int = 0
-
-
-def collate_unpaired(examples: Sequence[UnpairedExample], pad_id: int, packing: bool, ref_logps: dict | None,
-                     kl_extra: dict) -> UnpairedBatch:
-    rows = rows_of([(e.prompt_ids + e.completion_ids, len(e.prompt_ids)) for e in examples], pad_id, packing)
-    extra: dict[str, Any] = dict(kl_extra)
-    if examples[0].aux:
-        extra["aux"] = torch.tensor([e.aux for e in examples], dtype=torch.float32)
-    if ref_logps is not None:
-        extra["ref_logps"] = ref_logps["completion"][torch.tensor([e.index for e in examples])].float()
-    return UnpairedBatch(
-        input_ids=rows.input_ids, labels=rows.labels,
-        prompt_last_index=rows.last_prompt_positions([len(e.prompt_ids) for e in examples]),
-        desirable=torch.tensor([e.label for e in examples], dtype=torch.bool),
-        attention_mask=rows.attention_mask, position_ids=rows.position_ids, cu_seqlens=rows.cu_seqlens,
-        example_indices=[e.index for e in examples], num_tokens=rows.num_tokens, **extra,
-    )
