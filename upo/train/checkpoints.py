@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from upo.train.atomic import atomic_save, atomic_write_text
+from upo.train.data import DataPosition
 from upo.train.errors import UserError
+from upo.train.metrics import metrics_log_up_to
 
 CHECKPOINT_PATTERN = "checkpoint-*.pt"
 
@@ -145,9 +147,6 @@ def _first_detail(err: Exception) -> str:
 def restore_training_state(trainer, path: Path) -> None:
     """Load a checkpoint into ``trainer`` (model, optimiser, schedule, data position, random state),
     cut ``metrics.jsonl`` back to its step and drop the checkpoints after it (rank 0)."""
-    from upo.train.data import DataPosition
-    from upo.train.metrics import metrics_log_up_to
-
     checkpoint = read_checkpoint(path)
     config = trainer.config
     hint = ("resume with the --model, --model-config and --lora settings it was written with (see its "

@@ -16,6 +16,7 @@ from torch import nn
 from upo.pretrained import is_cached_conversion
 from upo.train.data import ByteTokenizer
 from upo.train.data.tokenizer import hf_byte_tokenizer
+from upo.value_head import save_value_head
 
 BASE_DIR = "base"
 
@@ -75,8 +76,6 @@ def save_base_model(policy: nn.Module, target: Path, state: dict | None = None) 
 
 def save_final_value_head(value_head: nn.Module, target: Path, gathered_state: dict | None = None) -> Path:
     """``target/value_head.safetensors``; ``gathered_state`` as in :func:`save_final_model` (keys ``value_head.*``)."""
-    from upo.value_head import save_value_head
-
     if gathered_state is not None:
         prefix = "value_head."
         return Path(save_value_head({k[len(prefix):]: v for k, v in gathered_state.items() if k.startswith(prefix)},

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from upo.pretrained import load_causal_lm, load_tokenizer
 from upo.train.config import TrainConfig
 from upo.train.data import ByteTokenizer, encode_text
 from upo.train.errors import UserError
@@ -127,8 +128,6 @@ def load_reference_model(config: TrainConfig, device: torch.device) -> tuple[nn.
 def _load_pretrained(name: str, attn: str, dtype: torch.dtype, flag: str, tokenizer_required: bool = True):
     """A folder, hub id, ``.gguf`` file or ``smollm2`` (``upo.pretrained``); without ``tokenizer_required``
     a missing tokenizer is None (the reference scores the policy's token ids)."""
-    from upo.pretrained import load_causal_lm, load_tokenizer
-
     try:
         model = load_causal_lm(name, dtype, attn)
     except ValueError as err:

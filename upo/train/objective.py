@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 import upo
+from upo import rewards
 from upo.train.config import CLASS_WEIGHTED_LOSSES, TrainConfig, flag
 from upo.train.errors import UserError
 
@@ -38,8 +41,6 @@ def check_loss_options(config: TrainConfig, reward_weights: list[float] | None) 
     """One ``upo.fused_loss`` call on a tiny synthetic batch: bad loss settings (an f-divergence with a loss
     that cannot take it, exo_pair without label smoothing, mrpo's missing references, an option the fused
     path does not feed) become a one-line ``UserError`` before any model or data is loaded."""
-    import torch
-
     pairs, length, width, vocab = 2, 5, 4, 7
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(2 * pairs, length, width, generator=generator)
@@ -70,8 +71,6 @@ def check_loss_options(config: TrainConfig, reward_weights: list[float] | None) 
 def check_unpaired_objective(config: TrainConfig, reward_weights: list[float] | None) -> None:
     """Unpaired rows take only the losses that read single completions (kto, upo) and none of the pair
     losses' settings; one ``upo.unpaired_loss`` call on a tiny synthetic batch checks the rest."""
-    import torch
-
     paired_only = [name for name in config.loss_type if upo.loss_spec(name).unpaired_fn is None]
     if paired_only:
         raise UserError(f"--loss-type {paired_only[0]} compares the two responses of a pair, but the dataset is "
@@ -132,8 +131,6 @@ def build_reward(specs: list[str], flag: str = "--aux-reward"):
     ``UserError`` naming ``flag``."""
     if not specs:
         return None
-    from upo import rewards
-
     try:
         return rewards.CombinedReward.from_specs(list(specs))
     except (KeyError, ValueError, OSError) as err:  # OSError: a lexicon file that is missing or unreadable

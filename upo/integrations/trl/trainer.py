@@ -38,6 +38,7 @@ from upo.integrations.trl.value_head import (
     load_value_head_into,
     save_value_head,
 )
+from upo.pretrained import load_causal_lm, load_tokenizer, loads_without_upo
 from upo.sequence_features import shared_prefix_labels
 from upo.shared_prompt import (SharedPromptRows, check_masked_attention, prompt_lengths_of, share_prompt_rows,
                                shared_hidden_states)
@@ -274,8 +275,6 @@ def _load_named_model(model: Any, processing_class: Any, args) -> tuple[Any, Any
     """A model name DPOTrainer cannot load (a ``.gguf`` file, ``smollm2``) loaded by ``upo.pretrained``, in
     ``model_init_kwargs``' dtype (float32 by default, as TRL), with its tokenizer unless one is given; folders
     and hub ids stay names, for DPOTrainer to load as it does."""
-    from upo.pretrained import load_causal_lm, load_tokenizer, loads_without_upo
-
     if not isinstance(model, str) or loads_without_upo(model):
         return model, processing_class
     kwargs = dict(args.model_init_kwargs or {})
