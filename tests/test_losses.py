@@ -462,6 +462,7 @@ def _with(key, index, value):
     return change
 
 
+LENGTH_LOSSES = ("ipo", "sigmoid_norm", "simpo", "orpo", "nll", "sft", "alpha_dpo", "upo")  # the losses that divide by n
 BAD_INPUTS = [
     bad("policy_rejected_logps", S_r=lambda b: torch.zeros(7)),
     bad("policy_chosen_logps", S_c=lambda b: torch.zeros(6, 1)),
@@ -494,6 +495,18 @@ BAD_INPUTS = [
     bad("aux_rewards_chosen", "upo", a_c=None, a_r=None),
     bad("aux_rewards_rejected", "upo", a_r=None),
     bad("policy_chosen_logps", "orpo", S_c=lambda b: b["S_c"].abs()),
+    # issue 34: lengths are whole token counts > 0, inputs on the batch's device
+    *[bad("chosen_lengths", name, n_c=_with("n_c", 1, 2.5)) for name in LENGTH_LOSSES],
+    *[bad("rejected_lengths", name, n_r=_with("n_r", 0, 0.5)) for name in LENGTH_LOSSES if name not in ("nll", "sft")],
+    bad("chosen_lengths", "ipo", n_c=lambda b: torch.ones(6, dtype=torch.bool)),
+    bad("chosen_lengths", "simpo", n_c=lambda b: [True] * 6),
+    bad("chosen_lengths", "ipo", n_c=lambda b: [2.5] + [3.0] * 5),
+    bad("chosen_lengths", "ipo", n_c=lambda b: "many"),
+    bad("ref_chosen_logps", R_c=lambda b: b["R_c"].to("meta")),
+    bad("ref_rejected_logps", R_r=lambda b: b["R_r"].to("meta")),
+    bad("aux_rewards_chosen", "upo", a_c=lambda b: b["a_c"].to("meta")),
+    bad("values_chosen", "upo", v_c=lambda b: b["v_c"].to("meta")),
+    bad("aux_rewards_rejected", "upo", a_r=lambda b: "high"),
 ]
 
 
@@ -556,6 +569,19 @@ BAD_SETTINGS = [
     ("extra_ref_chosen_logps", dict(loss_type="mrpo")),
     ("margin_std", dict(loss_type="alpha_dpo", margin_std=0.0)),
     ("margin_alpha", dict(loss_type="alpha_dpo", margin_alpha=INF)),
+    # issue 34: a wrong type names the argument too (not float()'s or list()'s own message)
+    ("beta", dict(beta="high")),
+    ("beta", dict(beta=None)),
+    ("beta", dict(beta=True)),
+    ("label_smoothing", dict(label_smoothing=None)),
+    ("label_smoothing", dict(label_smoothing="none")),
+    ("loss_weights", dict(loss_weights=[None])),
+    ("loss_weights", dict(loss_weights="1")),
+    ("loss_weights", dict(loss_weights=[1.0, "x"], loss_type=["sigmoid", "nll"])),
+    ("loss_type", dict(loss_type=None)),
+    ("loss_type", dict(loss_type=3)),
+    ("loss_type", dict(loss_type=[None])),
+    ("f_alpha_divergence_coef", dict(f_alpha_divergence_coef=None)),
 ]
 
 
@@ -623,6 +649,51 @@ def test_bad_batch_option_names_the_argument(argument, build):
     with pytest.raises(ValueError, match=argument):
         L.loss(batch["S_c"], batch["S_r"], batch["R_c"], batch["R_r"], chosen_lengths=batch["n_c"],
                rejected_lengths=batch["n_r"], **kwargs)
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "sppo_hard"])
+def test_a_loss_that_overflows_names_the_input_instead_of_returning_inf(loss_type):
+    """Issue 34: IPO squares the log-ratio, so a finite log-prob of -1e30 gives 1e60, beyond float32: an error naming
+    the term, the pair and the input, never a silent inf; in float64 the same inputs give the finite value."""
+    batch = make_batch(RUN_SEED)
+    S_c = batch["S_c"].clone()
+    S_c[2] = -1e30
+    lengths = dict(chosen_lengths=batch["n_c"], rejected_lengths=batch["n_r"])
+    with pytest.raises(ValueError, match=rf"non-finite loss .*'{loss_type}' overflows .* pair 2.* policy_chosen_logps"):
+        L.loss(S_c, batch["S_r"], batch["R_c"], batch["R_r"], loss_type=loss_type, **lengths)
+    out = L.loss(S_c.double(), batch["S_r"].double(), batch["R_c"].double(), batch["R_r"].double(),
+                 loss_type=loss_type, **lengths)
+    assert math.isfinite(out.loss.item()) and out.loss.item() > 1e50
+
+
+def test_overflowing_loss_weights_are_named():
+    batch = make_batch(RUN_SEED)
+    with pytest.raises(ValueError, match="non-finite loss .* loss_weights"):
+        L.loss(batch["S_c"], batch["S_r"], batch["R_c"], batch["R_r"], loss_type=["sigmoid", "hinge"],
+               loss_weights=[3e38, 3e38])
+
+
+def test_reference_log_probs_that_require_grad_get_none():
+    """Issue 34: the reference is fixed; log-probs computed with grad are detached, the policy's gradient unchanged."""
+    batch = make_batch(RUN_SEED)
+    S_c, S_r = (batch[key].clone().requires_grad_() for key in ("S_c", "S_r"))
+    refs = {key: batch[key].clone().requires_grad_() for key in ("R_c", "R_r", "R_c_shared", "R_r_shared")}
+    kwargs = dict(loss_type=["sigmoid", "ipo"], chosen_lengths=batch["n_c"], rejected_lengths=batch["n_r"],
+                  ld_alpha=0.5, chosen_shared_logps=batch["S_c_shared"], rejected_shared_logps=batch["S_r_shared"])
+    out = L.loss(S_c, S_r, refs["R_c"], refs["R_r"], ref_chosen_shared_logps=refs["R_c_shared"],
+                 ref_rejected_shared_logps=refs["R_r_shared"], **kwargs)
+    out.loss.backward()
+    assert all(ref.grad is None for ref in refs.values())
+    fixed = {key: ref.detach() for key, ref in refs.items()}
+    S_c2, S_r2 = (batch[key].clone().requires_grad_() for key in ("S_c", "S_r"))
+    L.loss(S_c2, S_r2, fixed["R_c"], fixed["R_r"], ref_chosen_shared_logps=fixed["R_c_shared"],
+           ref_rejected_shared_logps=fixed["R_r_shared"], **kwargs).loss.backward()
+    torch.testing.assert_close(S_c.grad, S_c2.grad, rtol=0, atol=0)
+
+    ref = batch["R_c"].clone().requires_grad_()
+    L.unpaired_loss(S_c, ref, [True, False] * 3, kl_policy_logps=batch["S_r"],
+                    kl_ref_logps=batch["R_r"]).loss.backward()
+    assert ref.grad is None
 
 
 def test_alpha_dpo_needs_two_pairs_or_given_statistics():

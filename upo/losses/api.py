@@ -25,6 +25,7 @@ from upo.losses.inputs import (
     VectorChecker,
     batch_size,
     check_f_divergence,
+    check_finite_loss,
     check_hyperparameters,
     check_options,
     check_requirements,
@@ -82,7 +83,8 @@ def loss(
 
     All per-pair inputs are ``[B]`` (aux rewards ``[B]`` or ``[B, K]``); ``**options`` are
     the per-loss options, each checked against the options the selected losses declare.
-    Raises ``ValueError`` naming the offending argument for any malformed input.
+    Raises ``ValueError`` naming the offending argument for any malformed input, and for a loss
+    that overflows the compute dtype from finite inputs. Reference log-probs are detached.
 
     TRL 1.16's batch options, with its names and defaults (docs/losses.md has the details):
 
@@ -118,8 +120,8 @@ def loss(
     sums = {
         "policy_chosen_logps": vector.logps(policy_chosen_logps, "policy_chosen_logps"),
         "policy_rejected_logps": vector.logps(policy_rejected_logps, "policy_rejected_logps"),
-        "ref_chosen_logps": vector.optional_logps(ref_chosen_logps, "ref_chosen_logps"),
-        "ref_rejected_logps": vector.optional_logps(ref_rejected_logps, "ref_rejected_logps"),
+        "ref_chosen_logps": vector.reference_logps(ref_chosen_logps, "ref_chosen_logps"),
+        "ref_rejected_logps": vector.reference_logps(ref_rejected_logps, "ref_rejected_logps"),
     }
     if (sums["ref_chosen_logps"] is None) != (sums["ref_rejected_logps"] is None):
         missing = "ref_chosen_logps" if sums["ref_chosen_logps"] is None else "ref_rejected_logps"
@@ -162,6 +164,7 @@ def loss(
 
     losses = torch.zeros(batch, dtype=dtype, device=device)
     terms: dict[str, Tensor] = {}
+    per_pair_terms: dict[str, Tensor] = {}
     extras: dict[str, Any] = {}
     for name, spec, weight in zip(names, specs, weights):
         ctx = LossContext(
@@ -186,10 +189,18 @@ def loss(
             raise RuntimeError(f"loss {name!r} returned shape {tuple(per_pair.shape)}, expected ({batch},)")
         if pair_weights is not None:
             per_pair = per_pair * pair_weights
+        per_pair_terms[name] = per_pair
         terms[name] = per_pair.mean()
         losses = losses + weight * per_pair
         extras.update(term_metrics)
 
+    mean = losses.mean()
+    check_finite_loss(mean, losses, per_pair_terms, {
+        "policy_chosen_logps": chosen_logps, "policy_rejected_logps": rejected_logps, "ref_chosen_logps": ref_chosen,
+        "ref_rejected_logps": ref_rejected, "chosen_lengths": n_chosen, "rejected_lengths": n_rejected,
+        "aux_rewards_chosen": aux_chosen, "aux_rewards_rejected": aux_rejected, "values_chosen": v_chosen,
+        "values_rejected": v_rejected, "extra_ref_chosen_logps": extra_chosen,
+        "extra_ref_rejected_logps": extra_rejected})
     metrics = reward_metrics(chosen_logps, rejected_logps, ref_chosen, ref_rejected, n_chosen, n_rejected, beta)
     metrics.update({key: to_float(value) for key, value in extras.items()})
-    return LossOutput(loss=losses.mean(), losses=losses, terms=terms, metrics=metrics)
+    return LossOutput(loss=mean, losses=losses, terms=terms, metrics=metrics)

@@ -56,7 +56,8 @@ def ld_weighted(
                 f"{shared_name} is required with ld_alpha: the sum of the response's log-probs over the "
                 "first min(n_c, n_r) response tokens of its pair (docs/losses.md, LD-DPO)"
             )
-        part = vector.logps(shared[shared_name], shared_name)
+        read = vector.reference_logps if shared_name.startswith("ref_") else vector.logps
+        part = read(shared[shared_name], shared_name)
         weighted[sum_name] = part + ld_alpha * (sums[sum_name] - part)
     return weighted
 

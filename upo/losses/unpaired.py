@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from upo.losses.api import LossOutput
-from upo.losses.inputs import (VectorChecker, batch_size, check_hyperparameters, check_options, compute_dtype,
-                               resolve_loss_types)
+from upo.losses.inputs import (VectorChecker, batch_size, check_finite_loss, check_hyperparameters, check_options,
+                               compute_dtype, resolve_loss_types)
 from upo.losses.metrics import to_float, unpaired_reward_metrics
 from upo.losses.registry import LossSpec, UnpairedContext, available_losses, loss_spec
 
@@ -76,7 +76,7 @@ def unpaired_loss(
     device = policy_logps.device
     vector = VectorChecker(rows, dtype, device, first="policy_logps")
     logps = vector.logps(policy_logps, "policy_logps")
-    ref = vector.optional_logps(ref_logps, "ref_logps")
+    ref = vector.reference_logps(ref_logps, "ref_logps")
     if desirable is None:
         raise ValueError("desirable is required: [N] booleans, True for a desirable completion (TRL's label)")
     labels = vector.flags(desirable, "desirable")
@@ -92,6 +92,7 @@ def unpaired_loss(
 
     losses = torch.zeros(rows, dtype=dtype, device=device)
     terms: dict[str, Tensor] = {}
+    per_row_terms: dict[str, Tensor] = {}
     extras: dict[str, Any] = {}
     for name, spec, weight in zip(names, specs, weights):
         ctx = UnpairedContext(name=name, logps=logps, ref_logps=ref, desirable=labels, lengths=n, aux_rewards=aux,
@@ -100,10 +101,14 @@ def unpaired_loss(
         per_row, term_metrics = spec.unpaired_fn(ctx)
         if per_row.shape != (rows,):
             raise RuntimeError(f"loss {name!r} returned shape {tuple(per_row.shape)}, expected ({rows},)")
+        per_row_terms[name] = per_row
         terms[name] = per_row.mean()
         losses = losses + weight * per_row
         extras.update(term_metrics)
 
+    mean = losses.mean()
+    check_finite_loss(mean, losses, per_row_terms, {"policy_logps": logps, "ref_logps": ref, "lengths": n,
+                                                    "aux_rewards": aux, "values": v}, unit="row")
     metrics = unpaired_reward_metrics(logps, ref, n, labels, beta)
     metrics.update({key: to_float(value) for key, value in extras.items()})
-    return LossOutput(loss=losses.mean(), losses=losses, terms=terms, metrics=metrics)
+    return LossOutput(loss=mean, losses=losses, terms=terms, metrics=metrics)
