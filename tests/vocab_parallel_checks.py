@@ -251,6 +251,9 @@ def check_bad_input(rank, world, init_file):
                                           labels=torch.cat([labels[:-1], torch.tensor([19])])),
         "vocab_offset is missing": dict(weight=weight[mine], vocab_offset=None),
         "vocab_offset must be a non-negative int": dict(weight=weight[mine], vocab_offset=-3),
+        # a NaN in rank 1's shard reaches every rank's log-probs: all raise (rank 1 names its weight)
+        "non-finite log-probs": dict(weight=weight[mine].clone().fill_(float("nan")) if rank == 1 else weight[mine],
+                                     vocab_offset=offsets[rank]),
     }
     for expected, case in cases.items():
         args = {"hidden": hidden, "labels": labels, **case}

@@ -16,6 +16,7 @@ from upo_kernels import chunked, token_stats, vocab_parallel
 from upo_kernels.backends import (autocast_operands, in_input_dtypes, labelled_rows, run_backward, run_forward,
                                   scattered_outputs)
 from upo_kernels.backends import ops as backend_ops
+from upo_kernels.nonfinite import check_finite_logprobs
 from upo_kernels.token_stats import STATS as TOKEN_STATS  # noqa: F401  (re-exported by upo_kernels)
 
 BACKENDS = ("auto", "triton", "torch")
@@ -135,7 +136,7 @@ class TokenLogprobs(NamedTuple):
 
 def linear_logprobs(hidden, weight, labels, *, bias=None, logit_scale=1.0, softcap=None,
                     ignore_index=-100, backend="auto", chunk_tokens=None, chunk_vocab=None, stats=(),
-                    process_group=None, vocab_offset=None):
+                    process_group=None, vocab_offset=None, check_finite=True):
     """Per-token log-probs of ``labels`` under ``softmax(cap(logit_scale * (hidden @ weight.T + bias)))``.
 
     hidden [..., D], weight [V, D], labels [...] (``ignore_index`` skipped) -> fp32 tensor of
@@ -156,6 +157,11 @@ def linear_logprobs(hidden, weight, labels, *, bias=None, logit_scale=1.0, softc
     Every rank of the group passes the same hidden states (plain, or a Replicate DTensor) and
     global label ids, and gets the same log-probs and statistics; the weight's gradient stays on
     its shard, hidden's is summed over the group.
+
+    A NaN or inf log-prob raises ``upo_kernels.nonfinite.NonFiniteError`` (a ``ValueError``) naming ``hidden``,
+    ``weight`` or ``bias``, whichever holds NaN or inf where a log-prob reads it (one reduction over the
+    log-probs and one host sync; the inputs are scanned only then). ``check_finite=False`` leaves it to a
+    caller that must first agree with other ranks (``upo.fused_loss`` with ``sequence_group``).
     """
     stats = token_stats.check_stats(stats)
     sharded = vocab_parallel.local_tensors(hidden, weight, bias, process_group, vocab_offset)
@@ -187,6 +193,8 @@ def linear_logprobs(hidden, weight, labels, *, bias=None, logit_scale=1.0, softc
                                               int(ignore_index))
         check_label_range(y, layout.vocab, ignore_index)
         out = vocab_parallel.VocabParallelLogprobs.apply(h2, w, bias, y, layout, *options)
+    if check_finite:
+        check_finite_logprobs(out[0] if stats else out, h2, w, bias, y, ignore_index)
     if not stats:
         return out.reshape(lead_shape)
     return TokenLogprobs(out[0].reshape(lead_shape),
