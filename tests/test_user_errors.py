@@ -2,6 +2,8 @@
 status 2, never a traceback (issue 11, items 7-9); and what a run reports about its data (items 10, 11)."""
 import json
 import os
+import socket
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -60,6 +62,72 @@ def test_json_record_that_is_not_an_object(tmp_path, capsys):
     data = dataset(tmp_path, "d.json", json.dumps([json.loads(GOOD_LINES[0]), "text"]))
     code, _, err = run_main(micro_args(tmp_path, "--dataset", data), capsys)
     assert_one_line_error(code, err, "d.json record 1: expected a JSON object")
+
+
+# ------------------------------------------------------------------ dataset folders and hub ids (issue 34)
+def test_a_dataset_folder_with_a_broken_file_names_the_file_and_line(tmp_path, capsys):
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("".join(GOOD_LINES[:5]))
+    (folder / "b.jsonl").write_text(GOOD_LINES[0] + '{"prompt": "x", "chosen": "y"\n')
+    code, _, err = run_main(micro_args(tmp_path, "--dataset", str(folder)), capsys)
+    # alone=False: datasets prints its own progress lines before failing
+    assert_one_line_error(code, err, f"dataset folder {folder}: {folder / 'b.jsonl'} line 2: invalid JSON", alone=False)
+
+
+def test_an_empty_dataset_folder_says_what_was_expected(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_main(micro_args(tmp_path, "--dataset", str(tmp_path / "empty")), capsys)
+    assert_one_line_error(code, err, f"dataset folder {tmp_path / 'empty'} (split train): datasets could not read it",
+                          "expected a folder written by save_to_disk, or data files", alone=False)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """No network (the Hub's host does not resolve), an empty cache, and every request ``datasets`` would make
+    recorded and failed: the tests below make none."""
+    datasets = pytest.importorskip("datasets")
+    from huggingface_hub import constants
+
+    def no_name_resolution(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    requests = []
+
+    def request(*args, **kwargs):
+        requests.append(args)
+        raise ConnectionError("a request to the Hub")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_name_resolution)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(datasets, "load_dataset", request)
+    monkeypatch.setattr(datasets, "get_dataset_split_names", request)
+    return SimpleNamespace(datasets=datasets, requests=requests, cache=tmp_path / "datasets-cache")
+
+
+@pytest.mark.parametrize("flag", ["--dataset", "--eval-dataset"])
+def test_a_hub_dataset_without_network_is_refused_at_once(tmp_path, capsys, offline_hub, flag):
+    """Issue 34: not a local path, not cached, the Hub unreachable: one line at once, not 30 s of retries."""
+    code, _, err = run_main(micro_args(tmp_path, flag, "no-such/dataset"), capsys)
+    assert_one_line_error(code, err, "dataset 'no-such/dataset' is neither a local file or folder nor in the Hugging "
+                          "Face cache, and the Hub (huggingface.co) cannot be reached (no network)")
+    assert offline_hub.requests == []
+
+
+def test_a_hub_dataset_in_offline_mode_is_refused_at_once(tmp_path, capsys, offline_hub, monkeypatch):
+    monkeypatch.setattr(offline_hub.datasets.config, "HF_HUB_OFFLINE", True)
+    code, _, err = run_main(micro_args(tmp_path, "--dataset", "no-such/dataset"), capsys)
+    assert_one_line_error(code, err, "nor in the Hugging Face cache, and offline mode is on (HF_HUB_OFFLINE)")
+    assert offline_hub.requests == []
+
+
+def test_a_cached_hub_dataset_is_still_loaded_without_network(tmp_path, capsys, offline_hub):
+    (offline_hub.cache / "some___dataset").mkdir(parents=True)  # datasets' cache of some/dataset
+    code, _, err = run_main(micro_args(tmp_path, "--dataset", "some/dataset"), capsys)
+    assert_one_line_error(code, err, "could not load dataset 'some/dataset' (split train): a request to the Hub")
+    assert offline_hub.requests  # handed to datasets, which reads its cache
 
 
 # ------------------------------------------------------------------ flags (items 7, 9)

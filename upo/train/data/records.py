@@ -6,7 +6,11 @@ bad row is reported at its true place in the user's file.
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
+
+from huggingface_hub import constants as hf_constants
 
 from upo.rewards import RESOURCES_DIR
 from upo.train.errors import UserError
@@ -67,6 +71,7 @@ def load_records(source: str | None, split: str = "train", conversational_defaul
     if path.is_dir():
         return _load_hf_dataset(str(path), split)
     if source and _looks_like_hub_id(source):
+        _check_hub_reachable(source)
         return _load_hf_dataset(source, split)
     raise UserError(f"dataset not found: {source or path}")
 
@@ -79,6 +84,8 @@ def load_split_if_present(source: str | None, split: str) -> Records | None:
     path = Path(source).expanduser()
     if not (path.is_dir() or _looks_like_hub_id(source)):
         return None
+    if not path.is_dir():
+        _check_hub_reachable(source)
     if split not in _split_names(str(path) if path.is_dir() else source):
         return None
     return _load_hf_dataset(str(path) if path.is_dir() else source, split)
@@ -87,6 +94,27 @@ def load_split_if_present(source: str | None, split: str) -> Records | None:
 def _looks_like_hub_id(name: str) -> bool:
     return (name.count("/") == 1 and not name.startswith((".", "/", "~"))
             and not name.lower().endswith(LOCAL_SUFFIXES))
+
+
+def _check_hub_reachable(name: str) -> None:
+    """Refuse at once a hub id that cannot be loaded: the Hub cannot be asked (offline mode, or no network) and
+    the dataset is not in the local cache. Without this, ``datasets`` retries for about 30 s before failing."""
+    datasets = _import_datasets(name)
+    if datasets.config.HF_HUB_OFFLINE:
+        why = "offline mode is on (HF_HUB_OFFLINE)"
+    else:
+        host = urlparse(hf_constants.ENDPOINT).hostname or hf_constants.ENDPOINT
+        try:
+            socket.getaddrinfo(host, 443)  # no request: only whether the Hub's host resolves
+            return
+        except OSError:
+            why = f"the Hub ({host}) cannot be reached (no network)"
+    owner, _, repo = name.partition("/")
+    cached = [Path(hf_constants.HF_HUB_CACHE) / f"datasets--{owner}--{repo}",
+              Path(datasets.config.HF_DATASETS_CACHE) / f"{owner}___{repo}"]
+    if not any(folder.is_dir() for folder in cached):
+        raise UserError(f"dataset '{name}' is neither a local file or folder nor in the Hugging Face cache, and "
+                        f"{why}: give a local .jsonl/.json/.parquet file or folder, or download it first")
 
 
 def _load_local_file(path: Path) -> Records:
@@ -190,7 +218,29 @@ def _load_hf_dataset(name: str, split: str) -> Records:
             data = datasets.load_dataset(name, split=split)
     except UserError:
         raise
-    except Exception as err:  # network, missing split, bad name: all user-facing
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"could not load dataset '{name}' (split {split}): {first_line}") from None
+    except Exception as err:  # network, missing split, bad name, unreadable data files: all user-facing
+        if Path(name).is_dir():
+            # datasets' own message for a data file it cannot parse is only "An error occurred while generating
+            # the dataset"; the parser's is its cause
+            generic = isinstance(err, datasets.exceptions.DatasetGenerationError) and err.__cause__ is not None
+            raise _folder_error(Path(name), split, err.__cause__ if generic else err) from None
+        raise UserError(f"could not load dataset '{name}' (split {split}): {_first_line(err)}") from None
     return Records(data.to_list(), source=f"{name} [{split}]", unit="row")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _folder_error(folder: Path, split: str, err: BaseException) -> UserError:
+    """What is wrong with a folder of data files ``datasets`` could not read (``err``): the first of its
+    .jsonl/.json/.parquet files that our own readers refuse, naming the file and line, else ``err``."""
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES):
+        try:
+            _load_local_file(path)
+        except UserError as bad:
+            return UserError(f"dataset folder {folder}: {bad}")
+    return UserError(f"dataset folder {folder} (split {split}): datasets could not read it ({_first_line(err)}); "
+                     "expected a folder written by save_to_disk, or data files (.jsonl, .json, .parquet) of "
+                     "prompt/chosen/rejected or prompt/completion/label rows")
