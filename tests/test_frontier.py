@@ -133,7 +133,14 @@ def test_relabelling_swaps_exactly_the_stated_share():
 
 @pytest.mark.parametrize("extra, fragment", [
     (["--methods", "upo,dpo"], "unknown method 'dpo'"),
-    (["--methods", "upo", "--lambdas", ""], "the grid is empty"),
+    # issue 34: an empty list is an error, never a grid that silently lacks that part
+    (["--methods", "upo", "--lambdas", ""], "--lambdas is empty: give at least one number"),
+    (["--lambdas", ""], "--lambdas is empty: give at least one number"),
+    (["--lambdas", ","], "--lambdas is empty"),
+    (["--mixes", " , "], "--mixes is empty"),
+    (["--methods", "relabel", "--lambdas", ""], "--lambdas is empty"),
+    (["--methods", ""], "--methods is empty: give at least one method name"),
+    (["--bases", ","], "--bases is empty: give at least one base loss name"),
     (["--lambdas", "0,x"], "--lambdas: 'x' is not a number"),
     (["--lambdas", "0,-1"], "--lambdas: -1 must be a finite number >= 0"),
     (["--lambdas", "nan"], "--lambdas: nan must be a finite number"),

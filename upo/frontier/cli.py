@@ -199,11 +199,12 @@ def plan(argv: list[str]):
     args = build_parser().parse_args(own)
     check_args(args)  # before fill_defaults, which may read --model's tokenizer; its defaults pass these checks
     fill_defaults(args)
-    methods = parse_names(args.methods, "method", METHODS)
-    bases = parse_names(args.bases, "base loss")
+    methods = parse_names(args.methods, "--methods", "method", METHODS)
+    bases = parse_names(args.bases, "--bases", "base loss")
     check_bases(bases)
-    runs = build_grid(methods, bases, parse_numbers(args.lambdas, "--lambdas", 0.0) if "upo" in methods else [],
-                      parse_numbers(args.mixes, "--mixes", 0.0, 1.0) if "relabel" in methods else [])
+    # both lists are checked, also the one a method left out of --methods does not read
+    runs = build_grid(methods, bases, parse_numbers(args.lambdas, "--lambdas", 0.0),
+                      parse_numbers(args.mixes, "--mixes", 0.0, 1.0))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("upo-frontier runs its grid in one process: run it without torchrun")
     settings = passed_train_settings(train_args)

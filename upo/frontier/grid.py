@@ -47,19 +47,20 @@ class RunSpec:
         return f"λ={self.upo_lambda:g}" if self.method == "upo" else f"m={self.relabel_mix:g}"
 
 
-def parse_names(text: str, what: str, allowed: tuple[str, ...] | None = None) -> list[str]:
-    """A comma-separated list of names, each once (and each in ``allowed`` when given)."""
+def parse_names(text: str, flag: str, what: str, allowed: tuple[str, ...] | None = None) -> list[str]:
+    """``flag``'s comma-separated list of names, at least one, each once (and each in ``allowed`` when given)."""
     names = [part.strip() for part in text.split(",") if part.strip()]
+    _refuse_empty(names, flag, f"{what} name")
     if allowed is not None:
         unknown = [name for name in names if name not in allowed]
         if unknown:
             raise UserError(f"unknown {what} '{unknown[0]}' (choose from {', '.join(allowed)})")
-    _refuse_repeats(names, what)
+    _refuse_repeats(names, flag)
     return names
 
 
-def parse_numbers(text: str, what: str, low: float, high: float = math.inf) -> list[float]:
-    """A comma-separated list of finite numbers in ``[low, high]``, each once."""
+def parse_numbers(text: str, flag: str, low: float, high: float = math.inf) -> list[float]:
+    """``flag``'s comma-separated list of finite numbers in ``[low, high]``, at least one, each once."""
     values = []
     for part in (part.strip() for part in text.split(",")):
         if not part:
@@ -67,13 +68,21 @@ def parse_numbers(text: str, what: str, low: float, high: float = math.inf) -> l
         try:
             value = float(part)
         except ValueError:
-            raise UserError(f"{what}: '{part}' is not a number (give a comma-separated list, e.g. 0,0.5,1)") from None
+            raise UserError(f"{flag}: '{part}' is not a number (give a comma-separated list, e.g. 0,0.5,1)") from None
         if not (math.isfinite(value) and low <= value <= high):
             bound = f"in [{low:g}, {high:g}]" if math.isfinite(high) else f">= {low:g}"
-            raise UserError(f"{what}: {part} must be a finite number {bound}")
+            raise UserError(f"{flag}: {part} must be a finite number {bound}")
         values.append(value)
-    _refuse_repeats(values, what)
+    _refuse_empty(values, flag, "number")
+    _refuse_repeats(values, flag)
     return values
+
+
+def _refuse_empty(items: list, flag: str, what: str) -> None:
+    """An empty list would drop its part of the grid without a word (``--lambdas ""``: no UPO run at all)."""
+    if not items:
+        raise UserError(f"{flag} is empty: give at least one {what} (a comma-separated list), or leave the flag "
+                        "out for its default")
 
 
 def _refuse_repeats(items: list, what: str) -> None:
