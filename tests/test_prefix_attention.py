@@ -8,7 +8,8 @@ import torch
 
 from helpers import new_seed, rel_err
 import upo_kernels.prefix_attention as prefix_attention
-from upo_kernels.prefix_attention import prefix_causal_attention, prefix_causal_attention_masked
+from upo_kernels.prefix_attention import (prefix_causal_attention, prefix_causal_attention_lower_right,
+                                          prefix_causal_attention_masked)
 
 
 def reference(query, prefix_key, prefix_value, key, value, scale=None):
@@ -50,7 +51,11 @@ SHAPES = [  # batch, heads, kv_heads, prefix, block
 IMPLS = {"split": prefix_causal_attention, "masked": prefix_causal_attention_masked,
          # CUDA's masked kernel takes no grouped heads, so the fallback repeats keys and values there: that branch,
          # run on CPU (a wrong repeat, e.g. tiled instead of interleaved, fails)
-         "masked-repeated-heads-as-on-cuda": prefix_causal_attention_masked}
+         "masked-repeated-heads-as-on-cuda": prefix_causal_attention_masked,
+         # the branch off CPU (CUDA, dropout): SDPA with a bottom-right causal bias, forced here; and with the heads
+         # repeated, as on a torch whose CausalBias takes no grouped heads
+         "lower-right-as-on-cuda": prefix_causal_attention_lower_right,
+         "lower-right-repeated-heads": prefix_causal_attention_lower_right}
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -58,6 +63,8 @@ IMPLS = {"split": prefix_causal_attention, "masked": prefix_causal_attention_mas
 def test_values_and_gradients_against_float64(monkeypatch, shape, impl):
     if impl == "masked-repeated-heads-as-on-cuda":
         monkeypatch.setattr(prefix_attention, "masked_kernel_takes_grouped_heads", lambda device: False)
+    if impl == "lower-right-repeated-heads":
+        monkeypatch.setattr(prefix_attention, "causal_bias_takes_grouped_heads", lambda: False)
     seed = new_seed()
     batch, heads, kv_heads, prefix, blocks = shape
     q, k, v = random_inputs(seed, batch, heads, kv_heads, prefix, blocks)

@@ -3,6 +3,8 @@ gives the unshared per-token log-probs, losses and gradients; the rejected respo
 what cannot share is refused in one line."""
 import json
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -18,7 +20,7 @@ from upo.shared_prompt import (SharedPromptRows, block_attention, install_block_
 from upo.train.data import collate
 from upo.train.errors import UserError
 from upo.train.evaluation import evaluate_pairs
-from upo.train.model_checks import check_shared_prompt_attention
+from upo.train.model_checks import check_attention
 from upo.train.models import tiny_llama_config
 from upo_kernels.prefix_attention import prefix_causal_attention
 
@@ -256,7 +258,7 @@ def assert_same_metrics(shared: list[dict], plain: list[dict]):
 @pytest.mark.parametrize("settings", [
     {},
     {"lora": True, "lora_r": 4, "loss_type": ["sigmoid"], "lr": 1e-2},  # reference: the adapters off
-    {"precompute_ref": True},  # the cache computed unshared, the policy shared
+    {"precompute_ref": True},  # the cache computed in the shared rows training runs
     {"loss_type": ["kto", "upo"]},  # KTO's mismatched rows stay unshared beside the shared pairs
     {"gradient_checkpointing": True, "loss_type": ["ipo"], "ld_alpha": 0.5},
 ], ids=["default", "lora", "precompute-ref", "kto-mismatched", "checkpointing-ld-dpo"])
@@ -320,6 +322,10 @@ def test_cli_refuses_unpaired_data(tmp_path, capsys):
     assert_one_line_error(code, err, "--share-prompt needs paired data")
 
 
+def check_shared(*models):
+    check_attention(SimpleNamespace(share_prompt=True, cp=1), *models)
+
+
 def test_attention_with_a_sliding_window_is_refused():
     """A window the shared rows would not keep (a custom 4-D mask and attention by block are full causal)."""
     from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -328,10 +334,10 @@ def test_attention_with_a_sliding_window_is_refused():
                  num_key_value_heads=2, attn_implementation="sdpa")
     mistral = MistralForCausalLM(MistralConfig(**small, sliding_window=4))
     with pytest.raises(UserError, match="sliding window of 4 tokens") as err:
-        check_shared_prompt_attention(mistral)
+        check_shared(mistral)
     assert "\n" not in str(err.value)
-    check_shared_prompt_attention(Qwen2ForCausalLM(Qwen2Config(**small, sliding_window=4, use_sliding_window=False)))
-    check_shared_prompt_attention(MistralForCausalLM(MistralConfig(**small, sliding_window=None)))
+    check_shared(Qwen2ForCausalLM(Qwen2Config(**small, sliding_window=4, use_sliding_window=False)))
+    check_shared(MistralForCausalLM(MistralConfig(**small, sliding_window=None)))
 
 
 def test_block_attention_refuses_what_it_would_not_apply():
@@ -342,8 +348,8 @@ def test_block_attention_refuses_what_it_would_not_apply():
 
 def test_attention_without_4d_masks_is_refused():
     model = micro_model("sdpa")
-    check_shared_prompt_attention(model, "adapters", None)  # sdpa: fine; references that are no model: skipped
+    check_shared(model, "adapters", None)  # sdpa: fine; references that are no model: skipped
     model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(UserError, match="flash-attention's varlen kernels cannot skip the chosen response") as err:
-        check_shared_prompt_attention(model)
+        check_shared(model)
     assert "\n" not in str(err.value)

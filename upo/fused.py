@@ -17,6 +17,7 @@ import torch
 from upo import sequence_features as features
 from upo.losses import loss
 from upo_kernels import linear_logprobs
+from upo_kernels.context_parallel import sum_over_ranks
 from upo_kernels.vocab_parallel import local_shard
 from upo_kernels.token_stats import check_stats
 
@@ -82,27 +83,31 @@ class _Tokens(NamedTuple):
 
 
 def _token_logprobs(hidden, weight, labels, cu_seqlens, bias, logit_scale, softcap, ignore_index, backend,
-                    allow_empty=False, stats=(), process_group=None, vocab_offset=None):
+                    allow_empty=False, stats=(), process_group=None, vocab_offset=None, split=False):
+    """``split`` (context parallelism): another rank may hold a sequence's tokens, so a sequence may have none
+    here, and non-finite log-probs are found after the sums over the ranks (``_checked_sums``), on every rank."""
     flat_h, flat_y, seq_ids, rows = _flatten(hidden, labels, cu_seqlens, weight)
     if flat_y.dtype.is_floating_point or flat_y.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {flat_y.dtype}")
     keep = flat_y != ignore_index
     # response tokens per sequence; linear_logprobs finds the rows to run itself
     counts = torch.zeros(rows, dtype=torch.int64, device=flat_y.device).index_add_(0, seq_ids, keep.to(torch.int64))
-    if not allow_empty and rows and bool((counts == 0).any()):
-        row = int((counts == 0).nonzero()[0])
-        raise ValueError(f"labels: {_describe_row(row, rows)} has no response tokens "
-                         f"(every label is ignore_index={ignore_index})")
+    if not (allow_empty or split) and rows:
+        _check_every_row_has_tokens(counts, ignore_index)
     # all rows go in: the kernels skip the ignored ones (no gathered copy outlives the forward)
     out = linear_logprobs(flat_h, weight, flat_y, bias=bias, logit_scale=logit_scale, softcap=softcap,
                           ignore_index=ignore_index, backend=backend, stats=stats, process_group=process_group,
-                          vocab_offset=vocab_offset)
+                          vocab_offset=vocab_offset, check_finite=not split)
     logp, values = (out.logp, out.stats) if stats else (out, {})
     return _Tokens(logp, values, keep, seq_ids, counts, rows)
 
 
-def _checked_sums(tokens, hidden, weight, bias):
+def _checked_sums(tokens, hidden, weight, bias, sequence_group=None):
+    """Per-sequence sums of the log-probs; with ``sequence_group``, summed over its ranks first, so that every
+    rank raises alike (a rank that raised alone would leave the others waiting in a collective)."""
     sums = features.per_sequence_sum(tokens.logp, tokens.seq_ids, tokens.rows)
+    if sequence_group is not None:
+        sums = sum_over_ranks(sums, sequence_group)
     if not bool(torch.isfinite(sums).all()):
         culprits = [name for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias))
                     if t is not None and not bool(torch.isfinite(local_shard(t)).all())]
@@ -138,7 +143,7 @@ def fused_loss(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_chosen
                ref_rejected_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None,
                ref_chosen_shared_logps=None, ref_rejected_shared_logps=None, logit_scale=1.0, softcap=None,
                ignore_index=-100, backend="auto", token_stats=False, process_group=None, vocab_offset=None,
-               **loss_kwargs):
+               sequence_group=None, **loss_kwargs):
     """Preference loss straight from final hidden states and the LM-head weight.
 
     Args:
@@ -160,6 +165,11 @@ def fused_loss(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_chosen
         process_group, vocab_offset: an LM head sharded over the vocabulary by hand (``weight``,
             ``bias`` and ``ref_weight``/``ref_bias`` are this rank's rows); a ``Shard(0)`` DTensor
             weight needs neither. Every rank gets the same loss (``docs/tensor_parallel.md``).
+        sequence_group: the sequences' tokens split over this process group's ranks (context parallelism,
+            ``upo/context_parallel.py``): each rank passes its own tokens of every sequence (a sequence may have
+            none on a rank); the per-sequence sums, token counts and token statistics are summed over the group
+            once, every rank gets the same loss, and the parameters' gradients summed over the group are one
+            process's. Not with ``ld_alpha`` or ``use_weighting``, whose token order spans the ranks.
         token_stats: also compute TRL's token statistics in the same pass and add its logged
             metrics to ``metrics``: ``entropy``, ``mean_token_accuracy``, ``logits/chosen``,
             ``logits/rejected`` (``sequence_features.token_metrics``).
@@ -178,14 +188,21 @@ def fused_loss(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_chosen
             raise ValueError(f"{name} is computed from labels by fused_loss; do not pass it")
     use_wpo = bool(loss_kwargs.get("use_weighting"))
     use_ld = loss_kwargs.get("ld_alpha") is not None
+    if sequence_group is not None and (use_wpo or use_ld):
+        raise ValueError(f"{'use_weighting' if use_wpo else 'ld_alpha'} is not supported with sequence_group "
+                         "(context parallelism): its per-token weights depend on tokens other ranks hold")
+    split = sequence_group is not None
     ref_shared = _check_ref_shared(use_ld, ref_hidden, ref_chosen_logps, ref_chosen_shared_logps,
                                    ref_rejected_shared_logps)
     stats = (("entropy", "mean_logits", "is_top1") if token_stats else ()) + (("log_sum_sq_probs",) if use_wpo else ())
     kernel_args = dict(cu_seqlens=cu_seqlens, logit_scale=logit_scale, softcap=softcap,
                        ignore_index=ignore_index, backend=backend, process_group=process_group,
                        vocab_offset=vocab_offset)
-    tokens = _token_logprobs(hidden, weight, labels, bias=bias, stats=check_stats(stats), **kernel_args)
-    sums, counts, rows = _checked_sums(tokens, hidden, weight, bias), tokens.counts, tokens.rows
+    tokens = _token_logprobs(hidden, weight, labels, bias=bias, stats=check_stats(stats), split=split, **kernel_args)
+    sums, counts, rows = _checked_sums(tokens, hidden, weight, bias, sequence_group), tokens.counts, tokens.rows
+    if split:
+        counts = sum_over_ranks(counts, sequence_group)
+        _check_every_row_has_tokens(counts, ignore_index)
     if rows % 2:
         raise ValueError(f"hidden must hold 2B rows (B chosen then B rejected), got {rows} sequences")
     half = rows // 2
@@ -208,8 +225,9 @@ def fused_loss(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_chosen
             ref_weight, ref_bias = weight, bias if ref_bias is None else ref_bias
         with torch.no_grad():
             ref_tokens = _token_logprobs(ref_hidden.detach(), ref_weight.detach(), labels,
-                                         bias=None if ref_bias is None else ref_bias.detach(), **kernel_args)
-            ref_sums = _checked_sums(ref_tokens, ref_hidden, ref_weight, ref_bias)
+                                         bias=None if ref_bias is None else ref_bias.detach(), split=split,
+                                         **kernel_args)
+            ref_sums = _checked_sums(ref_tokens, ref_hidden, ref_weight, ref_bias, sequence_group)
             if use_ld:
                 ref_shared = features.shared_sums(ref_tokens.logp, shared, ref_tokens.seq_ids, rows)
                 ref_shared = (ref_shared[:half], ref_shared[half:])
@@ -221,8 +239,18 @@ def fused_loss(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_chosen
     out = loss(sums[:half], sums[half:], ref_chosen_logps, ref_rejected_logps,
                chosen_lengths=counts[:half], rejected_lengths=counts[half:], **extra, **loss_kwargs)
     if token_stats:
-        out.metrics.update(features.token_metrics(tokens.stats, tokens.seq_ids, counts))
+        stat_sums = features.stat_sums64(tokens.stats, tokens.seq_ids, rows)
+        if split:
+            stat_sums = {name: sum_over_ranks(v, sequence_group) for name, v in stat_sums.items()}
+        out.metrics.update(features.token_metrics_of_sums(stat_sums, counts))
     return out
+
+
+def _check_every_row_has_tokens(counts, ignore_index):
+    if bool((counts == 0).any()):
+        row = int((counts == 0).nonzero()[0])
+        raise ValueError(f"labels: {_describe_row(row, counts.shape[0])} has no response tokens "
+                         f"(every label is ignore_index={ignore_index})")
 
 
 def _check_ref_shared(use_ld, ref_hidden, ref_chosen_logps, chosen_shared, rejected_shared):

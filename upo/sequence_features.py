@@ -64,9 +64,20 @@ def token_metrics(stats, seq_ids, counts):
     ``entropy`` (token mean over chosen and rejected responses), ``mean_token_accuracy`` (share of
     chosen response tokens whose label is the top-1 token), ``logits/chosen`` and
     ``logits/rejected`` (token means of the mean logit); 0.0 where there is no token."""
-    rows = counts.shape[0]
-    half = rows // 2
-    sums = {name: sums64(v, seq_ids, rows) for name, v in stats.items()}
+    return token_metrics_of_sums(stat_sums64(stats, seq_ids, counts.shape[0]), counts)
+
+
+@torch.no_grad()
+def stat_sums64(stats, seq_ids, rows):
+    """``{name: [N]}`` per-token statistics -> ``{name: [R]}`` float64 sums per sequence."""
+    return {name: sums64(v, seq_ids, rows) for name, v in stats.items()}
+
+
+@torch.no_grad()
+def token_metrics_of_sums(sums, counts):
+    """:func:`token_metrics` from per-sequence sums (``stat_sums64``) and counts: what a sequence split over
+    processes (context parallelism) sums over them first."""
+    half = counts.shape[0] // 2
     n = counts.double()
     parts = torch.stack([sums["entropy"].sum(), n.sum(), sums["is_top1"][:half].sum(), n[:half].sum(),
                          sums["mean_logits"][:half].sum(), sums["mean_logits"][half:].sum(), n[half:].sum()])

@@ -102,6 +102,22 @@ def check_masked_attention(*models) -> None:
                              f"attention has a sliding window of {window} tokens, which its rows would not keep")
 
 
+def check_split_attention(*models) -> None:
+    """Every model a sequence split over processes goes through (None and non-modules skipped) runs SDPA, which
+    the split's attention stands in front of, without a sliding window; a ValueError naming what was found."""
+    for model in models:
+        if not isinstance(model, nn.Module):
+            continue
+        implementation = attention_implementation_of(model)
+        if implementation != "sdpa":
+            raise ValueError(f"context parallelism runs attention as SDPA over gathered keys and values; the model "
+                             f"uses {implementation!r}: load it with attn_implementation='sdpa'")
+        window = sliding_window_of(model)
+        if window is not None:
+            raise ValueError(f"context parallelism runs full causal attention; the model's attention has a "
+                             f"sliding window of {window} tokens")
+
+
 def sliding_window_of(model: nn.Module) -> int | None:
     """The sliding window a transformers model's attention uses (None: none): ``sliding_window`` in its config,
     unless ``use_sliding_window`` is False (Qwen2 keeps a window in configs that do not use it)."""
@@ -194,8 +210,18 @@ def shared_hidden_states(head, model: nn.Module, rows: SharedPromptRows) -> torc
     return rows.unshare(hidden)
 
 
+def context_hidden_states(head, model: nn.Module, rows) -> torch.Tensor:
+    """``[rows, L/N, D]``: the hidden states ``head`` consumes of this rank's chunks of a sequence split over
+    processes (``rows``: an :class:`upo.context_parallel.ContextParallelRows`), its attention run by
+    :func:`block_attention` (SDPA only: the split's attention is SDPA's kernels on gathered keys)."""
+    check_split_attention(model)
+    install_block_attention()
+    return head.hidden_states(model, rows.input_ids, torch.ones_like(rows.input_ids), rows.position_ids,
+                              upo_context_parallel=rows)
+
+
 def block_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                    upo_shared_spans=None, **kwargs):
+                    upo_shared_spans=None, upo_context_parallel=None, **kwargs):
     """SDPA over shared rows, block by block: ``[prompt, chosen]`` causally (SDPA's causal kernels, no mask), then
     the rejected response over the prompt and itself (:func:`prefix_causal_attention`: every prompt key, its own
     keys causally). The unshared rows' attention without the ``[S, S]`` mask, and without its work: a dense mask
@@ -203,8 +229,9 @@ def block_attention(module, query, key, value, attention_mask, dropout: float = 
     them). Anything without ``upo_shared_spans`` goes to transformers' own SDPA unchanged.
 
     ``query`` ``[B, H, S, hd]``, ``key``/``value`` ``[B, KVH, S, hd]``; returns ``([B, S, H, hd], None)`` as
-    transformers' attention functions do."""
-    if upo_shared_spans is None:
+    transformers' attention functions do. Given ``upo_context_parallel`` (``upo.context_parallel``'s rows of this
+    rank), the attention over a sequence split across processes runs instead, under the same refusals."""
+    if upo_shared_spans is None and upo_context_parallel is None:
         return _TRANSFORMERS_SDPA[0](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                      **kwargs)
     for name in ("sliding_window", "softcap", "position_bias", "s_aux"):  # what only a mask or eager would apply
@@ -213,6 +240,8 @@ def block_attention(module, query, key, value, attention_mask, dropout: float = 
                              "by block does not apply")
     if getattr(module, "is_causal", True) is False:
         raise ValueError("prompt sharing: this attention layer is not causal")
+    if upo_context_parallel is not None:
+        return upo_context_parallel.attention(query, key, value, scaling=scaling, dropout=dropout), None
     groups = query.shape[1] // key.shape[1]
     rows = []
     for i, (prompt, chosen, rejected) in enumerate(upo_shared_spans):

@@ -8,12 +8,17 @@ query ``i`` of the block sees all ``P`` prefix keys and keys ``0..i`` of its own
 On CPU this runs as two of SDPA's flash kernels instead, the prefix without a mask and the block causally, and
 merges them by their log-sum-exps. Their backward is exact when each half is given the MERGED output and
 log-sum-exp (the softmax's normaliser is the merged one; each key's gradient needs only its own scores), so
-nothing beyond the two halves' outputs is computed or kept. Elsewhere (CUDA, dropout) it is the masked SDPA call.
+nothing beyond the two halves' outputs is computed or kept. Elsewhere (CUDA, dropout) it is one SDPA call over the
+concatenated keys with a bottom-right-aligned causal bias (no mask is built); the masked call remains as the tests'
+and the benchmark's comparison.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _CPU_FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
@@ -39,7 +44,28 @@ def prefix_causal_attention(query: torch.Tensor, prefix_key: torch.Tensor, prefi
                                               enable_gqa=groups > 1)
     if query.device.type == "cpu" and dropout_p == 0.0 and _CPU_FLASH_BACKWARD is not None:
         return _PrefixCausalAttentionCPU.apply(query, prefix_key, prefix_value, key, value, scale)
-    return prefix_causal_attention_masked(query, prefix_key, prefix_value, key, value, scale, dropout_p)
+    return prefix_causal_attention_lower_right(query, prefix_key, prefix_value, key, value, scale, dropout_p)
+
+
+def prefix_causal_attention_lower_right(query, prefix_key, prefix_value, key, value, scale=None, dropout_p=0.0):
+    """The same attention as SDPA over the concatenated keys with a causal mask aligned to the bottom right
+    (``torch.nn.attention.bias.causal_lower_right``: query ``i`` of ``R`` sees keys ``0..P+i``), which SDPA's
+    kernels apply without building an ``[R, P + R]`` mask (the branch off CPU; the CPU tests force it)."""
+    groups = query.shape[1] // key.shape[1]
+    keys, values = torch.cat([prefix_key, key], dim=2), torch.cat([prefix_value, value], dim=2)
+    bias = causal_lower_right(query.shape[2], keys.shape[2])
+    grouped = groups > 1 and causal_bias_takes_grouped_heads()
+    if groups > 1 and not grouped:
+        keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+    extra = {"enable_gqa": True} if grouped else {}
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=bias, dropout_p=dropout_p, scale=scale,
+                                          **extra)
+
+
+def causal_bias_takes_grouped_heads() -> bool:
+    """Whether this torch's ``CausalBias`` dispatch takes ``enable_gqa`` (torch 2.13 does); else heads are
+    repeated."""
+    return "enable_gqa" in inspect.signature(CausalBias._dispatch).parameters
 
 
 def prefix_causal_attention_masked(query, prefix_key, prefix_value, key, value, scale=None, dropout_p=0.0):

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from upo.heads import UnsupportedModelError
+from upo.train.allocator import CHOICE_ENV, CHOICES, runs_on_cpu, use_allocator
 from upo.train.config import PRETRAINED_LR, TINY_MODEL_LR, VALUE_LR, TrainConfig, build_config
 from upo.train.config_file import alias_help, load_config_file
 from upo.train.errors import EXIT_USER_ERROR, RunStopped, StopNow, UserError
@@ -74,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Preference alignment (DPO family + UPO) with a fused loss that never builds logits. "
         "Without arguments: a tiny byte-level Llama trained on the shipped data in about a minute on CPU.",
         epilog="Settings: defaults < --config file < flags. "
-        "Multi-process: torchrun --nproc-per-node N -m upo.train ... (add --tp K for tensor parallelism) "
+        "Multi-process: torchrun --nproc-per-node N -m upo.train ... (add --tp K for tensor parallelism, "
+        "--cp K for context parallelism) "
         "Exit status: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + ". "
         "SIGTERM, SIGINT and SIGUSR1 finish the current step, write a checkpoint and exit; a second one "
         "exits at once.",
@@ -184,9 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "processes (LM head sharded over the vocabulary, decoder by its transformers plan); "
                    "--nproc-per-node must be a multiple of N, the copies train data-parallel (docs/"
                    "tensor_parallel.md)" + _default("tp"))
+    g.add_argument("--cp", type=int, metavar="N", help="context parallelism under torchrun: each pair's tokens "
+                   "are split over N processes (attention over gathered keys and values, the loss never builds "
+                   "logits; composes with --share-prompt, --lora, --fsdp); --nproc-per-node must be a multiple of "
+                   "N (docs/context_parallel.md)" + _default("cp"))
     g.add_argument("--backend", choices=["auto", "triton", "torch"],
                    help="fused-loss kernels: triton (CUDA), torch (chunked, any device)" + _default("backend"))
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N" + _default("device"))
+    g.add_argument("--allocator", choices=CHOICES, help="memory allocator: auto = on CPU tcmalloc, else jemalloc, "
+                   "where the system has one (upo-train restarts in place with it preloaded), system = the C "
+                   f"library's malloc; {CHOICE_ENV} in the environment sets the default (docs/training.md#the-"
+                   "memory-allocator) (default: auto)")
     g.add_argument("--seed", type=int, help="seed of model init, data order and split" + _default("seed"))
 
     g = p.add_argument_group("outputs")
@@ -224,13 +234,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_config(argv: list[str] | None) -> TrainConfig:
-    """Flags over the config file over the defaults; the file's values go through the flags' parser."""
+def parse_command(argv: list[str] | None) -> tuple[TrainConfig, str | None]:
+    """Flags over the config file over the defaults; the file's values go through the flags' parser. Also
+    ``--allocator`` (None: not given), a setting of the process rather than of the run."""
     parser = build_parser()
     flags = vars(parser.parse_args(argv))
     config_path = flags.pop("config", None)
     file_settings, sources = load_config_file(config_path, parser) if config_path else ({}, {})
-    return build_config(file_settings, flags, sources)
+    allocator = flags.pop("allocator", file_settings.pop("allocator", None))
+    config = build_config(file_settings, flags, sources)
+    config.config_file = config_path  # an input of the run: --overwrite never removes it
+    return config, allocator
+
+
+def parse_config(argv: list[str] | None) -> TrainConfig:
+    """The run's settings of :func:`parse_command`."""
+    return parse_command(argv)[0]
 
 
 def _format_duration(seconds: float) -> str:
@@ -288,21 +307,35 @@ def _launched_as_rank_0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _parse_once_per_launch(argv: list[str]) -> TrainConfig:
-    """:func:`parse_config`; under torchrun every rank parses the same flags and file, so a mistake in
+def _parse_once_per_launch(argv: list[str]) -> tuple[TrainConfig, str | None]:
+    """:func:`parse_command`; under torchrun every rank parses the same flags and file, so a mistake in
     them is said by rank 0 alone."""
     try:
-        return parse_config(argv)
+        return parse_command(argv)
+    except UserError as err:
+        err.reported_by_main = not _launched_as_rank_0()
+        raise
+
+
+def _use_allocator(setting: str | None, config: TrainConfig) -> str | None:
+    """Restart in place on tcmalloc or jemalloc where asked for and found (every rank; upo/train/allocator.py);
+    the note to print when auto found none."""
+    try:
+        return use_allocator(setting, runs_on_cpu(config.device))[1]
     except UserError as err:
         err.reported_by_main = not _launched_as_rank_0()
         raise
 
 
 def _check_processes(config: TrainConfig) -> None:
-    """``--tp`` against torchrun's process count, before the heavy imports (each rank raises; rank 0 says it)."""
+    """``--tp`` and ``--cp`` against torchrun's process count, before the heavy imports (each rank raises; rank 0
+    says it)."""
+    from upo.train.context_parallel import check_cp
     from upo.train.tensor_parallel import check_tp
 
-    check_tp(config, int(os.environ.get("WORLD_SIZE", "1")), _launched_as_rank_0())
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    check_tp(config, world_size, _launched_as_rank_0())
+    check_cp(config, world_size, _launched_as_rank_0())
 
 
 def _report(message: str, error: bool = True) -> None:
@@ -316,15 +349,19 @@ def main(argv: list[str] | None = None) -> int:
     runtime = None
     try:
         with StopRequests(defer=False):  # outside the loop a stop signal ends the run at once, with a line
-            config = _parse_once_per_launch(sys.argv[1:] if argv is None else list(argv))
+            config, allocator = _parse_once_per_launch(sys.argv[1:] if argv is None else list(argv))
             _check_processes(config)
+            note = _use_allocator(allocator, config) if argv is None else None  # a command, not a call
             # Heavy imports (transformers) only once the flags are known to parse.
             from upo.train.runtime import setup_runtime
             from upo.train.trainer import Trainer
 
             runtime = setup_runtime(config.device)
             _limit_threads_for_tiny_models(config, runtime.device)
-            summary = Trainer(config, runtime).train()
+            trainer = Trainer(config, runtime)
+            if note and runtime.is_main:
+                _report(note, error=False)
+            summary = trainer.train()
             if runtime.is_main:
                 print(format_summary(summary, time.perf_counter() - started), flush=True)
             return 0

@@ -80,6 +80,7 @@ class TrainConfig:
     lora_alpha: int = 16
     fsdp: bool = False
     tp: int = 1  # tensor parallelism: processes per model copy (torchrun); tensor_parallel.py
+    cp: int = 1  # context parallelism: processes per sequence (torchrun); context_parallel.py
     backend: str = "auto"
     device: str = "auto"
     seed: int = 0
@@ -99,9 +100,14 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_skipped_batches: int = 0
     progress: bool = True
+    # not a setting: the --config file the settings came from (the output-dir claim never removes it); not saved
+    config_file: str | None = None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The settings (``config.json``, checkpoints): every field but ``config_file``."""
+        settings = dataclasses.asdict(self)
+        del settings["config_file"]
+        return settings
 
     @property
     def learning_rate(self) -> float:
@@ -143,10 +149,11 @@ def build_config(file_settings: dict, flag_settings: dict, sources: dict[str, st
     setting the file gave names it.
     """
     merged = {**file_settings, **flag_settings}
-    tp = merged.get("tp", 1)
+    sharers = [merged.get(key, 1) for key in ("tp", "cp")]
     per_device = "(per_device_train_batch_size)" in (sources or {}).get("batch_size", "")
-    if per_device and "batch_size" not in flag_settings and _is_int(tp) and tp > 1:
-        merged["batch_size"] //= tp  # TRL's per-device batch is per model copy: the processes of one share it
+    if per_device and "batch_size" not in flag_settings and all(map(_is_int, sharers)) and max(sharers) > 1:
+        # TRL's per-device batch is per model copy: the processes of one (--tp) or of one sequence (--cp) share it
+        merged["batch_size"] //= sharers[0] * sharers[1]
     for key in ("loss_type", "aux_reward"):
         if isinstance(merged.get(key), str):
             merged[key] = [merged[key]]
@@ -155,8 +162,13 @@ def build_config(file_settings: dict, flag_settings: dict, sources: dict[str, st
     if isinstance(merged.get("loss_weights"), (int, float)):
         merged["loss_weights"] = [merged["loss_weights"]]
     config = TrainConfig(**merged)
+    # A file setting at its default value changes nothing, so it is not refused as inapplicable: a run's own
+    # config.json spells out every setting (desirable_weight without kto, aux_reward without upo) and must
+    # reproduce the run.
+    defaults = TrainConfig()
+    given = set(flag_settings) | {key for key, value in file_settings.items() if value != getattr(defaults, key, None)}
     try:
-        validate(config, given=set(merged))
+        validate(config, given=given)
     except SettingError as err:
         where = (sources or {}).get(err.setting) if err.setting not in flag_settings else None
         if where:
@@ -176,7 +188,7 @@ def _is_number(value) -> bool:
 # (setting, smallest value): integers, and integers that may also be None (unset).
 AT_LEAST = {"max_length": 2, "batch_size": 1, "grad_accum": 1, "eval_every": 1, "save_every": 1,
             "keep_checkpoints": 1, "warmup_steps": 0, "lora_r": 1, "lora_alpha": 1, "max_skipped_batches": 0,
-            "eval_generate": 0, "eval_generate_max_tokens": 1, "tp": 1}
+            "eval_generate": 0, "eval_generate_max_tokens": 1, "tp": 1, "cp": 1}
 OPTIONAL_AT_LEAST = {"max_steps": 1, "max_examples": 1, "max_prompt_length": 1, "max_completion_length": 1,
                      "eval_max_pairs": 1}
 # (setting, test, what the test means): finite numbers in a range; lr may be None (its default).
@@ -246,6 +258,16 @@ def validate(config: TrainConfig, given: set[str] = frozenset()) -> None:
     if config.share_prompt and config.tp > 1:
         raise SettingError("share_prompt", "--share-prompt is not verified with --tp yet (the 4-D mask through "
                            "the sharded attention); drop one of them")
+    if config.cp > 1 and config.tp > 1:
+        raise SettingError("cp", "--cp with --tp is not supported yet (a sequence split over processes of a "
+                           "sharded model); use one of them")
+    for name, off in (("ld_alpha", None), ("use_weighting", False)):
+        if config.cp > 1 and getattr(config, name) != off:
+            raise SettingError("cp", f"--cp with {flag(name)} is not supported: its per-token weights depend on "
+                               "tokens that other processes hold")
+    if config.cp > 1 and config.packing:
+        raise SettingError("cp", "--cp with --packing is not supported: packed rows would need attention across "
+                           "segment boundaries on every rank; drop --packing (--share-prompt shares the prompt)")
     if config.eval_generate and config.fsdp:
         raise SettingError("eval_generate", "--eval-generate needs the whole model in one process: not with --fsdp")
     if config.overwrite and config.resume is not None:

@@ -13,7 +13,7 @@ from torch import nn
 
 from upo.heads import LogitCheckError, check_lm_head, describe_lm_head
 from upo.heads.check import ROWS, TOKENS
-from upo.shared_prompt import check_masked_attention
+from upo.shared_prompt import check_masked_attention, check_split_attention
 from upo.train.config import TrainConfig
 from upo.train.data import collate
 from upo.train.errors import UserError
@@ -61,10 +61,13 @@ def load_checked_reference(policy: nn.Module, tokenizer, config: TrainConfig, ru
     return reference
 
 
-def check_shared_prompt_attention(*models) -> None:
-    """``--share-prompt`` runs a 4-D attention mask: every model it goes through (the policy, a reference model)
-    must use an attention implementation that honours one."""
-    try:
-        check_masked_attention(*models)
-    except ValueError as err:
-        raise UserError(f"--share-prompt: {err}") from None
+def check_attention(config: TrainConfig, *models) -> None:
+    """The attention of every model a batch goes through (the policy, a reference model): ``--share-prompt`` runs
+    a 4-D attention mask, which it must honour; ``--cp`` runs SDPA over gathered keys and values."""
+    for flag, wanted, check in (("--share-prompt", config.share_prompt, check_masked_attention),
+                                ("--cp", config.cp > 1, check_split_attention)):
+        try:
+            if wanted:
+                check(*models)
+        except ValueError as err:
+            raise UserError(f"{flag}: {err}") from None

@@ -78,6 +78,9 @@ def check_unpaired_objective(config: TrainConfig, reward_weights: list[float] | 
     for name, default in PAIRED_ONLY.items():
         if getattr(config, name) != default:
             raise UserError(f"{flag(name)} applies to pairs (prompt/chosen/rejected), but the dataset is unpaired")
+    if config.cp > 1:
+        raise UserError("--cp splits the rows of pairs (prompt/chosen/rejected); unpaired rows are not split yet: "
+                        "drop --cp or use paired data")
     rows = 4
     generator = torch.Generator().manual_seed(0)
     extra: dict[str, Any] = {"kl": 0.0} if "kto" in config.loss_type else {}

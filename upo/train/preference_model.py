@@ -30,8 +30,10 @@ class PreferenceModel(nn.Module):
     """
 
     def __init__(self, policy: nn.Module, value_head: nn.Module | None, reference: nn.Module | str | None,
-                 loss_kwargs: dict, backend: str, autocast_dtype: torch.dtype | None = None):
+                 loss_kwargs: dict, backend: str, autocast_dtype: torch.dtype | None = None, split=None):
         super().__init__()
+        # --cp: a SequenceSplit (context_parallel.py) giving this rank's part of each batch; None: whole sequences
+        self.__dict__["split"] = split
         self.policy = policy
         self.value_head = value_head
         # A frozen model, "adapters" (LoRA disabled), "precomputed" (in the batch) or None;
@@ -49,19 +51,26 @@ class PreferenceModel(nn.Module):
     def forward(self, batch: PreferenceBatch):
         device = batch.input_ids.device
         with self._autocast(device):
-            head, hidden = head_inputs(self.policy, batch)
+            context = self.split.rows(batch) if self.split is not None else None
+            head, hidden = head_inputs(self.policy, batch, context)
             weight, bias = head.weight_and_bias(hidden.dtype)
+            local_hidden, hidden = hidden, hidden if context is None else context.loss_hidden(hidden)
             if isinstance(batch, UnpairedBatch):
                 return unpaired_forward(self, batch, hidden, weight, bias, head.logit_options)
             kwargs = dict(self.loss_kwargs)
-            kwargs.update(self._reference_kwargs(batch, head))
-            kwargs.update(self._aux_kwargs(batch, hidden))
+            kwargs.update(self._reference_kwargs(batch, head, context))
+            kwargs.update(self._aux_kwargs(batch, local_hidden, context))
             kwargs.update(mismatched_kwargs(self, batch))  # KTO's reference point
+            if context is None:
+                layout = {"labels": batch.labels, "cu_seqlens": batch.cu_seqlens}
+            else:  # this rank's labelled tokens, packed; their sums reduced over the split's ranks
+                layout = {"labels": context.labels, "cu_seqlens": context.cu_seqlens,
+                          "sequence_group": context.group}
             # token_stats: TRL's entropy / mean_token_accuracy / logits/* metrics, from the same pass
-            return upo.fused_loss(hidden, weight, batch.labels, bias=bias, cu_seqlens=batch.cu_seqlens,
-                                  backend=self.backend, token_stats=True, **head.logit_options, **kwargs)
+            return upo.fused_loss(hidden, weight, bias=bias, backend=self.backend, token_stats=True, **layout,
+                                  **head.logit_options, **kwargs)
 
-    def _reference_kwargs(self, batch: PreferenceBatch, policy_head: LMHead) -> dict:
+    def _reference_kwargs(self, batch: PreferenceBatch, policy_head: LMHead, context=None) -> dict:
         if self.reference is None:
             return {}
         if self.reference == "precomputed":
@@ -74,18 +83,23 @@ class PreferenceModel(nn.Module):
             adapters_off = self.policy.disable_adapter() if self.reference == "adapters" else contextlib.nullcontext()
             with adapters_off:  # the head's weight too is read with the adapters off (LoRA on the head)
                 model = self.policy if self.reference == "adapters" else self.reference
-                head, ref_hidden = head_inputs(model, batch)
+                head, ref_hidden = head_inputs(model, batch, context)
+                if context is not None:
+                    ref_hidden = context.loss_hidden(ref_hidden)
                 ref_weight, ref_bias = head.weight_and_bias_for(policy_head.logit_options, ref_hidden.dtype)
         return {"ref_hidden": ref_hidden, "ref_weight": ref_weight.detach(),
                 "ref_bias": None if ref_bias is None else ref_bias.detach()}
 
-    def _aux_kwargs(self, batch: PreferenceBatch, hidden: torch.Tensor) -> dict:
+    def _aux_kwargs(self, batch: PreferenceBatch, hidden: torch.Tensor, context=None) -> dict:
         kwargs: dict[str, Any] = {}
         if batch.aux_chosen is not None:
             kwargs["aux_rewards_chosen"] = batch.aux_chosen
             kwargs["aux_rewards_rejected"] = batch.aux_rejected
         if self.value_head is not None:
-            values = self.value_head(prompt_hidden(hidden, batch).detach().float()).float()
+            if context is None:
+                values = self.value_head(prompt_hidden(hidden, batch).detach().float()).float()
+            else:  # the prompt position lives on one rank, which alone keeps the value's gradient
+                values = context.owned_values(self.value_head(context.prompt_hidden(hidden).float()).float())
             kwargs["values_chosen"] = values
             kwargs["values_rejected"] = values  # same prompt, same baseline
         return kwargs

@@ -27,7 +27,8 @@ class Runtime:
     world_size: int = 1
     local_rank: int = 0
     tp: int = 1  # --tp: processes per model copy (tensor_parallel.py)
-    mesh: Any = None  # with tp > 1: the ("dp", "tp") DeviceMesh
+    cp: int = 1  # --cp: processes per sequence (context_parallel.py)
+    mesh: Any = None  # with tp > 1: the ("dp", "tp") DeviceMesh; with cp > 1: the ("dp", "cp") one
 
     @property
     def distributed(self) -> bool:
@@ -35,12 +36,18 @@ class Runtime:
 
     @property
     def dp_rank(self) -> int:
-        """This process's data-parallel coordinate: the ``tp`` ranks of one model copy share it (and its batch)."""
-        return self.rank // self.tp
+        """This process's data-parallel coordinate: the ``tp`` ranks of one model copy, or the ``cp`` ranks that
+        split one batch's sequences, share it (and its batch)."""
+        return self.rank // self.batch_sharers
 
     @property
     def dp_size(self) -> int:
-        return self.world_size // self.tp
+        return self.world_size // self.batch_sharers
+
+    @property
+    def batch_sharers(self) -> int:
+        """How many processes run each batch (``--tp`` or ``--cp``; 1 under plain data parallelism)."""
+        return self.tp * self.cp
 
     @property
     def is_main(self) -> bool:

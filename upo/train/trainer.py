@@ -1,7 +1,8 @@
 """The training loop behind ``upo-train``: set-up, one optimiser step, evaluation, checkpoints, outputs.
 
 The global batch is split across ranks (``torchrun``: DDP, or FSDP2 with ``--fsdp``; with
-``--tp N`` across model copies of N ranks each, tensor_parallel.py); rank 0 writes every output.
+``--tp N`` across model copies of N ranks each, tensor_parallel.py; with ``--cp N`` each sequence across N ranks,
+context_parallel.py; parallel.py sets them up); rank 0 writes every output.
 The pieces live beside this file: output_dir.py (the claimed, locked folder), run_data.py and
 data/, models.py, objective.py, preference_model.py, reference_choice.py, reference.py,
 checkpoints.py, optim.py, signals.py (stop requests), divergence.py (non-finite steps),
@@ -32,7 +33,7 @@ from upo.train.final_model import save_final_model, save_final_value_head
 from upo.train.generation import evaluate_generations
 from upo.train.metrics import (MetricMean, describe_run, peak_memory_bytes, postfix, reward_metrics, run_summary,
                                scalar_metrics)
-from upo.train.model_checks import check_logits, check_shared_prompt_attention, load_checked_reference
+from upo.train.model_checks import check_attention, check_logits, load_checked_reference
 from upo.train.models import load_policy_and_tokenizer
 from upo.train.kto_pairs import uses_mismatched_pairs
 from upo.train.objective import (build_reward, check_loss_names, check_loss_options, check_unpaired_objective,
@@ -43,10 +44,11 @@ from upo.train.plot import plot_history
 from upo.train.preference_model import PreferenceModel
 from upo.train.reference_choice import prepare_reference
 from upo.train.run_data import load_run_data
-from upo.train.runtime import (Runtime, all_reduce_max, all_reduce_sum, barrier, check_backend,
-                               gradient_sync, setup_runtime, wrap_for_processes)
+from upo.train.runtime import (Runtime, all_reduce_max, all_reduce_sum, barrier, check_backend, gradient_sync,
+                               setup_runtime)
 from upo.train.signals import StopRequests, exit_code, signal_name
-from upo.train.tensor_parallel import average_gradients, check_tp, clip_gradients, parallelize_run, setup_mesh
+from upo.train.parallel import finish_gradient_reduction, setup_process_layout, wrap_module
+from upo.train.tensor_parallel import clip_gradients
 
 
 @dataclass
@@ -104,8 +106,7 @@ class Trainer:
     def _setup(self) -> None:
         config = self.config
         check_backend(config.backend, self.runtime.device)
-        check_tp(config, self.runtime.world_size, self.runtime.is_main)
-        setup_mesh(self.runtime, config.tp)  # --tp: the ("dp", "tp") mesh; the data follows the dp coordinate
+        self.split = setup_process_layout(config, self.runtime)  # --tp, --cp: the meshes; --cp's split
         self._check_objective()
         self.autocast_dtype = torch.bfloat16 if config.precision == "bf16" else None
         self.model_notes: list[str] = []  # what the start-up logit checks found
@@ -115,9 +116,7 @@ class Trainer:
         self._check_logits(policy, f"--model {config.model}" if config.model else "the built-in model")
         policy, reference = prepare_reference(self, policy)
         self.module = self._build_module(policy, reference)
-        if self.runtime.tp > 1:
-            parallelize_run(self)
-        self.model = wrap_for_processes(self.module, self.runtime, self.config.fsdp, self.log)
+        self.model = wrap_module(self)
         # UPO's value head learns in a parameter group of its own, clipped on its own (its gradient must not
         # scale the policy's); read after wrapping, which may replace the parameters (FSDP).
         head = self.module.value_head
@@ -171,9 +170,9 @@ class Trainer:
             value_head = upo.ValueHead(describe_lm_head(policy).hidden_size).to(self.runtime.device)
         loss_kwargs = loss_kwargs_from_config(config, list(self.reward.weights) if self.reward else None,
                                               self.unpaired)
-        if config.share_prompt:
-            check_shared_prompt_attention(policy, reference)
-        module = PreferenceModel(policy, value_head, reference, loss_kwargs, config.backend, self.autocast_dtype)
+        check_attention(config, policy, reference)  # what --share-prompt and --cp need of it
+        module = PreferenceModel(policy, value_head, reference, loss_kwargs, config.backend, self.autocast_dtype,
+                                 self.split)
         return module.train()
 
     def _total_steps(self) -> int:
@@ -248,7 +247,7 @@ class Trainer:
             tokens += batch.num_tokens
         # A max norm of 0 disables clipping; the norm is still logged.
         max_norm = config.max_grad_norm or float("inf")
-        average_gradients(self.params + self.value_params, self.runtime)  # --tp: over dp (no DDP)
+        finish_gradient_reduction(self.params + self.value_params, self.runtime, config.fsdp)
         grad_norm = clip_gradients(self.params, max_norm, self.runtime)
         value_grad_norm = clip_gradients(self.value_params, max_norm, self.runtime) if self.value_params else None
         problem = non_finite_problem(losses, grad_norm if value_grad_norm is None else grad_norm + value_grad_norm,
@@ -269,7 +268,7 @@ class Trainer:
         self.state.step += 1
 
         metrics = accumulated.all_reduced(self.runtime)
-        tokens = int(all_reduce_sum(tokens, self.runtime)) // self.runtime.tp  # a copy's ranks share a batch
+        tokens = int(all_reduce_sum(tokens, self.runtime)) // self.runtime.batch_sharers  # they share a batch
         elapsed = time.perf_counter() - started
         self.state.tokens_seen += tokens
         self.state.train_seconds += elapsed
