@@ -9,7 +9,7 @@ import torch
 from helpers import one_thread  # noqa: F401  (fixture used by pytestmark)
 from train_helpers import (assert_one_line_error, make_trainer, micro_args, parameters, run_main, train_steps,
                            write_jsonl)
-from upo.train.data import collate, default_dataset_path, kl_keys
+from upo.train.data import collate, default_dataset_path, eval_chunks, kl_keys
 from upo.train.reference import sequences_logps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -100,8 +100,6 @@ def _mismatched_mean(trainer, indices):
 
 
 def test_evaluation_never_mismatches_an_example_with_itself():
-    from upo.train.kto_pairs import eval_chunks
-
     assert eval_chunks(list(range(9)), 4, True) == [[0, 1, 2, 3], [4, 5, 6, 7, 8]]
     assert eval_chunks(list(range(9)), 4, False) == [[0, 1, 2, 3], [4, 5, 6, 7], [8]]
     assert eval_chunks(list(range(6)), 4, True) == [[0, 1, 2, 3], [4, 5]]

@@ -7,8 +7,7 @@ import sys
 import torch
 from torch import nn
 
-from upo.train.data import PreferenceExample
-from upo.train.kto_pairs import eval_chunks
+from upo.train.data import PreferenceExample, eval_chunks
 from upo.train.metrics import MetricMean, reward_metrics, scalar_metrics
 from upo.train.reference import compute_sequence_logps
 

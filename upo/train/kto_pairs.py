@@ -17,10 +17,11 @@ from torch import nn
 
 import upo
 from upo.train.atomic import atomic_save
-from upo.train.data import DataPosition, PairSampler, PreferenceData, SequenceRows, UnpairedBatch, kl_keys
+from upo.train.data import (DataPosition, PairSampler, PreferenceData, SequenceRows, UnpairedBatch, eval_chunks,
+                            kl_keys, rows_of)
 from upo.train.errors import UserError
 from upo.train.hidden_states import head_inputs, prompt_hidden
-from upo.train.reference import reference_cache_path, sequences_logps
+from upo.train.reference import reference_batches, reference_cache_path, rows_logps
 from upo.train.runtime import Runtime, barrier
 
 
@@ -35,15 +36,6 @@ def uses_mismatched_pairs(config, world_size: int) -> bool:
                         f"{per_process} example per micro-batch: KTO's reference point needs mismatched "
                         "prompt/completion pairs, i.e. at least 2 examples per process (as TRL)")
     return True
-
-
-def eval_chunks(indices: list[int], batch_size: int, mismatched: bool) -> list[list[int]]:
-    """Evaluation batches of ``batch_size``; with mismatched pairs a last batch of one example (whose rotation
-    would pair it with itself) joins the one before."""
-    chunks = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
-    if mismatched and len(chunks) > 1 and len(chunks[-1]) == 1:
-        chunks[-2:] = [chunks[-2] + chunks[-1]]
-    return chunks
 
 
 # ---- log-probs inside the forward -----------------------------------------------------------
@@ -109,7 +101,8 @@ def kl_reference_of_run(trainer, policy: nn.Module) -> dict:
     config = trainer.config
     batches = visited_batches(trainer.sampler, trainer.total_steps * config.grad_accum, trainer.runtime.world_size)
     batches += eval_chunks(trainer.eval_indices, config.batch_size, True)
-    cache = reference_cache_path(trainer.output_dir, policy, trainer.data, config)
+    matched = reference_batches(trainer.sampler, trainer.eval_indices, True, len(trainer.data))
+    cache = reference_cache_path(trainer.output_dir, policy, trainer.data, config, matched)
     return load_or_compute_kl_reference(policy, trainer.data, batches, trainer.pad_id, config, trainer.runtime,
                                         trainer.autocast_dtype, trainer.log, cache)
 
@@ -117,27 +110,27 @@ def kl_reference_of_run(trainer, policy: nn.Module) -> dict:
 def load_or_compute_kl_reference(model: nn.Module, data: PreferenceData, batches: list[list[int]], pad_id: int,
                                  config, runtime: Runtime, autocast_dtype, log, cache_path: Path) -> dict:
     """``{(prompt example, response example, side): reference log-prob}`` of every mismatched row of
-    ``batches``: the cached ones from ``<hash>-kl.pt`` beside the matched cache, the others computed by rank 0."""
+    ``batches``: the cached ones from ``<hash>-kl.pt`` beside the matched cache, the others computed by rank 0,
+    each batch's rows together as the batch holds them (a key two batches share keeps the first's value)."""
     path = cache_path.with_name(cache_path.stem + "-kl.pt")
     sides = list(data.examples[0].responses)
-    needed: dict[tuple, tuple] = {}
-    for indices in batches:
-        seqs, keys = kl_keys([data.examples[i] for i in indices], config.max_length)
-        needed.update(zip(keys, seqs))
+    rows = [kl_keys([data.examples[i] for i in indices], config.max_length) for indices in batches]
+    needed = {key for _, keys in rows for key in keys}
     if runtime.is_main:
         table = _read_kl_cache(path)
-        missing = [key for key in needed if key not in table]
+        missing = needed - table.keys()
         if missing:
             log(f"precomputing reference log-probs of {len(missing)} mismatched pairs (KTO's reference point) "
                 f"-> {path}")
             was_training = model.training
             model.eval()
-            step = 2 * config.batch_size
-            for start in range(0, len(missing), step):
-                chunk = missing[start:start + step]
-                sums, _, _ = sequences_logps(model, [needed[key] for key in chunk], pad_id, runtime.device,
-                                          config.backend, autocast_dtype)
-                table.update(zip(chunk, sums.tolist()))
+            for seqs, keys in rows:
+                if missing.isdisjoint(keys):
+                    continue
+                batch_rows = rows_of(seqs, pad_id, config.packing).to(runtime.device)
+                sums, _, _ = rows_logps(model, batch_rows, config.backend, autocast_dtype)
+                table.update((key, value) for key, value in zip(keys, sums.tolist()) if key in missing)
+                missing.difference_update(keys)
             model.train(was_training)
             keys = torch.tensor([[p, c, sides.index(side)] for p, c, side in table], dtype=torch.long)
             atomic_save({"sides": sides, "keys": keys, "values": torch.tensor(list(table.values()))}, path)

@@ -9,7 +9,7 @@ from upo.heads import describe_lm_head
 from upo.train.kto_pairs import kl_reference_of_run
 from upo.train.models import add_lora, enable_activation_checkpointing, frozen_copy
 from upo.train.objective import needs_reference
-from upo.train.reference import load_or_compute_reference
+from upo.train.reference import load_or_compute_reference, reference_batches
 
 
 def prepare_reference(trainer, policy: nn.Module) -> tuple[nn.Module, nn.Module | str | None]:
@@ -28,8 +28,9 @@ def prepare_reference(trainer, policy: nn.Module) -> tuple[nn.Module, nn.Module 
             trainer.log("note: --ref-model is ignored: the selected losses use no reference")
     elif config.precompute_ref:
         source = trainer._load_reference(policy) if config.ref_model else policy
-        trainer.ref_logps = load_or_compute_reference(source, trainer.data, trainer.pad_id, config, trainer.runtime,
-                                                      trainer.autocast_dtype, trainer.log)
+        batches = reference_batches(trainer.sampler, trainer.eval_indices, trainer.mismatched, len(trainer.data))
+        trainer.ref_logps = load_or_compute_reference(source, trainer.data, batches, trainer.pad_id, config,
+                                                      trainer.runtime, trainer.autocast_dtype, trainer.log)
         if trainer.mismatched:
             trainer.ref_logps["kl"] = kl_reference_of_run(trainer, policy)
         reference = "precomputed"

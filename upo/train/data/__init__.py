@@ -31,7 +31,7 @@ from upo.train.data.pairs import (
     tokenize_pair,
 )
 from upo.train.data.records import LOCAL_SUFFIXES, Records, default_dataset_path, load_records, load_split_if_present
-from upo.train.data.sampler import DataPosition, PairSampler
+from upo.train.data.sampler import DataPosition, PairSampler, eval_chunks
 from upo.train.data.unpaired import UnpairedExample
 from upo.train.data.tokenizer import ByteTokenizer, encode_text, has_chat_template, pad_token_id, simple_chat_template
 from upo.train.errors import UserError
@@ -41,6 +41,6 @@ __all__ = [
     "PreferenceBatch", "PreferenceData", "PreferenceExample", "Records", "RenderedPair", "SequenceRows",
     "TokenizeSettings", "UnpairedBatch", "UnpairedExample", "UserError", "kl_keys", "load_split_if_present", "rows_of",
     "build_preference_data", "check_columns", "collate", "collate_packed", "collate_padded",
-    "default_dataset_path", "encode_text", "has_chat_template", "load_records", "pad_token_id", "render_record",
-    "simple_chat_template", "split_train_eval", "tokenize_pair",
+    "default_dataset_path", "encode_text", "eval_chunks", "has_chat_template", "load_records", "pad_token_id",
+    "render_record", "simple_chat_template", "split_train_eval", "tokenize_pair",
 ]

@@ -1,4 +1,5 @@
-"""The data order: a seeded permutation per epoch, sharded across ranks, resumable from a position."""
+"""The data order: a seeded permutation per epoch, sharded across ranks, resumable from a position; and
+the evaluation batches."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -63,3 +64,21 @@ class PairSampler:
         batch, after = self.global_batch(position)
         share = self.global_batch_size // self.world_size
         return batch[self.rank * share:(self.rank + 1) * share], after
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """Every rank's micro-batches of one epoch, in the loop's order: the first global batch's shares of
+        rank 0, 1, ..., then the next global batch's."""
+        order, share = self.order(epoch), self.global_batch_size // self.world_size
+        batches = []
+        for start in range(0, self.batches_per_epoch * self.global_batch_size, self.global_batch_size):
+            batches += [order[start + rank * share:start + (rank + 1) * share] for rank in range(self.world_size)]
+        return batches
+
+
+def eval_chunks(indices: list[int], batch_size: int, mismatched: bool) -> list[list[int]]:
+    """Evaluation batches of ``batch_size``; with mismatched pairs a last batch of one example (whose rotation
+    would pair it with itself) joins the one before."""
+    chunks = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
+    if mismatched and len(chunks) > 1 and len(chunks[-1]) == 1:
+        chunks[-2:] = [chunks[-2] + chunks[-1]]
+    return chunks
