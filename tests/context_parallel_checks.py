@@ -73,20 +73,23 @@ def run(module, batch):
     return out, grads
 
 
-def differences(rank, world, seed, share_prompt, loss_type) -> list[str]:
+def differences(rank, world, seed, share_prompt, loss_type, models=None, rtol=1e-9) -> list[str]:
     """What differs between the split module (gradients summed over the ranks, as ``--cp``'s reduction does) and
-    the whole sequences, run in this process: a frozen reference model, grouped heads, uneven odd lengths."""
+    the whole sequences, run in this process: a frozen reference model (``models``: the policy and reference;
+    default two float64 tiny Llamas with grouped heads), uneven odd lengths. ``rtol``: of every value and of every
+    gradient relative to its largest entry."""
     import upo
 
-    policy, ref = tiny_llama(seed), tiny_llama(seed + 1)
+    policy, ref = models or (tiny_llama(seed), tiny_llama(seed + 1))
     batch = collate(examples(seed, 3), PAD, False, share_prompt=share_prompt)
     value_head = None
     kwargs = loss_kwargs(loss_type)
     if "upo" in kwargs["loss_type"]:
         torch.manual_seed(seed + 2)
-        value_head = upo.ValueHead(policy.config.hidden_size).double()
-        batch.aux_chosen = torch.rand(3, 1, dtype=torch.float64)
-        batch.aux_rejected = torch.rand(3, 1, dtype=torch.float64)
+        dtype = policy.dtype
+        value_head = upo.ValueHead(policy.config.hidden_size).to(dtype)
+        batch.aux_chosen = torch.rand(3, 1, dtype=dtype)
+        batch.aux_rejected = torch.rand(3, 1, dtype=dtype)
         kwargs.update(aux_weights=[1.0])
     whole = PreferenceModel(policy, value_head, ref, kwargs, "torch")
     parted = PreferenceModel(policy, value_head, ref, kwargs, "torch",
@@ -94,17 +97,20 @@ def differences(rank, world, seed, share_prompt, loss_type) -> list[str]:
     out_whole, grads_whole = run(whole, batch)
     out_split, grads_split = run(parted, batch)
     found = []
-    if not torch.allclose(out_split.loss, out_whole.loss, rtol=1e-10, atol=1e-12):
+    if not torch.allclose(out_split.loss, out_whole.loss, rtol=rtol, atol=rtol * 1e-2):
         found.append(f"loss {float(out_split.loss)} != {float(out_whole.loss)}")
     for key in ("logps/chosen", "logps/rejected", "rewards/margins", "entropy", "mean_token_accuracy",
                 "logits/chosen", "logits/rejected", "value/loss"):
-        if key in out_whole.metrics and abs(float(out_split.metrics[key]) - float(out_whole.metrics[key])) > 1e-9:
-            found.append(f"{key} {out_split.metrics[key]} != {out_whole.metrics[key]}")
+        if key in out_whole.metrics:
+            a, b = float(out_split.metrics[key]), float(out_whole.metrics[key])
+            if abs(a - b) > rtol * max(1.0, abs(b)):
+                found.append(f"{key} {a} != {b}")
     for name, g in grads_whole.items():
         total = grads_split[name]
         dist.all_reduce(total)
-        if not torch.allclose(total, g, rtol=1e-9, atol=1e-11):
-            found.append(f"gradient of {name} (max abs diff {float((total - g).abs().max()):.3g})")
+        error = float((total - g).abs().max()) / max(float(g.abs().max()), 1e-30)
+        if error > rtol:
+            found.append(f"gradient of {name} (max abs diff / max abs {error:.3g})")
     assert any(float(g.abs().sum()) > 0 for g in grads_whole.values())
     return found
 
@@ -117,6 +123,20 @@ def check_split_equals_whole(rank, world, init_file, seed, cases):
         found = differences(rank, world, seed, share_prompt, loss_type)
         assert not found, f"seed {seed}, share_prompt={share_prompt}, {loss_type}: {found}"
     check_non_finite_on_one_rank(rank)
+    finish()
+
+
+def check_smollm2(rank, world, init_file, seed):
+    """SmolLM2-135M-Instruct (9 query and 3 key-value heads) over ``world`` ranks, prompt sharing's rows (the
+    unshared ones run on the tiny models), with UPO's value head, in float64 (in fp32 the 30 layers' sums in another order differ by up to 2.6e-5 of
+    a gradient's largest entry, measured): as the whole sequences within 1e-9 (the model is its own reference)."""
+    init(rank, world, init_file)
+    from real_model import smollm2
+
+    model, _ = smollm2(torch.float64)
+    assert model.config.num_attention_heads == 9 and model.config.num_key_value_heads == 3
+    found = differences(rank, world, seed, True, "sigmoid+upo", models=(model, model), rtol=1e-9)
+    assert not found, f"seed {seed}: {found}"
     finish()
 
 

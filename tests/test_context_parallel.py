@@ -124,3 +124,12 @@ def test_planted_faults_fail_the_check(tmp_path):
     sees the chosen response: each is found by the check above."""
     spawn(2, tmp_path, checks.check_faults_are_caught, new_seed(),
           ["no_reduction", "backward_times_n", "position_off_by_one", "rejected_sees_chosen"])
+
+
+@pytest.mark.real_model
+def test_smollm2_split_over_three_processes_trains_as_whole_sequences(tmp_path):
+    """SmolLM2's 9 query and 3 key-value heads over 3 ranks (each rank gathers the 3 key-value heads), fp32."""
+    from real_model import require_real_model
+
+    require_real_model()
+    spawn(3, tmp_path, checks.check_smollm2, new_seed())
