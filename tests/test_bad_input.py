@@ -304,6 +304,25 @@ def test_nonfinite_hidden_at_ignored_positions_is_harmless():
     assert (h.grad[b.labels == -100] == 0).all()
 
 
+@pytest.mark.parametrize("where", ["ref_hidden", "ref_weight", "ref_bias"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_nonfinite_reference_input_fused_is_named_as_given(where, packed):
+    """Issue 34: a NaN or inf in the reference pass names ref_hidden / ref_weight / ref_bias, not the policy's
+    hidden or weight (which are finite)."""
+    b = pref(b=2)
+    hid, lab, cu = pack(b.hidden, b.labels, b.lengths) if packed else (b.hidden, b.labels, None)
+    ref_hid = (pack(b.ref_hidden, b.labels, b.lengths)[0] if packed else b.ref_hidden).clone()
+    ref_weight, ref_bias = b.weight.clone(), torch.zeros(b.weight.shape[0])
+    response = (lab != -100).nonzero()[0].tolist()  # a token whose log-prob is read
+    {"ref_hidden": lambda: ref_hid.__setitem__((*response, 1), float("nan")),
+     "ref_weight": lambda: ref_weight.__setitem__((0, 0), float("nan")),
+     "ref_bias": lambda: ref_bias.__setitem__(3, float("inf"))}[where]()
+    msg = raises_naming(ValueError, where, fn=lambda: upo.fused_loss(
+        hid, b.weight, lab, cu_seqlens=cu, ref_hidden=ref_hid, ref_weight=ref_weight, ref_bias=ref_bias,
+        bias=torch.zeros(b.weight.shape[0]), loss_type="sigmoid", backend="torch"))
+    assert "NaN or inf" in msg and not re.search(r"(?<!ref_)(hidden|weight|bias) contain", msg), msg
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("where", ["hidden", "weight", "bias"])
 @pytest.mark.parametrize("what", ["nan", "inf"])

@@ -18,7 +18,7 @@ from upo import sequence_features as features
 from upo.losses import loss
 from upo_kernels import linear_logprobs
 from upo_kernels.context_parallel import sum_over_ranks
-from upo_kernels.vocab_parallel import local_shard
+from upo_kernels.nonfinite import NonFiniteError, nonfinite_inputs
 from upo_kernels.token_stats import check_stats
 
 
@@ -74,6 +74,7 @@ def _describe_row(row, rows):
 class _Tokens(NamedTuple):
     """Per-token values of a flattened batch (``sequence_features.py`` for the conventions)."""
 
+    hidden: torch.Tensor   # [N, D] the flattened hidden states
     logp: torch.Tensor     # [N], 0 where ignored, differentiable
     stats: dict            # {name: [N]} token statistics, no gradient
     keep: torch.Tensor     # [N] labels != ignore_index
@@ -99,20 +100,18 @@ def _token_logprobs(hidden, weight, labels, cu_seqlens, bias, logit_scale, softc
                           ignore_index=ignore_index, backend=backend, stats=stats, process_group=process_group,
                           vocab_offset=vocab_offset, check_finite=not split)
     logp, values = (out.logp, out.stats) if stats else (out, {})
-    return _Tokens(logp, values, keep, seq_ids, counts, rows)
+    return _Tokens(flat_h, logp, values, keep, seq_ids, counts, rows)
 
 
-def _checked_sums(tokens, hidden, weight, bias, sequence_group=None):
+def _checked_sums(tokens, weight, bias, sequence_group=None):
     """Per-sequence sums of the log-probs; with ``sequence_group``, summed over its ranks first, so that every
-    rank raises alike (a rank that raised alone would leave the others waiting in a collective)."""
+    rank raises alike (a rank that raised alone would leave the others waiting in a collective). Without it
+    ``linear_logprobs`` has checked every log-prob; this sees a sum that overflows."""
     sums = features.per_sequence_sum(tokens.logp, tokens.seq_ids, tokens.rows)
     if sequence_group is not None:
         sums = sum_over_ranks(sums, sequence_group)
     if not bool(torch.isfinite(sums).all()):
-        culprits = [name for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias))
-                    if t is not None and not bool(torch.isfinite(local_shard(t)).all())]
-        raise ValueError(f"non-finite log-probs: {', '.join(culprits) or 'hidden/weight'} "
-                         "contain NaN or inf")
+        raise NonFiniteError(nonfinite_inputs(tokens.hidden[tokens.keep], weight, bias))
     return sums
 
 
@@ -132,7 +131,7 @@ def sequence_logprobs(hidden, weight, labels, *, cu_seqlens=None, bias=None, log
     stats = check_stats(stats)
     tokens = _token_logprobs(hidden, weight, labels, cu_seqlens, bias, logit_scale, softcap, ignore_index, backend,
                              allow_empty, stats, process_group, vocab_offset)
-    sums = _checked_sums(tokens, hidden, weight, bias)
+    sums = _checked_sums(tokens, weight, bias)
     if not stats:
         return sums, tokens.counts
     stat_sums = {name: features.per_sequence_sum(v, tokens.seq_ids, tokens.rows) for name, v in tokens.stats.items()}
@@ -199,7 +198,7 @@ def fused_loss(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_chosen
                        ignore_index=ignore_index, backend=backend, process_group=process_group,
                        vocab_offset=vocab_offset)
     tokens = _token_logprobs(hidden, weight, labels, bias=bias, stats=check_stats(stats), split=split, **kernel_args)
-    sums, counts, rows = _checked_sums(tokens, hidden, weight, bias, sequence_group), tokens.counts, tokens.rows
+    sums, counts, rows = _checked_sums(tokens, weight, bias, sequence_group), tokens.counts, tokens.rows
     if split:
         counts = sum_over_ranks(counts, sequence_group)
         _check_every_row_has_tokens(counts, ignore_index)
@@ -221,13 +220,19 @@ def fused_loss(hidden, weight, labels, *, bias=None, cu_seqlens=None, ref_chosen
         if not isinstance(ref_hidden, torch.Tensor) or ref_hidden.shape != hidden.shape:
             got = tuple(ref_hidden.shape) if isinstance(ref_hidden, torch.Tensor) else type(ref_hidden).__name__
             raise ValueError(f"ref_hidden must have hidden's shape {tuple(hidden.shape)}, got {got}")
+        # a NaN or inf in the reference pass is named by the caller's argument (ref_hidden, not hidden)
+        names = {"hidden": "ref_hidden", "weight": "ref_weight", "bias": "ref_bias"}
         if ref_weight is None:  # same LM head: the policy's weight and bias
             ref_weight, ref_bias = weight, bias if ref_bias is None else ref_bias
+            names.update(weight="weight", bias="bias" if ref_bias is bias else "ref_bias")
         with torch.no_grad():
-            ref_tokens = _token_logprobs(ref_hidden.detach(), ref_weight.detach(), labels,
-                                         bias=None if ref_bias is None else ref_bias.detach(), split=split,
-                                         **kernel_args)
-            ref_sums = _checked_sums(ref_tokens, ref_hidden, ref_weight, ref_bias, sequence_group)
+            try:
+                ref_tokens = _token_logprobs(ref_hidden.detach(), ref_weight.detach(), labels,
+                                             bias=None if ref_bias is None else ref_bias.detach(), split=split,
+                                             **kernel_args)
+                ref_sums = _checked_sums(ref_tokens, ref_weight, ref_bias, sequence_group)
+            except NonFiniteError as err:
+                raise err.renamed(names) from None
             if use_ld:
                 ref_shared = features.shared_sums(ref_tokens.logp, shared, ref_tokens.seq_ids, rows)
                 ref_shared = (ref_shared[:half], ref_shared[half:])

@@ -35,12 +35,17 @@ class NonFiniteError(ValueError):
         return NonFiniteError(self.inputs, names)
 
 
+def nonfinite_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[str, ...]:
+    """The names of the inputs (this rank's shard of a sharded one) that hold NaN or inf; ``hidden``: the rows a
+    log-prob reads."""
+    read = {"hidden": hidden, "weight": weight, "bias": bias}
+    return tuple(name for name, tensor in read.items()
+                 if tensor is not None and not bool(torch.isfinite(local_shard(tensor).detach()).all()))
+
+
 def check_finite_logprobs(logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           labels: torch.Tensor, ignore_index: int) -> None:
     """Raise :class:`NonFiniteError` naming ``hidden`` (its labelled rows), ``weight`` and ``bias`` where they hold
     NaN or inf, when the log-probs ``logp`` hold any (``hidden`` ``[N, D]``, ``labels`` ``[N]``)."""
-    if bool(torch.isfinite(logp.detach()).all()):
-        return
-    read = {"hidden": hidden[labels != ignore_index], "weight": weight, "bias": bias}
-    raise NonFiniteError(tuple(name for name, tensor in read.items()
-                               if tensor is not None and not bool(torch.isfinite(local_shard(tensor).detach()).all())))
+    if not bool(torch.isfinite(logp.detach()).all()):
+        raise NonFiniteError(nonfinite_inputs(hidden[labels != ignore_index], weight, bias))
