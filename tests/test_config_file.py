@@ -5,6 +5,7 @@ import json
 import pytest
 
 from upo.train.cli import main, parse_config
+from upo.train.config import build_config
 from upo.train.config_file import TRL_ALIASES
 from upo.train.errors import UserError
 
@@ -80,6 +81,7 @@ def test_json_config_file(tmp_path):
     ("beta: 0.1\nbeta: 0.2\n", ["run.yaml line 2: beta is given twice (also line 1)"]),
     ("batch_size: [1, 2]\n", ["run.yaml line 1: batch_size: --batch-size takes one value, got a list"]),
     ("loss_type: sigmoid\naux_reward: [length:1]\n", ["run.yaml line 2 (aux_reward): --aux-reward only applies"]),
+    ("loss_type: ipo\ndesirable_weight: 2\n", ["run.yaml line 2 (desirable_weight): --desirable-weight only applies"]),
     ("config: other.yaml\n", ["cannot name another config file"]),
     ("- lr\n", ["must hold a mapping of settings"]),
     ("lr: [unclosed\n", ["cannot parse it"]),
@@ -103,6 +105,21 @@ def test_flags_and_file_share_one_message(tmp_path, capsys):
     from_file = capsys.readouterr().err.strip()
     assert from_flag == "upo-train: error: argument --batch-size: invalid int value: 'four'"
     assert from_file.endswith(from_flag[len("upo-train: error: "):])
+
+
+@pytest.mark.parametrize("flags", [
+    {"loss_type": ["sigmoid"]},  # aux_reward, upo_lambda ... are saved at their defaults without upo
+    {"loss_type": ["sigmoid", "upo"], "upo_lambda": 0.5, "aux_reward": ["length:-1"], "beta_aux": "auto"},
+    {"loss_type": ["kto"], "desirable_weight": 1.5, "model_config": '{"hidden_size": 32}', "lr": 1e-4},
+], ids=["sigmoid", "upo", "kto"])
+def test_the_config_json_a_run_writes_reproduces_it(tmp_path, flags):
+    """Issue 34: a run's config.json (every setting, TrainConfig.to_dict, as the trainer writes it) given back as
+    --config is the same configuration; it was refused because settings of losses the run did not use are saved."""
+    config = build_config({}, {**flags, "max_steps": 3, "output_dir": str(tmp_path / "out")})
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    again = parse_config(["--config", str(tmp_path / "config.json")])
+    assert again.to_dict() == config.to_dict()
+    assert again.config_file == str(tmp_path / "config.json") and "config_file" not in again.to_dict()
 
 
 def test_missing_config_file():

@@ -2,14 +2,17 @@
 ``--overwrite``), ``--resume`` continues the run the dir holds, and a lock refuses a second live run
 (issue 11, items 1 and 4)."""
 import json
+import shutil
 
 import pytest
 
-from train_helpers import assert_one_line_error, checkpoint_steps, metrics_rows, micro_args, run_main
+from train_helpers import assert_one_line_error, checkpoint_steps, metrics_rows, micro_args, run_main, write_jsonl
 from helpers import one_thread  # noqa: F401  (fixture used by pytestmark)
+from upo.train.data import default_dataset_path
 from upo.train.run_lock import LOCK_NAME, RunLock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+GOOD_LINES = default_dataset_path().read_text(encoding="utf-8").splitlines()[:30]
 
 
 def run(tmp_path, capsys, *flags):
@@ -113,3 +116,42 @@ def test_a_failed_start_leaves_the_dir_free(tmp_path, capsys):
     code, _, err = run(tmp_path, capsys, "--dataset", str(tmp_path / "missing.jsonl"))
     assert_one_line_error(code, err, "dataset not found")
     assert run(tmp_path, capsys)[0] == 0  # neither the lock nor run files were left behind
+
+
+def test_starting_over_never_removes_an_input_of_the_run(tmp_path, capsys):
+    """Issue 34: --overwrite (or --resume auto starting over) would remove run files that this very run reads:
+    refused in one line before anything is touched, for every input that lies in them."""
+    out = tmp_path / "out"
+    assert run(tmp_path, capsys)[0] == 0
+    model = out / "model"
+    weights = (model / "model.safetensors").read_bytes()
+    data = write_jsonl(model / "pairs.jsonl", [json.loads(line) for line in GOOD_LINES])
+    (tmp_path / "run.json").write_text(json.dumps({"max_examples": 8}))
+    (out / "config.json").write_bytes((tmp_path / "run.json").read_bytes())
+    cases = [(["--model", str(model)], f"--model {model} is inside {out}/model"),
+             (["--ref-model", str(model)], f"--ref-model {model} is inside {out}/model"),
+             (["--dataset", data], f"--dataset {data} is inside {out}/model"),
+             (["--eval-dataset", data], f"--eval-dataset {data} is inside {out}/model"),
+             (["--config", str(out / "config.json")], f"--config {out}/config.json is inside {out}/config.json")]
+    for flags, fragment in cases:
+        code, _, err = run(tmp_path, capsys, *flags, "--overwrite")
+        assert_one_line_error(code, err, fragment, "which --overwrite would remove",
+                              f"move it out of --output-dir {out}")
+    assert (model / "model.safetensors").read_bytes() == weights and checkpoint_steps(out) == [1]
+    # --resume auto starts over a run without checkpoints: the same refusal for the config file it reads
+    for path in (out / "checkpoints").iterdir():
+        path.unlink()
+    for name in ("model", "summary.json", "plot.png"):
+        shutil.rmtree(out / name) if name == "model" else (out / name).unlink()
+    code, _, err = run(tmp_path, capsys, "--config", str(out / "config.json"), "--resume", "auto")
+    assert_one_line_error(code, err, f"--config {out}/config.json is inside", "which --resume auto")
+    assert (out / "config.json").read_bytes() == (tmp_path / "run.json").read_bytes()
+
+
+def test_an_input_in_the_output_dir_but_outside_its_run_files_is_kept(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(tmp_path, capsys)[0] == 0
+    data = write_jsonl(out / "pairs.jsonl", [json.loads(line) for line in GOOD_LINES])
+    code, _, err = run(tmp_path, capsys, "--dataset", data, "--overwrite")
+    assert code == 0, err
+    assert (out / "pairs.jsonl").is_file() and "removed the previous run" in err

@@ -153,6 +153,11 @@ def test_a_cached_hub_dataset_is_still_loaded_without_network(tmp_path, capsys, 
     (["--loss-type", "sigmoid", "--aux-reward", "length:1"], "--aux-reward only applies with 'upo' in --loss-type"),
     (["--loss-type", "ipo", "--upo-lambda", "2"], "--upo-lambda only applies with 'upo'"),
     (["--overwrite", "--resume", "auto"], "--overwrite starts the run over and --resume continues it"),
+    # issue 34: an empty path (an unset shell variable) is not the default data, model or folder
+    (["--dataset", ""], "--dataset is empty: give a path or a name"),
+    (["--eval-dataset", " "], "--eval-dataset is empty"),
+    (["--output-dir", ""], "--output-dir is empty"),
+    (["--model", ""], "--model is empty"),
 ])
 def test_bad_values_are_one_line_errors(tmp_path, capsys, flags, fragment):
     code, _, err = run_main(micro_args(tmp_path, *flags), capsys)

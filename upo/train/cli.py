@@ -204,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                    + _default("output_dir"))
     g.add_argument("--overwrite", action="store_true",
                    help="start over in an --output-dir that holds another run, removing its files "
-                   "(without it, such a dir is refused; ref_logps/ is kept)")
+                   "(without it, such a dir is refused; ref_logps/ is kept; a run that would remove one of its "
+                   "own inputs, such as --model out/model, is refused)")
     g.add_argument("--resume", metavar="PATH|auto",
                    help="continue from a checkpoint file (or a folder holding checkpoints/), or 'auto' = the "
                    "latest in --output-dir (a fresh start if there is none)")

@@ -236,6 +236,9 @@ def validate(config: TrainConfig, given: set[str] = frozenset()) -> None:
         if not (_is_number(value) and math.isfinite(value) and in_range(value)):
             bound = f" {meaning}" if meaning else ""
             raise SettingError(name, f"{flag(name)} must be a finite number{bound}, got {value!r}")
+    for name in ("model", "ref_model", "dataset", "eval_dataset", "output_dir", "resume"):
+        if isinstance(getattr(config, name), str) and not getattr(config, name).strip():  # an unset shell variable
+            raise SettingError(name, f"{flag(name)} is empty: give a path or a name, or leave it out for its default")
     if not config.loss_type:
         raise SettingError("loss_type", "--loss-type needs at least one loss name")
     if config.loss_weights is not None:

@@ -1,9 +1,11 @@
 """One run per ``--output-dir``: claim the folder (lock, checks) before the run writes anything.
 
 A fresh start into a folder that holds another run's files is refused unless ``--overwrite``
-(which removes them); ``--resume`` continues the run the folder holds. Rank 0 decides and every
-rank learns the outcome (one broadcast), so under ``torchrun`` nobody waits for a rank that
-refused. The lock (``run_lock.py``) is held from here until the run ends.
+(which removes them); ``--resume`` continues the run the folder holds. Nothing the run reads
+(``--model``, ``--dataset``, ``--config`` ...) is ever removed: such a run is refused before it
+touches a file. Rank 0 decides and every rank learns the outcome (one broadcast), so under
+``torchrun`` nobody waits for a rank that refused. The lock (``run_lock.py``) is held from here
+until the run ends.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from upo.rewards import parse_reward_spec
 from upo.train.checkpoints import checkpoint_step, latest_checkpoint, resolve_resume
 from upo.train.config import TrainConfig
 from upo.train.errors import UserError
@@ -112,10 +115,12 @@ def _check_one_run(folder: Path, config: TrainConfig, resume_path: Path | None, 
         return
     what = describe_run(folder, present)
     if config.overwrite:
+        refuse_removing_inputs(folder, present, config, "--overwrite")
         clear_run_files(folder, present)
         log(f"note: --overwrite: removed the previous run in {folder} ({what})")
         return
     if resume_path is None and config.resume == "auto" and set(present) <= NOTHING_TO_RESUME:
+        refuse_removing_inputs(folder, present, config, "--resume auto (starting over)")
         clear_run_files(folder, present)  # also the temporary file of a first checkpoint cut short
         log(f"note: {folder} holds no checkpoint to resume ({what}): starting over")
         return
@@ -127,6 +132,37 @@ def _check_one_run(folder: Path, config: TrainConfig, resume_path: Path | None, 
                         "mix the two: choose another (or an empty) --output-dir")
     raise UserError(f"--output-dir {folder} already holds a run ({what}); continue it with --resume auto, "
                     "or replace it with --overwrite")
+
+
+def run_inputs(config: TrainConfig) -> dict[str, Path]:
+    """The local files and folders the run reads, by the flag that names them (hub ids and built-in names are not
+    paths here and are left out)."""
+    named = {"--config": config.config_file, "--model": config.model, "--ref-model": config.ref_model,
+             "--dataset": config.dataset, "--eval-dataset": config.eval_dataset,
+             "--resume": None if config.resume == "auto" else config.resume}
+    if isinstance(config.model_config, str) and not config.model_config.lstrip().startswith("{"):
+        named["--model-config"] = config.model_config
+    for spec in config.aux_reward:
+        try:
+            parsed = parse_reward_spec(spec)
+        except (TypeError, ValueError):  # a bad spec is reported by the objective's own check
+            continue
+        if parsed.name == "lexicon" and parsed.arg:
+            named[f"--aux-reward {spec}"] = parsed.arg
+    paths = {flag: Path(value).expanduser() for flag, value in named.items() if isinstance(value, str) and value}
+    return {flag: path for flag, path in paths.items() if path.exists()}
+
+
+def refuse_removing_inputs(folder: Path, present: list[str], config: TrainConfig, why: str) -> None:
+    """A one-line refusal, before anything is removed, when clearing ``present`` from ``folder`` would remove a
+    file or folder this run reads (``--model out/model --overwrite`` would delete the model it is about to load)."""
+    doomed = [(folder / name).resolve() for name in present]
+    for flag, path in run_inputs(config).items():
+        target = path.resolve()
+        hit = next((d for d in doomed if d == target or d in target.parents), None)
+        if hit is not None:
+            raise UserError(f"{flag} {path} is inside {folder}/{hit.name}, which {why} would remove before the run "
+                            f"reads it: move it out of --output-dir {folder}, or choose another --output-dir")
 
 
 def clear_run_files(folder: Path, present: list[str]) -> None:
