@@ -11,11 +11,14 @@ and with bias, logit scale and softcap in both logit modes, so every kernel vari
 forwards, fp32 and bf16, against float64.
 Memory: peak extra memory of the fused forward+backward is < 5% of the naive path's at
 N=8192, D=2048, V=128256 and <= 1% at the headline N=16384, D=4096, V=128256 (bf16).
+The first-use check (upo_kernels/first_use_check.py) must pass every configuration here: a warning is an
+error, since its fallback to the torch backend would hide the kernels under test.
 Budget: about a minute on one H100.
 """
 from __future__ import annotations
 
 import functools
+import warnings
 
 import pytest
 import torch
@@ -25,7 +28,7 @@ from conftest import requires_cuda
 from helpers import (TOL_GRAD, TOL_OUT, assert_close_rel, check_no_worse_than_naive, check_stats, gen, leaf,
                      make_inputs, make_pref_batch, new_seed, reference_floors, reference_token_outputs, run_token_fn,
                      stats_inputs)
-from upo_kernels import TOKEN_STATS, linear_logprobs, logprobs_from_logits, reference
+from upo_kernels import TOKEN_STATS, first_use_check, linear_logprobs, logprobs_from_logits, reference
 from upo_kernels.buffers import poison_outputs
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
@@ -41,6 +44,13 @@ def _no_tf32():
     torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+
+
+@pytest.fixture(autouse=True)
+def _kernel_check_is_an_error():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", first_use_check.KernelCheckWarning)
+        yield
 
 
 @pytest.fixture(params=["fused", "cublas"])
@@ -81,6 +91,21 @@ def test_fp32_vs_reference_cuda(backend, case, fwd_impl):
     assert_close_rel(gw, ref_gw, TOL_GRAD, "grad_weight", seed, fl["gw"])
     if inp.bias is not None:
         assert_close_rel(gb, ref_gb, TOL_GRAD, "grad_bias", seed, fl["gb"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("logits", ["fp32", "input"])
+def test_first_use_check_passes_every_configuration(fwd_impl, logits, dtype, monkeypatch):
+    """Each configuration's first call checked afresh: with and without statistics, plain and with bias, logit
+    scale and softcap; every verdict a pass (a failing one raises its warning here)."""
+    monkeypatch.setenv("UPO_LOGITS", logits)
+    monkeypatch.setattr(first_use_check, "_verdicts", {})
+    inp = make_inputs(300, 256, 5003, dtype=dtype, device="cuda", bias=True, ignore_frac=0.2)
+    for stats in ((), TOKEN_STATS):
+        linear_logprobs(inp.hidden, inp.weight, inp.labels, backend="triton", stats=stats)
+        linear_logprobs(inp.hidden, inp.weight, inp.labels, bias=inp.bias, backend="triton", stats=stats,
+                        logit_scale=0.8, softcap=30.0)
+    assert len(first_use_check._verdicts) == 4 and all(first_use_check._verdicts.values())
 
 
 def test_auto_is_triton_on_cuda():

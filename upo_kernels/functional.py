@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from upo_kernels import chunked, token_stats, vocab_parallel
+from upo_kernels import chunked, first_use_check, token_stats, vocab_parallel
 from upo_kernels.backends import (autocast_operands, in_input_dtypes, labelled_rows, run_backward, run_forward,
                                   scattered_outputs)
 from upo_kernels.backends import ops as backend_ops
@@ -184,6 +184,9 @@ def linear_logprobs(hidden, weight, labels, *, bias=None, logit_scale=1.0, softc
         h2 = h2.contiguous()
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     y = labels.reshape(-1).to(torch.int64)
+    # each Triton configuration's first call compared with the torch backend (first_use_check.py)
+    backend = first_use_check.checked_backend(backend, h2, w, bias, y, float(logit_scale), softcap,
+                                              int(ignore_index), stats)
     options = (float(logit_scale), None if softcap is None else float(softcap), int(ignore_index), backend, chunks,
                stats)
     if sharded is None:
