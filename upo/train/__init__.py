@@ -1,6 +1,7 @@
 """``upo-train``: the training application built on the ``upo`` library (map: docs/layout.md).
 
     cli.py               the command line: flags, the one-line errors, exit codes, the final report
+    allocator.py         the process's malloc: tcmalloc or jemalloc preloaded by restarting in place
     errors.py            how a run ends other than by finishing: user errors, stop signals
     config.py            TrainConfig: defaults < config file < flags, validated
     config_file.py       --config files through the flags' own parser; TRL DPOConfig names

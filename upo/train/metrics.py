@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from upo.train.allocator import allocator_in_use
 
 
 def scalar_metrics(out) -> dict[str, float]:
@@ -160,7 +161,8 @@ def describe_run(trainer) -> str:
             f"{len(trainer.train_indices)} train / {len(trainer.eval_indices)} eval {rows}, "
             f"loss {'+'.join(c.loss_type)}, {trainer.total_steps} steps of {c.batch_size}x{c.grad_accum} {rows}, "
             f"{trainer.runtime.world_size} process(es) on {trainer.runtime.device}"
-            + (f" ({_copies(trainer.runtime.dp_size)} of --tp {trainer.runtime.tp})" if trainer.runtime.tp > 1 else ""))
+            + (f" ({_copies(trainer.runtime.dp_size)} of --tp {trainer.runtime.tp})" if trainer.runtime.tp > 1 else "")
+            + (f", memory allocator {allocator_in_use().describe()}" if trainer.runtime.device.type == "cpu" else ""))
 
 
 def _copies(n: int) -> str:
