@@ -20,6 +20,7 @@ from pathlib import Path
 
 from upo.frontier.grid import (DEFAULT_BASES, DEFAULT_LAMBDAS, DEFAULT_METHODS, DEFAULT_MIXES, METHODS, build_grid,
                                check_bases, parse_names, parse_numbers)
+from upo.train.allocator import CHOICE_ENV, CHOICES, allocator_in_use, runs_on_cpu, use_allocator
 from upo.train.errors import EXIT_USER_ERROR, RunStopped, StopNow, UserError
 
 PROG = "upo-frontier"
@@ -111,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="./frontier-output", help="default: ./frontier-output")
     p.add_argument("--overwrite", action="store_true", help="replace the results (and runs) a previous grid left there")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--allocator", choices=CHOICES, help="memory allocator, as upo-train's: auto = without a CUDA "
+                   "device tcmalloc, else jemalloc, where the system has one (upo-frontier restarts in place with it "
+                   f"preloaded), system = the C library's malloc; {CHOICE_ENV} in the environment sets the default "
+                   "(default: auto)")
     return p
 
 
@@ -265,6 +270,12 @@ def _log(message: str, bar=None) -> None:
         print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
+def _use_allocator(argv: list[str]) -> str | None:
+    """Restart in place on tcmalloc or jemalloc (upo/train/allocator.py) before the grid loads anything; the note
+    to print when auto found none. The grid's runs share this process and so its allocator."""
+    return use_allocator(build_parser().parse_args(split_argv(argv)[0]).allocator, runs_on_cpu("auto"))[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``upo-frontier`` and ``python -m upo.frontier``; returns the exit status."""
     from upo.heads import UnsupportedModelError
@@ -273,10 +284,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with StopRequests(defer=False):  # between runs a stop signal ends the grid at once, with a line
+            note = _use_allocator(sys.argv[1:]) if argv is None else None  # a command, not a call
             study, args = plan(sys.argv[1:] if argv is None else list(argv))
             sft = f"an SFT stage of {study.sft.steps} steps, then " if study.sft else ""
             _log(f"{sft}{len(study.runs)} runs x {len(study.seeds)} seed(s) of {study.steps} steps, "
-                 f"{len(study.train_rows)} train / {len(study.held_out.prompts)} held-out pairs -> {study.output_dir}")
+                 f"{len(study.train_rows)} train / {len(study.held_out.prompts)} held-out pairs -> {study.output_dir}"
+                 f"; memory allocator {allocator_in_use().describe()}")
+            if note:
+                _log(note)
             report = run_study(study, args.progress, _log)
         print(f"{PROG}: {len(report['runs'])} runs (and seeds) in {report['wall_seconds']:.0f} s; wrote "
               f"{study.output_dir / 'frontier.json'} and {study.output_dir / 'frontier.png'}", flush=True)

@@ -37,6 +37,7 @@ OWNED_SETTINGS = {
     "loss_type": "--bases and --methods", "upo_lambda": "--lambdas", "epochs": "--steps",
     "eval_dataset": "--dataset and --eval-fraction", "eval_split": "--dataset and --eval-fraction",
     "eval_max_pairs": "--eval-fraction", "resume": "(a fresh grid every time)", "model": "--model",
+    "allocator": "--allocator",  # the runs share upo-frontier's process
 }
 
 
