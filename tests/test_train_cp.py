@@ -24,7 +24,7 @@ SETTINGS = {  # name: (processes, flags shared by the one-process run and the --
     "shared-upo-checkpointing": (2, ["--share-prompt", "--loss-type", "sigmoid", "upo", *UPO,
                                      "--gradient-checkpointing"]),
     "rows-kto-upo-lora": (3, ["--loss-type", "kto", "upo", *UPO, "--lora"]),
-    "fsdp-precomputed": (2, ["--fsdp", "--precompute-ref", "--loss-type", "ipo"]),
+    "fsdp-precomputed-kto": (2, ["--fsdp", "--precompute-ref", "--loss-type", "kto"]),
 }
 
 

@@ -99,7 +99,8 @@ def visited_batches(sampler: PairSampler, micro_batches: int, world_size: int) -
 def kl_reference_of_run(trainer, policy: nn.Module) -> dict:
     """The reference log-probs of every mismatched pair a trainer's run visits (training and evaluation)."""
     config = trainer.config
-    batches = visited_batches(trainer.sampler, trainer.total_steps * config.grad_accum, trainer.runtime.world_size)
+    # the data-parallel size: the processes of one model copy (--tp) or of one sequence (--cp) share a batch
+    batches = visited_batches(trainer.sampler, trainer.total_steps * config.grad_accum, trainer.runtime.dp_size)
     batches += eval_chunks(trainer.eval_indices, config.batch_size, True)
     matched = reference_batches(trainer.sampler, trainer.eval_indices, True, len(trainer.data))
     cache = reference_cache_path(trainer.output_dir, policy, trainer.data, config, matched)
