@@ -17,23 +17,14 @@ import torch.distributed as dist
 from torch import nn
 
 from upo.context_parallel import ContextParallelRows, split_rows
-from upo.train.errors import UserError
+from upo.train.runtime import check_processes_per_group
 from upo_kernels.vocab_parallel import local_shard
 
 
 def check_cp(config, world_size: int, is_main: bool = True) -> None:
-    """``--cp``: a divisor of the process count, not with --tp or --packing (one line, exit 2)."""
-    cp = config.cp
-    if cp == 1:
-        return
-    quiet = not is_main  # every rank raises it; rank 0 says it
-    if world_size == 1:
-        raise UserError(f"--cp {cp} splits each sequence over {cp} processes: launch with torchrun "
-                        f"--nproc-per-node {cp} (or a multiple of {cp}) -m upo.train --cp {cp} ...")
-    if world_size % cp:
-        raise UserError(f"--cp {cp}: the {world_size} processes are not a multiple of {cp}; use "
-                        f"--nproc-per-node {cp * max(1, world_size // cp)} or a --cp dividing {world_size}",
-                        reported_by_main=quiet)
+    """``--cp``: a divisor of the process count (one line, exit 2; the settings it refuses: config.py)."""
+    check_processes_per_group("--cp", config.cp, f"splits each sequence over {config.cp} processes", world_size,
+                              is_main)
 
 
 @dataclass

@@ -78,6 +78,20 @@ def setup_runtime(device_choice: str) -> Runtime:
     return Runtime(device)
 
 
+def check_processes_per_group(flag: str, size: int, what: str, world_size: int, is_main: bool = True) -> None:
+    """``--tp``/``--cp`` ``size``: groups of ``size`` processes (``what`` each group does) need a process count it
+    divides; one line, exit 2. Every rank raises it; rank 0 says it."""
+    if size == 1:
+        return
+    if world_size == 1:
+        raise UserError(f"{flag} {size} {what}: launch with torchrun --nproc-per-node {size} (or a multiple of "
+                        f"{size}) -m upo.train {flag} {size} ...")
+    if world_size % size:
+        raise UserError(f"{flag} {size}: the {world_size} processes are not a multiple of {size}; use "
+                        f"--nproc-per-node {size * max(1, world_size // size)} or a {flag} dividing {world_size}",
+                        reported_by_main=not is_main)
+
+
 def check_device_available(device: torch.device) -> None:
     """A device this machine has: ``--device mps`` without Metal, or ``cuda:3`` on a 2-GPU machine, is refused."""
     if device.type == "cpu":

@@ -32,6 +32,7 @@ from upo.heads import describe_lm_head
 from upo.heads.errors import unwrap
 from upo.heads.weights import LinearWeights
 from upo.train.errors import UserError
+from upo.train.runtime import check_processes_per_group
 from upo_kernels.vocab_parallel import local_shard
 
 
@@ -40,14 +41,8 @@ def check_tp(config, world_size: int, is_main: bool = True) -> None:
     tp = config.tp
     if tp == 1:
         return
+    check_processes_per_group("--tp", tp, f"needs {tp} processes per model copy", world_size, is_main)
     quiet = not is_main  # every rank raises it; rank 0 says it
-    if world_size == 1:
-        raise UserError(f"--tp {tp} needs {tp} processes per model copy: launch with torchrun "
-                        f"--nproc-per-node {tp} (or a multiple of {tp}) -m upo.train --tp {tp} ...")
-    if world_size % tp:
-        raise UserError(f"--tp {tp}: the {world_size} processes are not a multiple of {tp}; use "
-                        f"--nproc-per-node {tp * max(1, world_size // tp)} or a --tp dividing {world_size}",
-                        reported_by_main=quiet)
     for flag, given, why in (("--fsdp", config.fsdp, "FSDP2 over the data-parallel processes of a sharded "
                               "model is not supported yet; use --tp alone"),
                              ("--lora", config.lora, "LoRA layers around sharded linear layers are not "
