@@ -1,6 +1,8 @@
 """What ``upo-frontier`` measures on generations, against hand computations: the designer and user rewards of
 completions, their length, degenerate answers (planted cases), the KL estimate on the policy's own completions;
-and the micro grid with an SFT stage and two seeds: schema, the SFT stage trained once and reused, bad flags."""
+and the powered micro grid (an SFT stage of --sft-passes, three seeds, two sampled completions per prompt, a greedy
+diagnostic, prompts without labels, the trait-rate gate, the comparison): schema, the SFT stage trained once and
+reused, the gate stopping a grid, bad flags."""
 import contextlib
 import json
 import math
@@ -86,15 +88,23 @@ def test_kl_estimate_on_the_policys_own_completions():
     assert kl_estimate(policy, None, prompts, generations) is None
 
 
-# ---- the micro grid with an SFT stage and two seeds ---------------------------------------------------------
+# ---- the powered micro grid: an SFT stage, three seeds, sampled completions ----------------------------------
 MICRO_TRAIN_ARGS = ["--", "--model-config", json.dumps(MICRO_MODEL), "--batch-size", "4", "--backend", "torch",
                     "--device", "cpu"]
+SEEDS = (0, 1, 2)
+PROMPTS = 8  # the 6 held-out pairs' prompts, then 2 of the file's questions
+SAMPLES, GREEDY = 2, 3
 
 
-def micro_grid(tmp_path, *extra):
+def micro_grid(tmp_path, *extra, seeds=len(SEEDS), trait=("length:1", "0.5,1")):
+    from upo.rewards import RESOURCES_DIR
+
     argv = ["--output-dir", str(tmp_path / "grid"), "--steps", "2", "--max-examples", "24", "--eval-fraction", "0.25",
-            "--bases", "sigmoid", "--lambdas", "0,1", "--mixes", "1", "--no-progress", "--seeds", "2",
-            "--sft-steps", "2", "--generate", "2", "--generate-max-tokens", "6", *extra, *MICRO_TRAIN_ARGS]
+            "--bases", "sigmoid", "--lambdas", "0,1", "--mixes", "1", "--no-progress", "--seeds", str(seeds),
+            "--sft-passes", "0.25", "--generate", str(PROMPTS), "--generate-max-tokens", "6",
+            "--generate-samples", str(SAMPLES), "--generate-temperature", "1", "--generate-greedy", str(GREEDY),
+            "--generate-prompts", str(RESOURCES_DIR / "frontier_prompts.txt"), "--trait", trait[0],
+            "--trait-rate", trait[1], *extra, *MICRO_TRAIN_ARGS]
     return main(argv)
 
 
@@ -103,7 +113,7 @@ SFT_TRAININGS = []
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
-    """Two seeds of three runs after an SFT stage, with generations; every SFT training counted."""
+    """Three seeds of three runs after an SFT stage, with sampled generations; every SFT training counted."""
     import upo.frontier.study as study
 
     tmp_path = tmp_path_factory.mktemp("frontier-sft")
@@ -125,43 +135,89 @@ def grid(tmp_path_factory):
     return out, json.loads((out / "frontier.json").read_text())
 
 
-GENERATION_FIELDS = ("aux_reward_generated", "user_reward_generated", "length_generated",
-                     "degenerate_share_generated", "kl_generated")
+GENERATION_FIELDS = tuple(f"{measure}_{suffix}" for suffix in ("generated", "greedy") for measure in (
+    "aux_reward", "user_reward", "length", "degenerate_share", "kl", "trait_rate"))
 
 
 def test_every_run_and_seed_is_measured_on_its_generations(grid):
     _, report = grid
-    assert report["seeds"] == [0, 1] and report["user_reward"] == ["lexicon:hedging:-1.0"]
+    assert report["seeds"] == list(SEEDS) and report["user_reward"] == ["lexicon:hedging:-1.0"]
     assert [(r["name"], r["seed"]) for r in report["runs"]] == [
-        (name, seed) for seed in (0, 1) for name in ("upo-sigmoid-lambda0", "upo-sigmoid-lambda1",
-                                                     "relabel-sigmoid-mix1")]
+        (name, seed) for seed in SEEDS for name in ("upo-sigmoid-lambda0", "upo-sigmoid-lambda1",
+                                                    "relabel-sigmoid-mix1")]
     for run in report["runs"]:
-        for field in GENERATION_FIELDS:
+        for field in GENERATION_FIELDS + ("kl_generated_stderr",):
             assert isinstance(run[field], float) and math.isfinite(run[field]), (field, run[field])
         assert 0.0 <= run["degenerate_share_generated"] <= 1.0 and 1.0 <= run["length_generated"] <= 6.0
+        assert 0.0 <= run["trait_rate_generated"] <= 1.0
         assert run["preference_accuracy"] == pytest.approx(run["eval_rewards_accuracies"])  # the diagnostic stays
+        assert {"grad_norm", "aux/beta_aux", "value/grad_norm"} <= set(run["training"]) if run["upo_lambda"] else (
+            "grad_norm" in run["training"])
+        assert run["training"]["grad_norm"]["steps"] == 2
     for entry in report["summary"]:
         runs = [r for r in report["runs"] if r["name"] == entry["name"]]
-        assert entry["seeds"] == [0, 1]
+        assert entry["seeds"] == list(SEEDS)
         for field in GENERATION_FIELDS + ("preference_accuracy",):
             values = [r[field] for r in runs]
-            assert entry[field] == pytest.approx(sum(values) / 2)
+            mean = sum(values) / 3
+            assert entry[field] == pytest.approx(mean)
             assert (entry[f"{field}_min"], entry[f"{field}_max"]) == (min(values), max(values))
-            assert entry[f"{field}_std"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
+            assert entry[f"{field}_std"] == pytest.approx(math.sqrt(sum((v - mean) ** 2 for v in values) / 2))
+
+
+def test_the_report_holds_the_sampling_the_gates_and_the_comparison(grid):
+    out, report = grid
+    generate = report["generate"]
+    assert (generate["prompts"], generate["held_out_prompts"], generate["samples_per_prompt"]) == (PROMPTS, 6, SAMPLES)
+    assert (generate["temperature"], generate["greedy_prompts"]) == (1.0, GREEDY)
+    reference = generate["reference"][0]
+    assert reference["seed"] == 0 and reference["kl_generated"] is None
+    gate = report["gates"]["trait_rate"]  # length:1 > 0: a completion with a word
+    assert gate["passed"] and gate["rate"] == reference["trait_rate_generated"] >= 0.5
+    assert gate["completions"] == PROMPTS * SAMPLES
+    assert gate["range"] == [0.5, 1.0] and report["gates"]["trait"] == ["length:1"]
+    control = report["comparison"]["positive_control"]["sigmoid"]
+    assert control["seeds"] == list(SEEDS) and set(control) >= {"shift", "seed_sd", "threshold", "passed"}
+    if control["passed"]:
+        number = report["comparison"]["upo_minus_relabelling"]
+        assert number["seeds"] == list(SEEDS) and len(number["per_seed"]) == 3
+    else:
+        assert report["comparison"]["upo_minus_relabelling"] is None
+        assert report["comparison"]["verdict"].startswith("the experiment cannot detect an effect")
+    assert report["sft"]["passes"] == 0.25 and report["sft"]["steps"] == 3  # ceil(0.25 x 36 rows / 4 per step)
+    lines = [json.loads(line) for line in (out / report["runs"][0]["output_dir"] / "generations.jsonl").open()]
+    assert len(lines) == PROMPTS * SAMPLES + GREEDY
+    assert [line["sample"] for line in lines[:4]] == [0, 1, 0, 1] and lines[0]["prompt"] == lines[1]["prompt"]
+    assert lines[-1]["decoding"] == "greedy" and lines[0]["decoding"] == "sampled at temperature 1"
+    sampled = lines[:-GREEDY]
+    assert sum(line["kl"] for line in sampled) / len(sampled) == pytest.approx(report["runs"][0]["kl_generated"])
+    assert sum(line["trait"] > 0 for line in sampled) / len(sampled) == report["runs"][0]["trait_rate_generated"]
+    questions = [line["prompt"] for line in lines[:PROMPTS * SAMPLES:SAMPLES]]
+    assert questions[6:] == ["How do I keep lettuce crisp in the fridge?", "How do I stop my headphones from tangling?"]
+
+
+def test_the_trait_rate_gate_stops_the_study_before_its_grid(tmp_path, capsys):
+    """filler never appears in the tiny model's byte noise: a rate of 0, outside 30-70 %."""
+    code = micro_grid(tmp_path, seeds=1, trait=("filler:1", "0.3,0.7"))
+    assert code == 3
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("upo-frontier: trait-rate gate: the reference writes the trait") and "0 %" in err
+    report = json.loads((tmp_path / "grid" / "frontier.json").read_text())
+    assert report["runs"] == [] and report["comparison"] is None and not report["gates"]["trait_rate"]["passed"]
+    assert report["gates"]["trait_rate"]["rate"] == 0.0 and not (tmp_path / "grid" / "runs").exists()
 
 
 def test_the_sft_stage_is_trained_once_and_every_run_starts_from_it(grid):
     out, report = grid
     configs = [json.loads(path.read_text()) for path in out.rglob("config.json") if path.parent.name != "model"]
     sft = [c for c in configs if c["loss_type"] == ["sft"]]
-    assert len(SFT_TRAININGS) == 1  # trained once for the six runs of the two seeds
-    assert len(sft) == 1 and len(configs) == 1 + 6  # one SFT stage, six runs
-    assert len((out / "sft" / "metrics.jsonl").read_text().splitlines()) == report["sft"]["steps"] == 2
+    assert len(SFT_TRAININGS) == 1  # trained once for the nine runs of the three seeds
+    assert len(sft) == 1 and len(configs) == 1 + 9  # one SFT stage, nine runs
+    assert len((out / "sft" / "metrics.jsonl").read_text().splitlines()) == report["sft"]["steps"] == 3
     assert report["sft"]["examples"] == 2 * report["dataset"]["train_pairs"]  # both responses of every pair
     runs = [c for c in configs if c["loss_type"] != ["sft"]]
-    assert {c["model"] for c in runs} == {str(out / "sft" / "model")} and {c["seed"] for c in runs} == {0, 1}
+    assert {c["model"] for c in runs} == {str(out / "sft" / "model")} and {c["seed"] for c in runs} == set(SEEDS)
     assert len(report["generate"]["reference"]) == 1  # one reference for every run of every seed
-    assert (out / report["runs"][0]["output_dir"] / "generations.jsonl").read_text().count("\n") == 2
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -172,6 +228,15 @@ def test_the_sft_stage_is_trained_once_and_every_run_starts_from_it(grid):
     (["--user-reward", "politeness:1"],
      "bad --user-reward politeness:1: reward spec 'politeness:1': unknown reward 'politeness'"),
     (["--model", "/nonexistent/model"], "--model /nonexistent/model"),
+    (["--sft-steps", "2"], "give --sft-steps or --sft-passes, not both"),
+    (["--sft-passes", "nan"], "--sft-passes must be a finite number > 0, got nan"),
+    (["--generate-samples", "0"], "--generate-samples must be an integer >= 1, got 0"),
+    (["--generate-temperature", "0"], "--generate-samples 2 needs --generate-temperature > 0"),
+    (["--generate-greedy", "-1"], "--generate-greedy must be an integer >= 0, got -1"),
+    (["--trait-rate", "0.7,0.3"], "--trait-rate must be two shares LOW,HIGH with LOW < HIGH"),
+    (["--trait-rate", "0.3,1.5"], "--trait-rate: 1.5 must be a finite number in [0, 1]"),
+    (["--trait", "shouting:1"], "bad --trait length:1 shouting:1: reward spec 'shouting:1': unknown reward 'shouting'"),
+    (["--generate-prompts", "/nonexistent/prompts.txt"], "--generate-prompts /nonexistent/prompts.txt: No such file"),
 ])
 def test_bad_flags_are_one_line_before_any_run(tmp_path, capsys, extra, fragment):
     assert micro_grid(tmp_path, *extra) == 2

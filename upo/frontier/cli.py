@@ -28,20 +28,30 @@ DEFAULT_STEPS = 60
 DEFAULT_EVAL_FRACTION = 0.2
 DEFAULT_AUX_REWARD = ["readability:1.0"]
 DEFAULT_USER_REWARD = ["lexicon:hedging:-1.0"]  # the shipped conflict data's label: direct beats hedged
+# With --model: the designer wants no stock openers and closers, a trait a chat model's own writing varies in
+# (docs/frontier.md#a-pretrained-model); a completion shows it when its filler score is > 0.
+MODEL_AUX_REWARD = ["filler:-1.0"]
+MODEL_TRAIT = ["filler:1.0"]
+MODEL_DATASET, MODEL_PROMPTS = "preferences_filler_chat.jsonl", "frontier_prompts.txt"
 RESULT_FILES = ("frontier.json", "frontier.png")
 TINY_SFT_LR = 1e-3
+EXIT_GATE = 3  # the trait-rate gate stopped the study before its grid
 
 
 def _numbers(values) -> str:
     return ",".join(f"{v:g}" for v in values)
 
 
-# With --model (a pretrained model: SFT stage, then LoRA runs), what the flags left unset default to; sized so
-# that the default grid fits 60 minutes on a 2-core CPU (docs/frontier.md#a-pretrained-model).
-MODEL_DEFAULTS = {"steps": 16, "seeds": 2, "sft_steps": 40, "sft_lr": 5e-4, "generate": 16, "generate_max_tokens": 48,
-                  "lambdas": "0,0.3,1,3", "mixes": "0.5,1"}  # m = 0 trains the policy as lambda = 0 does
+# With --model (a pretrained model: SFT stage, then LoRA runs), what the flags left unset default to: the powered
+# grid of issue 31 (3 seeds, 48 steps, 60 prompts with 2 samples each at temperature 1, greedy completions of 16 as
+# a diagnostic, SFT for 3 passes). Its time on the 2-core CPU is in docs/frontier.md#a-pretrained-model; cut grid
+# points (--bases, --lambdas) before seeds or prompts to fit a budget.
+MODEL_DEFAULTS = {"steps": 48, "seeds": 3, "sft_passes": 3.0, "sft_lr": 5e-4, "generate": 60,
+                  "generate_max_tokens": 48, "generate_samples": 2, "generate_temperature": 1.0, "generate_greedy": 16,
+                  "lambdas": "0,1,3", "mixes": "0.5,1"}  # m = 0 trains the policy as lambda = 0 does
 TOY_DEFAULTS = {"steps": DEFAULT_STEPS, "seeds": 1, "sft_steps": 0, "sft_lr": TINY_SFT_LR, "generate": 0,
-                "generate_max_tokens": 64, "lambdas": _numbers(DEFAULT_LAMBDAS), "mixes": _numbers(DEFAULT_MIXES)}
+                "generate_max_tokens": 64, "generate_samples": 1, "generate_temperature": 0.0, "generate_greedy": 0,
+                "lambdas": _numbers(DEFAULT_LAMBDAS), "mixes": _numbers(DEFAULT_MIXES)}
 # The SFT stage's and LoRA runs' upo-train settings with --model, under the user's flags after --.
 MODEL_TRAIN_DEFAULTS = {"lr": 5e-4, "batch_size": 4, "warmup_steps": 2}
 
@@ -59,22 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
                 "pairs? Trains a grid of upo-train runs and measures each on the held-out pairs.",
                 epilog="Example: upo-frontier --lambdas 0,1,10 --mixes 0,0.5,1 -- --beta 0.1 --lr 1e-3. "
                 "Outputs: frontier.json, frontier.png, data/ (the split, relabelled training files), runs/<name>/ "
-                "(each upo-train run). Exit status: 0 finished, 1 a bug in upo, 2 a user mistake.")
+                "(each upo-train run). Exit status: 0 finished, 1 a bug in upo, 2 a user mistake, 3 the trait-rate "
+                "gate stopped the study before its grid (frontier.json says why).")
     p.add_argument("--model", help="the model of every run, as upo-train's --model (a folder, a Hugging Face id, a "
                    ".gguf file, smollm2). A pretrained model is first fine-tuned once on the training responses "
                    "(the SFT stage, the reference of every run), then each run trains LoRA adapters on it "
                    "(default: upo-train's built-in tiny model, from random weights, no SFT stage)")
-    p.add_argument("--dataset", help="preference data (as upo-train's --dataset; default: for a model with a chat "
-                   "template the shipped conversational conflict data, preferences_conflict_chat.jsonl, where "
-                   "readability disagrees with the label on 50%% of the pairs; else preferences_conflict.jsonl, "
-                   "60%%)")
+    p.add_argument("--dataset", help="preference data (as upo-train's --dataset; default: with --model and a chat "
+                   f"template the shipped {MODEL_DATASET}, where filler disagrees with the label on 50%% of the "
+                   "pairs; else preferences_conflict.jsonl, where readability does on 60%%)")
     p.add_argument("--dataset-split", default="train", help="split of a Hugging Face dataset (default: train)")
     p.add_argument("--max-examples", type=int, help="use only the first N rows")
     p.add_argument("--eval-fraction", type=float, default=DEFAULT_EVAL_FRACTION,
                    help=f"held-out share of the pairs, the same split for every run (default: {DEFAULT_EVAL_FRACTION})")
     p.add_argument("--aux-reward", action="append", metavar="SPEC",
                    help="the designer reward, as upo-train's --aux-reward, repeatable: UPO's auxiliary reward, the "
-                   f"relabelling's target and the measure (default: {' '.join(DEFAULT_AUX_REWARD)})")
+                   f"relabelling's target and the measure (default: {' '.join(DEFAULT_AUX_REWARD)}; "
+                   f"{' '.join(MODEL_AUX_REWARD)} with --model)")
     p.add_argument("--user-reward", action="append", metavar="SPEC",
                    help="the user's preference as a known scorer of the generations, in --aux-reward's grammar, "
                    f"repeatable (default: {' '.join(DEFAULT_USER_REWARD)}: the share of hedging words, negated)")
@@ -98,17 +109,35 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default: 1; {MODEL_DEFAULTS['seeds']} with --model)")
     p.add_argument("--sft-steps", type=int, help="steps of the shared SFT stage on the training responses (both "
                    "sides of every pair), trained once and the start and reference of every run; 0: none "
-                   f"(default: 0; {MODEL_DEFAULTS['sft_steps']} with --model)")
+                   "(default: 0; with --model the steps of --sft-passes)")
+    p.add_argument("--sft-passes", type=float, help="with --model and no --sft-steps: the SFT stage's passes over "
+                   f"its rows, at the runs' batch size (default: {MODEL_DEFAULTS['sft_passes']:g})")
     p.add_argument("--sft-lr", type=float, help=f"learning rate of the SFT stage (default: {TINY_SFT_LR:g}; "
                    f"{MODEL_DEFAULTS['sft_lr']:g} with --model)")
     p.add_argument("--generate", type=int, metavar="N",
-                   help="score the policy's completions of the first N held-out prompts: designer and user reward, "
-                   "length, degenerate share, KL estimate (default: 0, off; "
-                   f"{MODEL_DEFAULTS['generate']} with --model)")
+                   help="score the policy's completions of the first N held-out prompts (the held-out pairs', then "
+                   "--generate-prompts'): designer and user reward, length, degenerate share, KL estimate "
+                   f"(default: 0, off; {MODEL_DEFAULTS['generate']} with --model)")
+    p.add_argument("--generate-prompts", metavar="FILE", help="more held-out prompts without labels, one question "
+                   f"per line, after the held-out pairs' (default: none; with --model the shipped {MODEL_PROMPTS}; "
+                   "'none': none)")
+    p.add_argument("--generate-samples", type=int, metavar="K", help="completions per prompt (default: 1; "
+                   f"{MODEL_DEFAULTS['generate_samples']} with --model, sampled at temperature 1, where the KL "
+                   "estimate is unbiased)")
     p.add_argument("--generate-max-tokens", type=int, metavar="M", help="new tokens per completion (default: "
                    f"{TOY_DEFAULTS['generate_max_tokens']}; {MODEL_DEFAULTS['generate_max_tokens']} with --model)")
-    p.add_argument("--generate-temperature", type=float, default=0.0, metavar="T",
-                   help="0: greedy (default); > 0: sampled, seeded by --seed")
+    p.add_argument("--generate-temperature", type=float, metavar="T",
+                   help="0: greedy; > 0: sampled, seeded by the run's seed (default: 0; "
+                   f"{MODEL_DEFAULTS['generate_temperature']:g} with --model)")
+    p.add_argument("--generate-greedy", type=int, metavar="G", help="with a temperature > 0, also greedy completions "
+                   "of the first G prompts, a diagnostic reported beside the measures (*_greedy) (default: 0; "
+                   f"{MODEL_DEFAULTS['generate_greedy']} with --model)")
+    p.add_argument("--trait", action="append", metavar="SPEC", help="the designer's trait, in --aux-reward's grammar, "
+                   "repeatable: a completion shows it when its score is > 0. Before the grid the reference's "
+                   "completions must show it at a rate within --trait-rate, else the grid is not run (exit status "
+                   f"3) (default: none; {' '.join(MODEL_TRAIT)} with --model and its default --aux-reward)")
+    p.add_argument("--trait-rate", default="0.3,0.7", metavar="LOW,HIGH",
+                   help="the share of the reference's completions that must show --trait (default: 0.3,0.7)")
     p.add_argument("--output-dir", default="./frontier-output", help="default: ./frontier-output")
     p.add_argument("--overwrite", action="store_true", help="replace the results (and runs) a previous grid left there")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -125,15 +154,24 @@ def fill_defaults(args) -> None:
     from upo.rewards import RESOURCES_DIR
 
     pretrained = args.model is not None
+    if args.sft_passes is not None:  # the passes set the SFT stage's steps, with or without --model
+        args.sft_steps = None
     for name, value in (MODEL_DEFAULTS if pretrained else TOY_DEFAULTS).items():
-        if getattr(args, name) is None:
+        if getattr(args, name) is None and not (name == "sft_steps" and args.sft_passes is not None):
             setattr(args, name, value)
     if args.dataset is None:
         chat = pretrained and _has_chat_template(args.model)
-        name = "preferences_conflict_chat.jsonl" if chat else "preferences_conflict.jsonl"
+        name = MODEL_DATASET if chat else "preferences_conflict.jsonl"
         args.dataset = str(RESOURCES_DIR / name)
-    args.aux_reward = args.aux_reward or list(DEFAULT_AUX_REWARD)
+    if args.trait is None and pretrained and args.aux_reward is None:
+        args.trait = list(MODEL_TRAIT)  # the default designer's trait; another designer names its own
+    args.aux_reward = args.aux_reward or list(MODEL_AUX_REWARD if pretrained else DEFAULT_AUX_REWARD)
     args.user_reward = args.user_reward or list(DEFAULT_USER_REWARD)
+    if args.generate_prompts is None and pretrained:
+        args.generate_prompts = str(RESOURCES_DIR / MODEL_PROMPTS)
+    if args.generate_prompts == "none":
+        args.generate_prompts = None
+    args.trait_rate = parse_trait_rate(args.trait_rate)
 
 
 def _has_chat_template(model: str) -> bool:
@@ -146,11 +184,20 @@ def _has_chat_template(model: str) -> bool:
         raise UserError(f"--model {model}: {err}") from None
 
 
+def parse_trait_rate(text: str) -> tuple[float, float]:
+    """``--trait-rate LOW,HIGH``: two shares, ``0 <= LOW < HIGH <= 1``."""
+    values = parse_numbers(text, "--trait-rate", 0.0, 1.0)
+    if len(values) != 2 or values[0] >= values[1]:
+        raise UserError(f"--trait-rate must be two shares LOW,HIGH with LOW < HIGH (e.g. 0.3,0.7), got {text}")
+    return values[0], values[1]
+
+
 def check_args(args) -> None:
     """The flags as given (None: left to :func:`fill_defaults`)."""
     checks = [("--steps", args.steps, 1), ("--generate", args.generate, 0),
               ("--generate-max-tokens", args.generate_max_tokens, 1), ("--seeds", args.seeds, 1),
-              ("--sft-steps", args.sft_steps, 0), ("--max-examples", args.max_examples, 2)]
+              ("--sft-steps", args.sft_steps, 0), ("--max-examples", args.max_examples, 2),
+              ("--generate-samples", args.generate_samples, 1), ("--generate-greedy", args.generate_greedy, 0)]
     for name, value, least in checks:
         if value is not None and value < least:
             raise UserError(f"{name} must be an integer >= {least}, got {value}")
@@ -158,7 +205,11 @@ def check_args(args) -> None:
         raise UserError(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
     if args.sft_lr is not None and not (math.isfinite(args.sft_lr) and args.sft_lr > 0):
         raise UserError(f"--sft-lr must be a finite number > 0, got {args.sft_lr}")
-    if not args.generate_temperature >= 0:
+    if args.sft_passes is not None and not (math.isfinite(args.sft_passes) and args.sft_passes > 0):
+        raise UserError(f"--sft-passes must be a finite number > 0, got {args.sft_passes}")
+    if args.sft_passes is not None and args.sft_steps is not None:
+        raise UserError("give --sft-steps or --sft-passes, not both")
+    if args.generate_temperature is not None and not args.generate_temperature >= 0:
         raise UserError(f"--generate-temperature must be >= 0, got {args.generate_temperature}")
     out = Path(args.output_dir).expanduser()
     if out.exists() and not out.is_dir():
@@ -204,6 +255,9 @@ def plan(argv: list[str]):
     args = build_parser().parse_args(own)
     check_args(args)  # before fill_defaults, which may read --model's tokenizer; its defaults pass these checks
     fill_defaults(args)
+    if args.generate_samples > 1 and args.generate_temperature == 0:
+        raise UserError(f"--generate-samples {args.generate_samples} needs --generate-temperature > 0: greedy "
+                        "completions of a prompt are all the same")
     methods = parse_names(args.methods, "--methods", "method", METHODS)
     bases = parse_names(args.bases, "--bases", "base loss")
     check_bases(bases)
@@ -217,13 +271,15 @@ def plan(argv: list[str]):
         settings = {**MODEL_TRAIN_DEFAULTS, **settings}
     reward = build_reward(args.aux_reward)
     user_reward = build_reward(args.user_reward, "--user-reward")
-    return prepare_study(args, reward, runs, settings, train_args, user_reward), args
+    trait = build_reward(args.trait, "--trait") if args.trait else None
+    return prepare_study(args, reward, runs, settings, train_args, user_reward, trait), args
 
 
 def run_study(study, progress: bool, log) -> dict:
     """Every run in turn under one progress bar, then ``frontier.json`` and ``frontier.png``."""
     from tqdm.auto import tqdm
 
+    from upo.frontier.reference_generations import TraitGateFailed, measure_references
     from upo.frontier.report import plot_frontier, write_json
     from upo.frontier.study import prepare_sft, run_config, run_one, study_report
     from upo.train.cli import _limit_threads_for_tiny_models
@@ -238,6 +294,11 @@ def run_study(study, progress: bool, log) -> dict:
     _limit_threads_for_tiny_models(first, runtime.device)
     results = []
     prepare_sft(study, runtime, log)
+    try:
+        measure_references(study, runtime, log)  # and the trait-rate gate, before any run trains
+    except TraitGateFailed:
+        write_json(study_report(study, [], time.perf_counter() - clock, started), study.output_dir / "frontier.json")
+        raise
     grid = [(seed, spec) for seed in study.seeds for spec in study.runs]
     bar = tqdm(grid, desc=PROG, unit="run", disable=not progress, dynamic_ncols=True, file=sys.stderr)
     for seed, spec in bar:
@@ -249,6 +310,8 @@ def run_study(study, progress: bool, log) -> dict:
     report = study_report(study, results, time.perf_counter() - clock, started)
     write_json(report, study.output_dir / "frontier.json")
     plot_frontier(report, study.output_dir / "frontier.png")
+    if report["comparison"] is not None:
+        log(report["comparison"]["verdict"])
     return report
 
 
@@ -280,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``upo-frontier`` and ``python -m upo.frontier``; returns the exit status."""
     from upo.heads import UnsupportedModelError
 
+    from upo.frontier.reference_generations import TraitGateFailed
     from upo.train.signals import StopRequests
 
     try:
@@ -296,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {len(report['runs'])} runs (and seeds) in {report['wall_seconds']:.0f} s; wrote "
               f"{study.output_dir / 'frontier.json'} and {study.output_dir / 'frontier.png'}", flush=True)
         return 0
+    except TraitGateFailed as gate:
+        print(f"{PROG}: trait-rate gate: {gate}: the grid was not run (a trait the model does not vary in leaves "
+              f"the designer reward nothing to trade); wrote {study.output_dir / 'frontier.json'}",
+              file=sys.stderr, flush=True)
+        return EXIT_GATE
     except SystemExit as exit_request:  # --help
         return int(exit_request.code or 0)
     except (UserError, UnsupportedModelError) as err:

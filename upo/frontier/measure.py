@@ -79,6 +79,8 @@ class GenerateSettings:
     temperature: float
     seed: int
     batch_size: int = 8
+    samples: int = 1  # completions per prompt
+    greedy_prompts: int = 0  # also greedy completions of the first of the prompts: a diagnostic
 
 
 def attainable_frontier(held_out: HeldOut, points: int = 11) -> list[dict]:

@@ -21,7 +21,9 @@ LABEL_OFFSETS = (((7, 6), "left"), ((7, -12), "left"), ((-7, 6), "right"), ((-7,
 
 # The numbers of a run summarised over seeds (those a run has; None where a seed has none).
 SUMMARY_FIELDS = ("preference_accuracy", "aux_reward_preferred", "kl", "aux_reward_generated", "user_reward_generated",
-                  "length_generated", "degenerate_share_generated", "kl_generated")
+                  "length_generated", "degenerate_share_generated", "kl_generated", "trait_rate_generated",
+                  "aux_reward_greedy", "user_reward_greedy", "length_greedy", "degenerate_share_greedy", "kl_greedy",
+                  "trait_rate_greedy")
 
 
 def summarize(runs: list[dict]) -> list[dict]:
@@ -123,8 +125,11 @@ def _plot_generations(ax, report: dict, summary: list[dict]) -> None:
     ax.set_ylabel(f"user reward of the generations ({', '.join(report.get('user_reward') or [])})")
     seeds = report.get("seeds") or [report.get("seed")]
     generate = report.get("generate") or {}
-    ax.set_title(f"what the policy writes: {generate.get('prompts', '?')} held-out prompts, mean and range over "
-                 f"{len(seeds)} seed(s)", fontsize=9)
+    samples = generate.get("samples_per_prompt", 1)
+    decoding = f"{samples} sample(s) each at T={generate.get('temperature', 0):g}" if generate.get(
+        "temperature") else "greedy"
+    ax.set_title(f"what the policy writes: {generate.get('prompts', '?')} held-out prompts, {decoding}; mean and "
+                 f"range over {len(seeds)} seed(s)", fontsize=9)
     ax.margins(x=0.1, y=0.08)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")

@@ -72,7 +72,8 @@ def run_sft(study, runtime) -> dict:
     if study.lora:
         save_merged(trainer.module.policy, trainer.tokenizer, sft_model_dir(study))
     (Path(config.output_dir) / "upo-train.log").write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
-    return {"steps": study.sft.steps, "lr": config.learning_rate, "seed": config.seed, "examples": len(rows),
+    return {"steps": study.sft.steps, "passes": study.sft.passes, "lr": config.learning_rate, "seed": config.seed,
+            "examples": len(rows),
             "model": str(sft_model_dir(study).relative_to(study.output_dir)),
             "train_loss": summary["train"].get("loss"), "eval_loss": summary["eval"].get("loss"),
             "train_seconds": round(summary["train_seconds"], 2),

@@ -9,16 +9,20 @@ the data, the steps and the seed.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from upo.frontier.generated import generate, kl_estimate
+from upo.frontier.compare import compare
+from upo.frontier.generated import Scorers, measure_completions
 from upo.frontier.grid import RunSpec, disagreeing_pairs, relabel, write_rows
+from upo.frontier.prompts import load_questions, prompt_rows, render_prompts
 from upo.frontier.report import summarize
 from upo.frontier.measure import GenerateSettings, HeldOut, attainable_frontier, pair_metrics
 from upo.frontier.sft import run_sft, sft_config, sft_model_dir
@@ -45,6 +49,7 @@ OWNED_SETTINGS = {
 class SftSettings:
     steps: int
     lr: float
+    passes: float | None = None  # the passes over its examples that set steps (None: --sft-steps did)
 
 
 @dataclass
@@ -70,7 +75,17 @@ class Study:
     user_reward_specs: list[str] = field(default_factory=list)
     user_reward: object = None  # the user's preference as a scorer of generations (a CombinedReward)
     sft_report: dict | None = None
-    reference_generations: dict = field(default_factory=dict)  # seed (0 with an SFT stage) -> summary
+    reference_generations: dict = field(default_factory=dict)  # seed (0 for a shared reference) -> summary
+    prompt_rows: list[dict] = field(default_factory=list)  # the rows whose prompts are completed (prompts.py)
+    prompts_file: str | None = None  # --generate-prompts
+    trait_specs: list[str] = field(default_factory=list)  # --trait: a score > 0 marks the designer's trait
+    trait: object = None  # their CombinedReward (None: no trait-rate gate)
+    trait_rate: tuple[float, float] = (0.3, 0.7)  # --trait-rate
+    trait_gate: dict | None = None  # the trait-rate gate's result (reference_generations.py)
+
+    @property
+    def scorers(self) -> Scorers:
+        return Scorers(self.reward, self.user_reward, self.trait)
 
     @property
     def lora(self) -> bool:
@@ -107,8 +122,16 @@ def dataset_label(dataset: str) -> str:
     return dataset
 
 
+def sft_steps_for(passes: float, examples: int, train_settings: dict) -> int:
+    """The SFT steps for ``passes`` passes over ``examples`` rows (every pair both ways) at the runs' batch size
+    and gradient accumulation (upo-train's defaults where the flags after -- leave them)."""
+    per_step = train_settings.get("batch_size", TrainConfig.batch_size) * train_settings.get("grad_accum",
+                                                                                              TrainConfig.grad_accum)
+    return max(1, math.ceil(passes * examples / per_step))
+
+
 def prepare_study(args, reward, runs: list[RunSpec], train_settings: dict, train_args: list[str],
-                  user_reward=None) -> Study:
+                  user_reward=None, trait=None) -> Study:
     """Load, split and score the data, write the held-out split, check every run's settings."""
     output_dir = Path(args.output_dir).expanduser()
     records = load_records(args.dataset, args.dataset_split).head(args.max_examples)
@@ -121,13 +144,20 @@ def prepare_study(args, reward, runs: list[RunSpec], train_settings: dict, train
     eval_prompts, eval_c, eval_r = score_rows(eval_rows, reward)
     generate = None
     if args.generate:
-        generate = GenerateSettings(args.generate, args.generate_max_tokens, args.generate_temperature, args.seed)
+        generate = GenerateSettings(args.generate, args.generate_max_tokens, args.generate_temperature, args.seed,
+                                    samples=args.generate_samples, greedy_prompts=args.generate_greedy)
+    questions = load_questions(args.generate_prompts) if args.generate_prompts else []
+    sft_steps = args.sft_steps
+    if sft_steps is None:  # --sft-passes: steps for that many passes over the SFT stage's rows (each pair both ways)
+        sft_steps = sft_steps_for(args.sft_passes, 2 * len(train_rows), train_settings)
+    sft = SftSettings(sft_steps, args.sft_lr, None if args.sft_steps is not None else args.sft_passes)
     study = Study(output_dir, dataset_label(args.dataset), list(args.aux_reward), reward, args.steps, args.seed,
                   train_rows, tuple(train_aux), write_rows(eval_rows, output_dir / "data" / "eval.jsonl"),
                   HeldOut(eval_prompts, eval_c, eval_r), runs, train_settings, generate, args.overwrite, train_args,
                   model=args.model, seeds=[args.seed + k for k in range(args.seeds)],
-                  sft=SftSettings(args.sft_steps, args.sft_lr) if args.sft_steps else None,
-                  user_reward_specs=list(args.user_reward), user_reward=user_reward)
+                  sft=sft if sft_steps else None, user_reward_specs=list(args.user_reward), user_reward=user_reward,
+                  prompt_rows=prompt_rows(eval_rows, questions, args.generate), prompts_file=args.generate_prompts,
+                  trait_specs=list(args.trait or []), trait=trait, trait_rate=tuple(args.trait_rate))
     from upo.train.objective import check_loss_names, check_loss_options
 
     if study.sft is not None:
@@ -202,7 +232,7 @@ def run_one(study: Study, spec: RunSpec, runtime, seed: int | None = None, log=N
             log(f"{spec.name} seed {seed}: trained in {summary['train_seconds']:.0f} s; generating")
         run.update(measure_generations(study, trainer, seed, timings, log))
     run.update(name=spec.name, timings={k: round(v, 2) for k, v in timings.items()},
-               swapped_pairs=swapped if spec.method == "relabel" else None,
+               training=training_figures(trainer.history), swapped_pairs=swapped if spec.method == "relabel" else None,
                eval_rewards_accuracies=summary["eval"].get("rewards/accuracies"),
                train_loss=summary["train"].get("loss"), train_seconds=round(summary["train_seconds"], 2),
                wall_seconds=round(time.perf_counter() - started, 2),
@@ -211,43 +241,39 @@ def run_one(study: Study, spec: RunSpec, runtime, seed: int | None = None, log=N
     return run
 
 
+# What the report quotes of each run's training, from its per-step metrics: the gradient norm before clipping,
+# UPO's temperature (--beta-aux auto picks one per batch) and largest weight, the value head's gradient norm.
+TRAINING_FIGURES = ("grad_norm", "aux/beta_aux", "aux/weight_max", "value/grad_norm")
+
+
+def training_figures(history: list[dict]) -> dict:
+    """Per figure the run logged: the median, smallest and largest value over its steps."""
+    figures = {}
+    for name in TRAINING_FIGURES:
+        values = sorted(record[name] for record in history if record.get(name) is not None)
+        if values:
+            middle = len(values) // 2
+            median = values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+            figures[name] = {"median": median, "min": values[0], "max": values[-1], "steps": len(values)}
+    return figures
+
+
 def measure_generations(study: Study, trainer, seed: int, timings: dict, log=None) -> dict:
-    """The generation metrics of the trained policy (generated.py) and, once per reference, the reference's;
-    the texts go to ``generations.jsonl`` in the run's folder."""
+    """The generation metrics of the trained policy (generated.py): its completions of the study's prompts,
+    their KL estimate against the run's reference; the texts go to ``generations.jsonl`` in the run's folder."""
     from upo.train.atomic import atomic_write_text
     from upo.train.generation import reference_generator
 
-    indices = trainer.eval_indices[:study.generate.prompts]
-    prompt_ids = [trainer.data.examples[i].prompt_ids for i in indices]
-    prompts = study.held_out.prompts[:len(indices)]
-    settings = GenerateSettings(study.generate.prompts, study.generate.max_tokens, study.generate.temperature, seed,
-                                study.generate.batch_size)
-    policy = trainer.module.policy
-    clock = time.perf_counter()
-    generations = generate(policy, trainer.tokenizer, prompt_ids, prompts, study.reward, study.user_reward, settings)
-    timings["generate"] = time.perf_counter() - clock
+    prompts, prompt_ids = render_prompts(study.prompt_rows, trainer.tokenizer, trainer.config)
+    settings = dataclasses.replace(study.generate, seed=seed)
+    metrics, records = measure_completions(trainer.module.policy, reference_generator(trainer.module),
+                                           trainer.tokenizer, prompts, prompt_ids, study.scorers, settings, timings)
     log = log or (lambda message: None)
-    log(f"generated {len(prompts)} completions in {timings['generate']:.1f} s")
-    kl = kl_estimate(policy, reference_generator(trainer.module), prompt_ids, generations)
-    timings["kl"] = time.perf_counter() - clock - timings["generate"]
-    log(f"KL estimate in {timings['kl']:.1f} s")
-    metrics = {**generations.summary(), "kl_generated": kl, "generated_examples": generations.texts[:3]}
-    key = 0 if study.sft is not None else seed  # with an SFT stage every run of every seed has the same reference
-    reference = reference_generator(trainer.module)  # None with --precompute-ref: no reference model held
-    if key not in study.reference_generations and reference is not None:
-        clock = time.perf_counter()
-        with reference as model:
-            reference_generations = generate(model, trainer.tokenizer, prompt_ids, prompts, study.reward,
-                                             study.user_reward, settings)
-        study.reference_generations[key] = {"seed": seed, **reference_generations.summary(),
-                                            "generated_examples": reference_generations.texts[:3]}
-        timings["reference_generate"] = time.perf_counter() - clock
-    records = [json.dumps({"prompt": prompt, "completion": text, "aux_reward": aux, "user_reward": user},
-                          ensure_ascii=False) + "\n"
-               for prompt, text, aux, user in zip(prompts, generations.texts, generations.aux_reward,
-                                                  generations.user_reward)]
-    atomic_write_text("".join(records), trainer.output_dir / "generations.jsonl")
-    return metrics
+    log(f"{len(records)} completions in {timings['generate_generated']:.1f} s"
+        + (f", their KL estimate in {timings['kl_generated']:.1f} s" if "kl_generated" in timings else ""))
+    atomic_write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                      trainer.output_dir / "generations.jsonl")
+    return {**metrics, "generated_examples": [r["completion"] for r in records[:3]]}
 
 
 def reference_reward(study: Study) -> float | None:
@@ -281,10 +307,16 @@ def study_report(study: Study, runs: list[dict], wall_seconds: float, started: d
         "upo_train_args": study.train_args,
         "user_reward": study.user_reward_specs,
         "generate": None if study.generate is None else {
-            "prompts": study.generate.prompts, "max_new_tokens": study.generate.max_tokens,
-            "temperature": study.generate.temperature,
+            "prompts": len(study.prompt_rows), "held_out_prompts": min(len(held_out.prompts), len(study.prompt_rows)),
+            "prompts_file": study.prompts_file, "samples_per_prompt": study.generate.samples,
+            "max_new_tokens": study.generate.max_tokens, "temperature": study.generate.temperature,
+            "greedy_prompts": min(study.generate.greedy_prompts, len(study.prompt_rows))
+            if study.generate.temperature > 0 else 0,
             "aux_reward_reference": reference_reward(study),
             "reference": list(study.reference_generations.values())},
+        "gates": {"trait_rate": study.trait_gate, "trait": study.trait_specs or None},
+        "comparison": compare(runs, list(dict.fromkeys(spec.base for spec in study.runs)))
+        if study.generate is not None and runs else None,
         "summary": summarize(runs),
         "attainable_frontier": attainable_frontier(held_out),
         "wall_seconds": round(wall_seconds, 1),
