@@ -16,8 +16,16 @@ the optimiser's state), then measures ``--steps`` steps: **extra** is the peak o
 starts (the model, the reference, the optimiser's state: what a step cannot avoid holding), so it is the
 step's own memory: gradients, activations, the loss. CPU: the resident set's high-water mark, reset before each
 step (``benchmarks/measure.py``), in a process started with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed
-buffers go back to the OS and the RSS follows what is alive (``--malloc default`` measures glibc's defaults);
-CUDA: ``max_memory_allocated``. Time: the median of the measured steps' wall time.
+buffers go back to the OS and the RSS follows what is alive (``--malloc default`` measures glibc's defaults,
+``tcmalloc`` and ``jemalloc`` preload the library upo-train would); CUDA: ``max_memory_allocated``. Time: the
+median of the measured steps' wall time.
+
+Beside it, two peaks of the whole: the **process peak**, the resident set's high-water mark of the case's process
+from its start to the end of the measured steps (loading, warm-up, steps: what ``top`` and the out-of-memory
+killer see, whatever the allocator keeps; per step in ``steps_measured``, so that its growth over a run shows),
+and the **live peak**, the tensors alive at a step's worst moment: those alive at its start plus its own peak,
+from one more step run under PyTorch's profiler (``benchmarks/live_tensors.py``). CUDA: ``max_memory_reserved``
+and ``max_memory_allocated``.
 
 Results: ``long-sequence-<date>.json`` (every case, the floor's parts, the environment) and beside it ``.md``
 (tables) and ``.png`` (extra memory against L); ``--out`` as the other benchmarks (``benchmarks/common.py``).
@@ -41,17 +49,20 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import out_dir, write_json
+from upo.train.allocator import INSTALL, LIBRARIES, allocator_in_use, find_library, preload_environment
 
 SYSTEMS = ("upo-train", "upo-train-shared", "upotrainer", "upotrainer-shared", "trl")
 SHARED = {"upo-train-shared": "upo-train", "upotrainer-shared": "upotrainer"}
 # (prompt share, response share) of a sequence of L tokens: prompt + one response.
-MIXES = {"response_heavy": (0.25, 0.75), "prompt_heavy": (0.75, 0.25)}
+MIXES = {"response_heavy": (0.25, 0.75), "prompt_heavy": (0.75, 0.25), "even": (0.5, 0.5)}
+DEFAULT_MIXES = ("response_heavy", "prompt_heavy")  # even: the prompt and each response L / 2 (issue 30's runs)
 DEFAULT_LENGTHS = (1024, 2048, 4096)
 DEFAULT_CAP_GB = 8.0
 FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # upo's torch backend's logit tile ([3, chunk_tokens, chunk_vocab] fp32, upo_kernels/chunked.py)
 LOSS_TILE = (3, 2048, 384)
 SCHEMA_VERSION = 1
+MALLOCS = ("mmap", "default", *LIBRARIES)
 
 
 # ---- the floor ---------------------------------------------------------------------------------------------
@@ -221,7 +232,8 @@ def _rows(case: Case, tokenizer, n: int = 8) -> list[dict]:
     return [{"prompt": prompt, "chosen": response, "rejected": response}] * n
 
 
-def _step_recorder(device: str):
+def _step_recorder(device: str, on_step=lambda records: None):
+    """A context manager per measured step, and the list it fills; ``on_step(records)`` after each step."""
     from benchmarks import measure
 
     records = []
@@ -237,8 +249,13 @@ def _step_recorder(device: str):
             measure.sync(device)
             seconds = time.perf_counter() - self.t0
             self.mem.__exit__(*exc)
+            # the process's peak so far: the high-water mark before each reset, and this step's (CUDA: reserved)
+            marks = [self.mem.reserved] if self.mem.reserved is not None else [self.mem.before_reset, self.mem.peak]
+            so_far = max(m for m in [*marks, records[-1]["process_peak_bytes"] if records else 0] if m is not None)
             records.append({"seconds": seconds, "base_bytes": self.mem.base, "peak_bytes": self.mem.peak,
-                            "extra_bytes": self.mem.extra, "method": self.mem.method})
+                            "extra_bytes": self.mem.extra, "method": self.mem.method,
+                            "process_peak_bytes": so_far})
+            on_step(records)
             return False
 
     return Recorder, records
@@ -252,7 +269,7 @@ def make_upo_train(case: Case, data: Path, workdir: Path):
     config = build_config({}, {
         "model": case.model, "dataset": str(data), "batch_size": 1, "max_length": 4 * case.length,
         "loss_type": ["sigmoid"], "gradient_checkpointing": case.gradient_checkpointing,
-        "share_prompt": case.system in SHARED, "max_steps": case.warmup + case.steps, "lr": 1e-6,
+        "share_prompt": case.system in SHARED, "max_steps": _total_steps(case), "lr": 1e-6,
         "warmup_steps": 0, "eval_every": 10 ** 6, "save_every": 10 ** 6, "output_dir": str(workdir / "run"),
         "progress": False, "device": case.device, "logit_check": False,  # the check is start-up, not the step
         "lora": case.lora})
@@ -266,7 +283,7 @@ def make_trl_trainer(case: Case, data: Path, workdir: Path, callbacks=()):
 
     from upo.pretrained import load_causal_lm, load_tokenizer
 
-    common = dict(output_dir=str(workdir / "run"), per_device_train_batch_size=1, max_steps=case.warmup + case.steps,
+    common = dict(output_dir=str(workdir / "run"), per_device_train_batch_size=1, max_steps=_total_steps(case),
                   learning_rate=1e-6, lr_scheduler_type="constant", max_length=None, bf16=False, report_to=[],
                   logging_steps=1, save_strategy="no", gradient_checkpointing=case.gradient_checkpointing,
                   dataloader_num_workers=0, use_cpu=case.device == "cpu", disable_tqdm=True, loss_type=["sigmoid"])
@@ -292,6 +309,28 @@ def make_trl_trainer(case: Case, data: Path, workdir: Path, callbacks=()):
                          callbacks=list(callbacks), peft_config=peft)
 
 
+def _total_steps(case: Case) -> int:
+    """Warm-up, measured, and on CPU one more step for the live-tensor peak."""
+    return case.warmup + case.steps + (case.device == "cpu")
+
+
+class _LiveStep:
+    """The step after the measured ones, under the profiler: the tensors alive at its start and its own peak."""
+
+    def __enter__(self):
+        from benchmarks.live_tensors import LiveTensorPeak, tensor_bytes_alive
+
+        self.state = tensor_bytes_alive()
+        self.live = LiveTensorPeak().__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.live.__exit__(*exc)
+        self.result = {"state_bytes": self.state, "live_extra_bytes": self.live.extra,
+                       "live_peak_bytes": self.state + self.live.extra}
+        return False
+
+
 def _run_upo_train(case: Case, data: Path, workdir: Path, recorder) -> dict:
     with make_upo_train(case, data, workdir) as trainer:
         for step in range(case.warmup + case.steps):
@@ -300,8 +339,13 @@ def _run_upo_train(case: Case, data: Path, workdir: Path, recorder) -> dict:
                 continue
             with recorder():
                 trainer.train_step()
+        live = {}
+        if case.device == "cpu":
+            with _LiveStep() as step:
+                trainer.train_step()
+            live = step.result
         return {"trainable": sum(p.numel() for p in trainer.params),
-                "attn_implementation": trainer.module.policy.config._attn_implementation}
+                "attn_implementation": trainer.module.policy.config._attn_implementation, **live}
 
 
 def _run_trl(case: Case, data: Path, workdir: Path, recorder) -> dict:
@@ -309,23 +353,25 @@ def _run_trl(case: Case, data: Path, workdir: Path, recorder) -> dict:
 
     class Measure(TrainerCallback):
         def __init__(self):
-            self.step, self.active = 0, None
+            self.step, self.active, self.live = 0, None, {}
 
         def on_step_begin(self, args, state, control, **kw):
             if self.step >= case.warmup:
-                self.active = recorder().__enter__()
+                self.active = (recorder() if self.step < case.warmup + case.steps else _LiveStep()).__enter__()
 
         def on_step_end(self, args, state, control, **kw):
             if self.active is not None:
                 self.active.__exit__(None, None, None)
+                self.live = getattr(self.active, "result", self.live)
                 self.active = None
             self.step += 1
 
-    trainer = make_trl_trainer(case, data, workdir, [Measure()])
+    measure = Measure()
+    trainer = make_trl_trainer(case, data, workdir, [measure])
     trainer.train()
     model = trainer.model
     return {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "attn_implementation": model.config._attn_implementation}
+            "attn_implementation": model.config._attn_implementation, **measure.live}
 
 
 def write_pairs(case: Case, path: Path) -> Path:
@@ -336,22 +382,40 @@ def write_pairs(case: Case, path: Path) -> Path:
     return path
 
 
-def run_case(case: Case) -> dict:
+def run_case(case: Case, result: Path) -> None:
+    """Run the case and write its record to ``result``, also after every measured step (marked ``partial``), so
+    that a case stopped by the timeout keeps the steps it measured."""
     import torch
+
+    def write(record: dict) -> None:
+        result.with_suffix(".part").write_text(json.dumps(record))
+        os.replace(result.with_suffix(".part"), result)
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="upo-long-") as tmp:
         workdir = Path(tmp)
         data = write_pairs(case, workdir / "pairs.jsonl")
-        recorder, steps = _step_recorder(case.device)
+        recorder, steps = _step_recorder(case.device,
+                                         lambda done: write({**case_record(case, {}, done), "partial": True}))
         runner = _run_upo_train if case.system.startswith("upo-train") else _run_trl
         info = runner(case, data, workdir, recorder)
     if not steps:
         raise RuntimeError(f"{case.key}: no step was measured")
+    write(case_record(case, info, steps))
+
+
+def case_record(case: Case, info: dict, steps: list[dict]) -> dict:
+    """A case's record from its measured steps and what its runner returned (the live peak, on CPU)."""
+    process_peak = steps[-1]["process_peak_bytes"]
+    live_peak = info.get("live_peak_bytes", max(s["peak_bytes"] for s in steps) if case.device == "cuda" else None)
     return {**asdict(case), "key": case.key, "prompt_tokens": case.prompt_tokens,
             "response_tokens": case.response_tokens, **info, "steps_measured": steps,
             "extra_bytes": max(s["extra_bytes"] for s in steps),
-            "step_seconds": statistics.median(s["seconds"] for s in steps)}
+            "step_seconds": statistics.median(s["seconds"] for s in steps),
+            "allocator": allocator_in_use().describe(), "process_peak_bytes": process_peak,
+            "live_peak_bytes": live_peak, "process_over_live": process_peak / live_peak if live_peak else None,
+            # the process peak's growth from the first measured step (step warmup + 1) to the last
+            "process_peak_growth": process_peak / steps[0]["process_peak_bytes"] - 1}
 
 
 # ---- the grid, in fresh processes --------------------------------------------------------------------------
@@ -359,6 +423,8 @@ def _case_env(malloc: str) -> dict:
     env = dict(os.environ)
     if malloc == "mmap":
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    elif malloc in LIBRARIES:  # the library upo-train's --allocator would preload
+        env = preload_environment(malloc, find_library(malloc), env)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -373,13 +439,15 @@ def run_in_process(case: Case, malloc: str, timeout: float) -> dict:
         try:
             done = subprocess.run(command, cwd=root, env=_case_env(malloc), capture_output=True, text=True,
                                   timeout=timeout)
+            failure = None if done.returncode == 0 else \
+                ("error", " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:]))
         except subprocess.TimeoutExpired:
-            return {**asdict(case), "key": case.key, "status": "timeout", "error": f"over {timeout:.0f} s"}
-        if done.returncode != 0:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-            return {**asdict(case), "key": case.key, "status": "error", "error": " | ".join(tail)}
-        record = json.loads(Path(result.name).read_text())
-    return {**record, "status": "ok"}
+            failure = ("timeout", f"over {timeout:.0f} s")
+        text = Path(result.name).read_text()
+    record = json.loads(text) if text else {**asdict(case), "key": case.key}  # the steps measured, if any
+    if failure is None:
+        return {**record, "status": "ok"}
+    return {**record, "status": failure[0], "error": failure[1]}
 
 
 def grid(systems, mixes, lengths, checkpointing, model, device, warmup, steps, lora=False) -> list[Case]:
@@ -450,7 +518,8 @@ def environment(device: str, malloc: str) -> dict:
 
     env = {"date": datetime.date.today().isoformat(), "device": device, "machine": platform.machine(),
            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-           "torch": torch.__version__, "transformers": transformers.__version__, "malloc": malloc}
+           "torch": torch.__version__, "transformers": transformers.__version__, "malloc": malloc,
+           "malloc_library": find_library(malloc) if malloc in LIBRARIES else None}
     try:
         import trl
 
@@ -480,19 +549,35 @@ def _title(setting: tuple) -> str:
     return f"{mix}, gradient checkpointing {'on' if gradient_checkpointing else 'off'}{', LoRA' if lora else ''}"
 
 
+def _peaks(record: dict) -> str:
+    """The process's peak and the live tensors' peak of a case, with their ratio (– where not measured)."""
+    if record.get("process_peak_bytes") is None:
+        return ""
+    ratio = record.get("process_over_live")
+    return (f"{_gb(record['process_peak_bytes'])} / {_gb(record.get('live_peak_bytes'))} GB"
+            + (f" ({ratio:.2f}x)" if ratio else "") + "; ")
+
+
 def markdown(doc: dict) -> str:
     records = [r for r in doc["cases"] if r.get("status") == "ok"]
+    cuda = doc["environment"]["device"] == "cuda"
     lines = [f"# Long sequences: one training step, {doc['model_name']}",
              "", f"{doc['environment']['date']}, {doc['environment']['device']}, "
-             f"{doc['environment']['cpus']} CPUs, malloc {doc['environment']['malloc']}; extra = the step's peak over "
-             "the model, reference and optimiser state (GB), and its ratio to the floor in order and to TRL's extra; "
-             "floor from the config (`memory_floor`: the sum of its parts, and in the backward's order); time = "
-             "median step seconds.", ""]
+             f"{doc['environment']['cpus']} CPUs, malloc {doc['environment']['malloc']}; "
+             + ("process peak = `max_memory_reserved` (what the caching allocator holds from the GPU), live peak = "
+                "`max_memory_allocated`" if cuda else
+                "process peak = the process's resident set at its highest, from its start to the end of the measured "
+                "steps (what `top` and the out-of-memory killer see), live peak = the tensors alive at a step's worst "
+                "moment (the model, reference and optimiser state included)")
+             + " (GB, and the first over the second); extra = the step's peak over the model, reference and "
+             "optimiser state (GB), and its ratio to the floor in order and to TRL's extra; floor from the config "
+             "(`memory_floor`: the sum of its parts, and in the backward's order); time = median step seconds.", ""]
     for setting in _settings(doc, records):
         rows = [r for r in records if _setting_of(r) == setting]
         systems = [s for s in doc["systems"] if any(r["system"] == s for r in rows)]
+        peaks = "process / live peak; " if any(r.get("process_peak_bytes") is not None for r in rows) else ""
         lines += [f"## {_title(setting)}", "",
-                  "| L | floor: sum / in order | " + " | ".join(f"{s} extra / time" for s in systems) + " |",
+                  "| L | floor: sum / in order | " + " | ".join(f"{s} {peaks}extra / time" for s in systems) + " |",
                   "|---|---|" + "---|" * len(systems)]
         for length in sorted({r["length"] for r in rows}):
             at = {r["system"]: r for r in rows if r["length"] == length}
@@ -500,14 +585,28 @@ def markdown(doc: dict) -> str:
             floor = (f"{_gb(unshared[0]['floor_bytes'])} / {_gb(unshared[0]['floor_in_order_bytes'])} GB"
                      if unshared else "–")
             trl = at.get("trl")
-            cells = [f"{_gb(at[s]['extra_bytes'])} GB ({_ratio(at[s]['extra_over_floor_in_order'])} floor"
+            cells = [_peaks(at[s])
+                     + f"{_gb(at[s]['extra_bytes'])} GB ({_ratio(at[s]['extra_over_floor_in_order'])} floor"
                      + (f", {at[s]['extra_bytes'] / trl['extra_bytes']:.2f}x TRL" if trl and s != "trl" else "")
                      + f") / {at[s]['step_seconds']:.1f} s" if s in at else "–" for s in systems]
             lines.append(f"| {length} | {floor} | " + " | ".join(cells) + " |")
         lines.append("")
+    growing = [r for r in doc["cases"]
+               if len(r.get("steps_measured", [])) >= 3 and r.get("process_peak_growth") is not None]
+    if growing:
+        lines += ["The process peak over a run, from the first measured step to the last:", ""]
+        lines += [f"- {r['key']}: {_gb(r['steps_measured'][0]['process_peak_bytes'])} GB after step "
+                  f"{r['warmup'] + 1}, {_gb(r['process_peak_bytes'])} GB after step "
+                  f"{r['warmup'] + len(r['steps_measured'])} ({100 * r['process_peak_growth']:+.1f} %)"
+                  + (f"; {r['status']} before step {r['warmup'] + r['steps']}" if r["status"] != "ok" else "")
+                  for r in growing]
+        lines.append("")
     failed = [r for r in doc["cases"] if r.get("status") != "ok"]
     if failed:
-        lines += ["Cases that did not finish:", ""] + [f"- {r['key']}: {r['status']} ({r.get('error')})" for r in failed]
+        lines += ["Cases that did not finish:", ""] + [
+            f"- {r['key']}: {r['status']} ({r.get('error')})" + (
+                f"; {len(r['steps_measured'])} steps measured, process peak {_gb(r['process_peak_bytes'])} GB"
+                if r.get("steps_measured") else "") for r in failed]
         lines.append("")
     cap = doc["cap_bytes"]
     lines += [f"Longest L whose whole peak (model, reference, optimiser state and the step) fits {cap / 1e9:g} GB: "
@@ -619,7 +718,8 @@ def main(argv=None) -> int:
     p = _Parser(prog="python -m benchmarks.long_sequence", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2", help="any model upo-train takes (default: smollm2)")
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"of {', '.join(SYSTEMS)}")
-    p.add_argument("--mixes", default=",".join(MIXES), help=f"of {', '.join(MIXES)} (prompt, response shares)")
+    p.add_argument("--mixes", default=",".join(DEFAULT_MIXES),
+                   help=f"of {', '.join(MIXES)} (prompt, response shares; default: {','.join(DEFAULT_MIXES)})")
     p.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)), help="L, tokens per sequence")
     p.add_argument("--checkpointing", default="on,off", help="gradient checkpointing: on, off or on,off")
     p.add_argument("--max-length-without-checkpointing", type=int, default=1024,
@@ -629,8 +729,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="steps before the measured ones (default: 1)")
     p.add_argument("--steps", type=int, default=1, help="measured steps per case (default: 1)")
     p.add_argument("--cap-gb", type=float, default=DEFAULT_CAP_GB, help="memory cap of the headline (default: 8)")
-    p.add_argument("--malloc", choices=("mmap", "default"), default="mmap",
-                   help="CPU: mmap = MALLOC_MMAP_THRESHOLD_=65536 (the RSS follows what is alive), default = glibc's")
+    p.add_argument("--malloc", choices=MALLOCS, default="mmap",
+                   help="CPU: mmap = MALLOC_MMAP_THRESHOLD_=65536 (the RSS follows what is alive), default = glibc's, "
+                   "tcmalloc or jemalloc preloaded as upo-train's --allocator does")
     p.add_argument("--timeout", type=float, default=900, help="seconds per case (default: 900)")
     p.add_argument("--dry-run", action="store_true",
                    help="every system once on a tiny Llama (prompt-heavy, L = 24, checkpointing on): seconds")
@@ -643,7 +744,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     if args.case:
-        Path(args.result).write_text(json.dumps(run_case(Case(**json.loads(args.case)))))
+        run_case(Case(**json.loads(args.case)), Path(args.result))
         return 0
     if args.render:
         path = Path(args.render)
@@ -655,6 +756,9 @@ def main(argv=None) -> int:
 
     import torch
 
+    if args.malloc in LIBRARIES and find_library(args.malloc) is None:
+        _usage_error(f"--malloc {args.malloc}: no lib{args.malloc} on this system (apt-get install "
+                     f"{INSTALL[args.malloc][0]})")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     systems = _names(args.systems, SYSTEMS, "--systems")
     mixes = _names(args.mixes, tuple(MIXES), "--mixes")
@@ -693,8 +797,10 @@ def main(argv=None) -> int:
         add_floors(doc["cases"], config)
         doc["longest_within_cap"] = longest_within(doc["cases"], doc["cap_bytes"])
         write_report(doc, json_path)  # after every case: a stopped grid keeps what it measured
-        extra = f"extra {_gb(record.get('extra_bytes'))} GB, {record.get('step_seconds', 0):.1f} s/step" \
-            if record["status"] == "ok" else record["status"] + ": " + str(record.get("error"))
+        extra = (f"process peak {_gb(record.get('process_peak_bytes'))} GB, live peak "
+                 f"{_gb(record.get('live_peak_bytes'))} GB, extra {_gb(record.get('extra_bytes'))} GB, "
+                 f"{record.get('step_seconds', 0):.1f} s/step"
+                 if record["status"] == "ok" else record["status"] + ": " + str(record.get("error")))
         print(f"[{n}/{len(cases)}] {case.key}: {extra} ({record['wall_seconds']:.0f} s)", file=sys.stderr, flush=True)
     print(json_path)
     return 0 if all(r["status"] == "ok" for r in doc["cases"]) else 1

@@ -3,11 +3,13 @@
 CUDA: time with CUDA events around each call (warm-up calls excluded, median reported);
 memory from the caching allocator: ``max_memory_allocated()`` after
 ``reset_peak_memory_stats()``, minus ``memory_allocated()`` just before the call (inputs,
-weight and anything else alive), so "peak" is what the call itself added at its worst.
+weight and anything else alive), so "peak" is what the call itself added at its worst;
+``max_memory_reserved()`` (what the allocator holds from the device) beside it as ``reserved``.
 
 CPU: time with ``perf_counter``; memory from the process's resident set. Before the call the
-kernel's high-water mark is reset (``/proc/self/clear_refs`` <- 5, Linux >= 4.0) and the
-current RSS is the baseline; after it, ``VmHWM`` is the peak. Where the reset is refused a
+kernel's high-water mark is reset (``/proc/self/clear_refs`` <- 5, Linux >= 4.0; the mark it had,
+the process's peak so far, is kept as ``before_reset``) and the current RSS is the baseline; after
+it, ``VmHWM`` is the peak. Where the reset is refused a
 sampling thread (0.5 ms) reads the RSS instead. Large CPU buffers must come back to the OS
 when freed for this to be exact: run with ``MALLOC_MMAP_THRESHOLD_=65536`` (the CPU runner
 does, in a fresh process per case).
@@ -97,6 +99,7 @@ class PeakMemory:
     def __init__(self, device):
         self.device = torch.device(device)
         self.base = self.peak = None
+        self.before_reset = self.reserved = None
         self.method = None
         self._sampler = None
 
@@ -110,6 +113,7 @@ class PeakMemory:
             self.method = "cuda max_memory_allocated"
         else:
             self.base = current_rss()
+            self.before_reset = _status_kb("VmHWM")
             if _reset_hwm() and _status_kb("VmHWM") is not None:
                 self.method = "RSS high-water mark (clear_refs reset)"
             else:
@@ -122,6 +126,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated()
+            self.reserved = torch.cuda.max_memory_reserved()
         elif self._sampler is not None:
             self.peak = self._sampler.stop()
         else:

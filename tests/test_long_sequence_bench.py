@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.live_tensors import LiveTensorPeak, tensor_bytes_alive
 from benchmarks.long_sequence import Dims, longest_within, memory_floor, step_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,6 +102,43 @@ def test_saved_per_token_is_what_a_decoder_layer_saves(kv_heads):
     assert activation_bytes == tokens * 4 * Dims.from_config(config).saved_per_token(with_input=True)
 
 
+def test_live_tensors_count_each_storage_once_and_the_peak_of_a_block():
+    torch.manual_seed(0)
+    sizes = torch.randint(1_000, 50_000, (3,)).tolist()
+    before = tensor_bytes_alive()
+    kept = torch.empty(sizes[0], dtype=torch.float64)
+    views = [kept[1:7], kept.view(2, -1) if sizes[0] % 2 == 0 else kept[None], torch.nn.Parameter(kept)]
+    assert tensor_bytes_alive() - before == 8 * sizes[0]  # a view or a parameter of a storage adds nothing
+    older = torch.empty(sizes[1])
+    with LiveTensorPeak() as live:
+        del older  # a tensor older than the block is not seen freed: what follows still counts from 0
+        a = torch.empty(sizes[1], dtype=torch.float32)
+        b = torch.empty(sizes[2], dtype=torch.int16)
+        del a
+        c = torch.empty(7, dtype=torch.float64)  # smaller than what a freed
+        del b, c
+    assert live.extra == 4 * sizes[1] + 2 * sizes[2]
+    with LiveTensorPeak() as live:
+        del kept, views
+    assert live.extra == 0
+
+
+def test_the_process_peak_counts_what_came_before_the_measured_steps():
+    """The high-water mark is reset before each measured step; the process's peak keeps the mark it had."""
+    from benchmarks.long_sequence import _step_recorder
+    from benchmarks.measure import current_rss
+
+    recorder, steps = _step_recorder("cpu")
+    loading = torch.ones(50_000_000)  # 200 MB, touched: what loading or a warm-up step would hold
+    at_loading = current_rss()
+    del loading  # an mmap-sized buffer: glibc gives it back, the resident set drops
+    for _ in range(2):
+        with recorder():
+            torch.ones(1000).sum()
+    assert steps[0]["process_peak_bytes"] >= at_loading - 2**20  # VmHWM can lag the resident set by a few pages
+    assert steps[1]["process_peak_bytes"] >= steps[0]["process_peak_bytes"]  # the process's peak so far
+
+
 def test_dry_run_writes_every_system_and_the_floor(tmp_path):
     done = subprocess.run([sys.executable, "-m", "benchmarks.long_sequence", "--dry-run", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -118,11 +156,18 @@ def test_dry_run_writes_every_system_and_the_floor(tmp_path):
         assert case["status"] == "ok"
         assert case["prompt_tokens"] == 18 and case["response_tokens"] == 6 and case["gradient_checkpointing"]
         assert case["extra_bytes"] >= 0 and case["step_seconds"] > 0
+        # the process's peak (its whole life to the end of the measured steps) and the tensors' (one more step)
+        assert case["process_peak_bytes"] == case["steps_measured"][-1]["process_peak_bytes"] >= case["live_peak_bytes"]
+        assert case["live_peak_bytes"] == case["state_bytes"] + case["live_extra_bytes"] > case["live_extra_bytes"] > 0
+        assert case["state_bytes"] >= 4 * 2 * case["trainable"]  # the policy and its reference copy at least
+        assert case["process_over_live"] == case["process_peak_bytes"] / case["live_peak_bytes"]
         shared = case["system"].endswith("-shared")
         assert case["floor_bytes"] == memory_floor(doc["model_config"], 18, 6, share_prompt=shared,
                                                    trainable=case["trainable"])["total"]
         assert case["trainable"] == Dims.from_config(doc["model_config"]).parameters()
-    assert path.with_suffix(".md").read_text().startswith("# Long sequences")
+    report = path.with_suffix(".md").read_text()
+    assert report.startswith("# Long sequences")
+    assert "process peak = the process's resident set at its highest" in report
     assert path.with_suffix(".png").stat().st_size > 0
     assert set(doc["longest_within_cap"]) == {f"{s}/prompt_heavy/gc" for s in systems}
     assert all(set(v) == {"measured", "extrapolated"} for v in doc["longest_within_cap"].values())
