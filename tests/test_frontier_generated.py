@@ -104,7 +104,7 @@ def micro_grid(tmp_path, *extra, seeds=len(SEEDS), trait=("length:1", "0.5,1")):
             "--sft-passes", "0.25", "--generate", str(PROMPTS), "--generate-max-tokens", "6",
             "--generate-samples", str(SAMPLES), "--generate-temperature", "1", "--generate-greedy", str(GREEDY),
             "--generate-prompts", str(RESOURCES_DIR / "frontier_prompts.txt"), "--trait", trait[0],
-            "--trait-rate", trait[1], *extra, *MICRO_TRAIN_ARGS]
+            "--trait-rate", trait[1], *extra, *MICRO_TRAIN_ARGS, "--lora"]  # LoRA: the reference is the adapters off
     return main(argv)
 
 

@@ -153,15 +153,17 @@ class Scorers:
     trait: object = None
 
 
-def measure_completions(model: nn.Module, reference, tokenizer, prompts: list[str], prompt_ids: list[list[int]],
-                        scorers: Scorers, settings, timings: dict) -> tuple[dict, list[dict]]:
+def measure_completions(model: nn.Module, reference_factory, tokenizer, prompts: list[str],
+                        prompt_ids: list[list[int]], scorers: Scorers, settings,
+                        timings: dict) -> tuple[dict, list[dict]]:
     """The measures of ``model``'s completions and one record per completion (for ``generations.jsonl``).
 
     ``settings.samples`` completions per prompt at ``settings.temperature`` give the measures (``*_generated``,
     ``kl_generated`` with its standard error, ``trait_rate_generated``); with a temperature > 0, greedy completions of
     the first ``settings.greedy_prompts`` prompts give the diagnostic (``*_greedy``, ``kl_greedy``: the biased
-    log-ratio of the mode). ``reference``: a context manager giving the reference model (None: no KL). Seconds
-    spent go to ``timings``.
+    log-ratio of the mode). ``reference_factory``: a callable giving a fresh context manager that gives the reference
+    model, once per pass (a LoRA policy's "adapters off" can be entered once); None: no KL. Seconds spent go to
+    ``timings``.
     """
     metrics, records = {}, []
     greedy_count = min(settings.greedy_prompts, len(prompts)) if settings.temperature > 0 else 0
@@ -174,6 +176,7 @@ def measure_completions(model: nn.Module, reference, tokenizer, prompts: list[st
         generations = generate(model, tokenizer, pass_ids, pass_prompts, scorers.aux, scorers.user, pass_settings)
         timings[f"generate_{suffix}"] = time.perf_counter() - clock
         clock = time.perf_counter()
+        reference = None if reference_factory is None else reference_factory()
         ratios = completion_logratios(model, reference, repeat_each(pass_ids, pass_settings.samples), generations)
         if ratios is not None:
             timings[f"kl_{suffix}"] = time.perf_counter() - clock

@@ -266,7 +266,7 @@ def measure_generations(study: Study, trainer, seed: int, timings: dict, log=Non
 
     prompts, prompt_ids = render_prompts(study.prompt_rows, trainer.tokenizer, trainer.config)
     settings = dataclasses.replace(study.generate, seed=seed)
-    metrics, records = measure_completions(trainer.module.policy, reference_generator(trainer.module),
+    metrics, records = measure_completions(trainer.module.policy, lambda: reference_generator(trainer.module),
                                            trainer.tokenizer, prompts, prompt_ids, study.scorers, settings, timings)
     log = log or (lambda message: None)
     log(f"{len(records)} completions in {timings['generate_generated']:.1f} s"
