@@ -8,16 +8,22 @@ from upo.frontier.compare import compare, interpolate
 from upo.frontier.gates import CONTROL_SDS, positive_control_gate, trait_rate_gate
 
 
-@pytest.mark.parametrize("present, passed", [(5, True), (3, True), (7, True), (2, False), (8, False), (0, False)])
+@pytest.mark.parametrize("present, passed", [(10, True), (6, True), (14, True), (5, False), (15, False),
+                                             (0, False)])
 def test_the_trait_rate_gate_wants_the_trait_in_30_to_70_percent(present, passed):
-    scores = [0.5] * present + [0.0] * (10 - present)
+    scores = [0.5] * present + [0.0] * (20 - present)
     gate = trait_rate_gate(scores, "filler:1.0", 0.3, 0.7)
-    assert gate["rate"] == present / 10 and gate["completions"] == 10 and gate["passed"] is passed
+    assert gate["rate"] == present / 20 and gate["completions"] == 20 and gate["passed"] is passed
     assert ("within" if passed else "outside") in gate["message"]
 
 
 def test_a_negative_score_is_not_the_trait():
-    assert trait_rate_gate([-1.0, -0.5, 0.0, 1.0], "x:1", 0.3, 0.7)["rate"] == 0.25
+    assert trait_rate_gate([-1.0, -0.5, 0.0, 1.0] * 5, "x:1", 0.3, 0.7)["rate"] == 0.25
+
+
+def test_too_few_completions_are_not_gated():
+    gate = trait_rate_gate([0.0] * 19, "filler:1.0", 0.3, 0.7)  # a rate of 0, but from 19 completions
+    assert gate["passed"] is None and "not measured, fewer than 20 completions" in gate["message"]
 
 
 def run(method, value, seed, aux, user=0.0, kl=1.0, base="sigmoid"):

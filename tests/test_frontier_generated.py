@@ -92,7 +92,7 @@ def test_kl_estimate_on_the_policys_own_completions():
 MICRO_TRAIN_ARGS = ["--", "--model-config", json.dumps(MICRO_MODEL), "--batch-size", "4", "--backend", "torch",
                     "--device", "cpu"]
 SEEDS = (0, 1, 2)
-PROMPTS = 8  # the 6 held-out pairs' prompts, then 2 of the file's questions
+PROMPTS = 10  # the 6 held-out pairs' prompts, then 4 of the file's questions: 20 completions, enough for the gate
 SAMPLES, GREEDY = 2, 3
 
 
@@ -193,7 +193,7 @@ def test_the_report_holds_the_sampling_the_gates_and_the_comparison(grid):
     assert sum(line["kl"] for line in sampled) / len(sampled) == pytest.approx(report["runs"][0]["kl_generated"])
     assert sum(line["trait"] > 0 for line in sampled) / len(sampled) == report["runs"][0]["trait_rate_generated"]
     questions = [line["prompt"] for line in lines[:PROMPTS * SAMPLES:SAMPLES]]
-    assert questions[6:] == ["How do I keep lettuce crisp in the fridge?", "How do I stop my headphones from tangling?"]
+    assert questions[6:8] == ["How do I keep lettuce crisp in the fridge?", "How do I stop my headphones from tangling?"]
 
 
 def test_the_trait_rate_gate_stops_the_study_before_its_grid(tmp_path, capsys):
@@ -205,6 +205,13 @@ def test_the_trait_rate_gate_stops_the_study_before_its_grid(tmp_path, capsys):
     report = json.loads((tmp_path / "grid" / "frontier.json").read_text())
     assert report["runs"] == [] and report["comparison"] is None and not report["gates"]["trait_rate"]["passed"]
     assert report["gates"]["trait_rate"]["rate"] == 0.0 and not (tmp_path / "grid" / "runs").exists()
+
+
+def test_a_quick_look_with_too_few_completions_is_not_gated(tmp_path):
+    """4 completions measure no rate: the gate is not measured and the grid runs."""
+    assert micro_grid(tmp_path, "--generate", "2", "--lambdas", "0", seeds=1, trait=("filler:1", "0.3,0.7")) == 0
+    report = json.loads((tmp_path / "grid" / "frontier.json").read_text())
+    assert report["gates"]["trait_rate"]["passed"] is None and len(report["runs"]) == 2
 
 
 def test_the_sft_stage_is_trained_once_and_every_run_starts_from_it(grid):

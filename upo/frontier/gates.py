@@ -2,7 +2,8 @@
 
 * **Trait rate**, before any grid: the reference's sampled completions must show the designer's trait (``--trait``:
   a reward spec whose score > 0 marks it) at a rate within ``--trait-rate`` (30 to 70 % with ``--model``). A model
-  that never (or always) writes the trait leaves the designer reward no room to move.
+  that never (or always) writes the trait leaves the designer reward no room to move. Fewer than
+  ``TRAIT_GATE_MIN_COMPLETIONS`` completions (a quick look) measure no rate worth gating on: not measured.
 * **Positive control**, per base loss: relabelling every disagreeing training pair towards the designer
   (``m = 1``) is training on the designer's labels. It must move the designer reward of the generations by more
   than ``CONTROL_SDS`` seed standard deviations above the base loss on the user's labels (``m = 0``, or UPO at
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 
 TRAIT_RATE_RANGE = (0.3, 0.7)
+TRAIT_GATE_MIN_COMPLETIONS = 20  # below: a rate's standard error exceeds 0.1, the gate is not measured
 CONTROL_SDS = 3.0
 DESIGNER_MEASURE = "aux_reward_generated"  # what the positive control must move (per run and seed)
 
@@ -25,13 +27,17 @@ def trait_rate(scores: list[float]) -> float:
 
 def trait_rate_gate(scores: list[float], trait: str, low: float, high: float) -> dict:
     """Whether the reference writes the trait at a rate in ``[low, high]`` (``scores``: the trait reward of each
-    of its sampled completions)."""
+    of its sampled completions); ``passed`` None (not measured) for fewer than ``TRAIT_GATE_MIN_COMPLETIONS``."""
     rate = trait_rate(scores)
+    message = (f"the reference writes the trait ({trait} > 0) in {100 * rate:.0f} % of its {len(scores)} sampled "
+               "completions")
+    result = {"trait": trait, "completions": len(scores), "rate": rate, "range": [low, high]}
+    if len(scores) < TRAIT_GATE_MIN_COMPLETIONS:
+        return {**result, "passed": None,
+                "message": f"{message}: not measured, fewer than {TRAIT_GATE_MIN_COMPLETIONS} completions"}
     passed = low <= rate <= high
     verdict = "within" if passed else "outside"
-    return {"trait": trait, "completions": len(scores), "rate": rate, "range": [low, high], "passed": passed,
-            "message": f"the reference writes the trait ({trait} > 0) in {100 * rate:.0f} % of its {len(scores)} "
-                       f"sampled completions, {verdict} {100 * low:.0f} to {100 * high:.0f} %"}
+    return {**result, "passed": passed, "message": f"{message}, {verdict} {100 * low:.0f} to {100 * high:.0f} %"}
 
 
 def on_user_labels(run: dict, base: str) -> bool:

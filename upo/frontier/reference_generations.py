@@ -57,7 +57,9 @@ def measure_references(study: Study, runtime, log) -> dict | None:
         return None
     scores = [r["trait"] for r in first_records if r["measure"] == "generated"]
     study.trait_gate = trait_rate_gate(scores, ", ".join(study.trait_specs), *study.trait_rate)
-    log(f"trait-rate gate: {study.trait_gate['message']}: {'passed' if study.trait_gate['passed'] else 'failed'}")
-    if not study.trait_gate["passed"]:
+    passed = study.trait_gate["passed"]
+    log(f"trait-rate gate: {study.trait_gate['message']}" + ("" if passed is None else
+                                                              f": {'passed' if passed else 'failed'}"))
+    if passed is False:
         raise TraitGateFailed(study.trait_gate["message"])
     return study.trait_gate
