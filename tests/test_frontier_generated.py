@@ -251,6 +251,15 @@ def test_bad_flags_are_one_line_before_any_run(tmp_path, capsys, extra, fragment
     assert not (tmp_path / "grid" / "runs").exists()
 
 
+def test_a_shipped_file_is_found_by_its_name(tmp_path):
+    from upo.frontier.cli import plan
+
+    study, _ = plan(["--output-dir", str(tmp_path / "grid"), "--dataset", "preferences_conflict_chat.jsonl",
+                     "--max-examples", "12", "--bases", "sigmoid", "--lambdas", "0", "--mixes", "1",
+                     *MICRO_TRAIN_ARGS])
+    assert study.dataset == "upo/resources/preferences_conflict_chat.jsonl" and len(study.train_rows) == 10
+
+
 def test_the_model_is_refused_after_the_double_dash(tmp_path, capsys):
     argv = ["--output-dir", str(tmp_path / "grid"), "--no-progress", "--", "--model", "smollm2"]
     assert main(argv) == 2

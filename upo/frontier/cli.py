@@ -75,9 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                    ".gguf file, smollm2). A pretrained model is first fine-tuned once on the training responses "
                    "(the SFT stage, the reference of every run), then each run trains LoRA adapters on it "
                    "(default: upo-train's built-in tiny model, from random weights, no SFT stage)")
-    p.add_argument("--dataset", help="preference data (as upo-train's --dataset; default: with --model and a chat "
-                   f"template the shipped {MODEL_DATASET}, where filler disagrees with the label on 50%% of the "
-                   "pairs; else preferences_conflict.jsonl, where readability does on 60%%)")
+    p.add_argument("--dataset", help="preference data (as upo-train's --dataset, or the name of a file shipped in "
+                   f"upo/resources; default: with --model and a chat template {MODEL_DATASET}, where filler "
+                   "disagrees with the label on 50%% of the pairs; else preferences_conflict.jsonl, where readability "
+                   "does on 60%%)")
     p.add_argument("--dataset-split", default="train", help="split of a Hugging Face dataset (default: train)")
     p.add_argument("--max-examples", type=int, help="use only the first N rows")
     p.add_argument("--eval-fraction", type=float, default=DEFAULT_EVAL_FRACTION,
@@ -163,6 +164,8 @@ def fill_defaults(args) -> None:
         chat = pretrained and _has_chat_template(args.model)
         name = MODEL_DATASET if chat else "preferences_conflict.jsonl"
         args.dataset = str(RESOURCES_DIR / name)
+    elif not Path(args.dataset).expanduser().exists() and (RESOURCES_DIR / args.dataset).is_file():
+        args.dataset = str(RESOURCES_DIR / args.dataset)  # a shipped file by its name
     if args.trait is None and pretrained and args.aux_reward is None:
         args.trait = list(MODEL_TRAIT)  # the default designer's trait; another designer names its own
     args.aux_reward = args.aux_reward or list(MODEL_AUX_REWARD if pretrained else DEFAULT_AUX_REWARD)
