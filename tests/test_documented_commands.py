@@ -126,6 +126,15 @@ RUN = {
     "--output-dir knobs/optimizer-rmsprop -- --optimizer rmsprop": Run(
         SMOLLM2_KNOB_SHORT, ("knobs/optimizer-rmsprop/frontier.json",), after=SMOLLM2_GRID, real_model=True,
         costly=True),
+    # docs/frontier.md: the powered grid cut to fit an hour; the 2026-12-06 grid under today's flags
+    "upo-frontier --model smollm2 --bases sigmoid --lambdas 0,3 --output-dir frontier-smollm2": Run(
+        SMOLLM2_FRONTIER_SHORT, ("frontier-smollm2/frontier.json", "frontier-smollm2/frontier.png"), real_model=True,
+        costly=True),
+    "upo-frontier --model smollm2 --dataset preferences_conflict_chat.jsonl --aux-reward "
+    "readability:1.0 --steps 16 --seeds 2 --sft-steps 40 --generate 16 --generate-samples 1 --generate-temperature 0 "
+    "--lambdas 0,0.3,1,3 --output-dir frontier-smollm2": Run(
+        SMOLLM2_FRONTIER_SHORT, ("frontier-smollm2/frontier.json", "frontier-smollm2/frontier.png"), real_model=True,
+        costly=True),
     # examples/trl_upo.py (the first also in docs/trl.md)
     "python examples/trl_upo.py --output_dir upo-trl-tiny --max_steps 50": Run(
         "--max_steps 2 --max_examples 8", ("upo-trl-tiny/model.safetensors", "upo-trl-tiny/value_head.safetensors")),
