@@ -4,7 +4,9 @@ Trains a grid of ``upo-train`` runs on the same data, split, seed and steps (UPO
 lambda for each base loss, and the base loss alone on pairs relabelled towards the designer reward
 at several mixing levels), measures each on the held-out pairs and, with ``--generate``, on what it
 writes, and writes ``frontier.json`` and ``frontier.png``. With ``--model`` (a pretrained model) a
-shared SFT stage is trained first and every run trains LoRA adapters on it, ``--seeds`` times. Flags
+shared SFT stage is trained first and every run trains LoRA adapters on it, ``--seeds`` times; the reference's
+completions must show the designer's trait (``--trait``) at a rate in ``--trait-rate`` before any run trains, and
+UPO is compared with relabelling only where relabelling at ``m = 1`` moved the designer reward (gates.py). Flags
 after ``--`` go to every ``upo-train`` run unchanged (its UPO-only flags to the UPO runs only). User
 mistakes end with one line ``upo-frontier: error: ...`` and exit status 2.
 """
