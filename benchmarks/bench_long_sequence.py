@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from benchmarks import measure
-from benchmarks.long_sequence import (SHARED, Case, make_trl_trainer, make_upo_train, memory_floor, model_config,
+from benchmarks.long_sequence import (Case, is_shared, make_trl_trainer, make_upo_train, memory_floor, model_config,
                                       tiny_model, write_pairs)
 from upo_kernels.prefix_attention import prefix_causal_attention, prefix_causal_attention_masked
 
@@ -70,7 +70,7 @@ def test_step(benchmark, model_folder, tmp_path, system, length):
             step()
         benchmark.group = f"prompt_heavy-L{length}"
         floor = memory_floor(model_config(model_folder), case.prompt_tokens, case.response_tokens,
-                             share_prompt=system in SHARED, trainable=trainable)
+                             share_prompt=is_shared(system), trainable=trainable)
         benchmark.extra_info.update(system=system, length=length, prompt_tokens=case.prompt_tokens,
                                     response_tokens=case.response_tokens, floor_bytes=floor["total"],
                                     peak_extra_bytes=mem.extra)

@@ -52,7 +52,9 @@ from benchmarks.common import out_dir, write_json
 from upo.train.allocator import INSTALL, LIBRARIES, allocator_in_use, find_library, preload_environment
 
 SYSTEMS = ("upo-train", "upo-train-shared", "upotrainer", "upotrainer-shared", "trl")
-SHARED = {"upo-train-shared": "upo-train", "upotrainer-shared": "upotrainer"}
+# --cp N adds upo-train --cp N under torchrun (N processes split each sequence; a case's figures are its worst
+# rank's), unshared and shared: these two names with N
+CONTEXT_PARALLEL_SYSTEMS = ("upo-train-cp{}", "upo-train-shared-cp{}")
 # (prompt share, response share) of a sequence of L tokens: prompt + one response.
 MIXES = {"response_heavy": (0.25, 0.75), "prompt_heavy": (0.75, 0.25), "even": (0.5, 0.5)}
 DEFAULT_MIXES = ("response_heavy", "prompt_heavy")  # even: the prompt and each response L / 2 (issue 30's runs)
@@ -112,6 +114,15 @@ class Dims:
         return norm1 + attention + norm2 + mlp + (d if with_input else 0)
 
 
+def processes_of(system: str) -> int:
+    """The processes of one sequence: N for upo-train-[shared-]cpN, else 1."""
+    return int(system.rsplit("-cp", 1)[1]) if "-cp" in system else 1
+
+
+def is_shared(system: str) -> bool:
+    return "-shared" in system
+
+
 def step_tokens(prompt: int, response: int, share_prompt: bool) -> int:
     """Tokens one pair puts through the model: [prompt, chosen] and [prompt, rejected], or shared [p, c, r]."""
     return prompt + 2 * response if share_prompt else 2 * (prompt + response)
@@ -119,7 +130,7 @@ def step_tokens(prompt: int, response: int, share_prompt: bool) -> int:
 
 def memory_floor(config, prompt: int, response: int, *, share_prompt: bool = False,
                  gradient_checkpointing: bool = True, trainable: int | None = None,
-                 dtype: str = "float32") -> dict:
+                 dtype: str = "float32", context_parallel: int = 1) -> dict:
     """Bytes one training step of one pair must hold beyond the model, reference and optimiser state.
 
     - gradients: one per trainable weight (``trainable``; default every weight of the config);
@@ -135,12 +146,20 @@ def memory_floor(config, prompt: int, response: int, *, share_prompt: bool = Fal
     reference's forward runs without gradients (one layer's activations at a time, before the policy's backward)
     and adds nothing to either. The attention probabilities of a math path ([heads, T, T]) are not counted: a
     floor is what the fastest path needs.
+
+    ``context_parallel`` N: one rank's floor under ``--cp N``. The activations, checkpoints and loss are its
+    share of the tokens (``ceil(tokens / N)``); the gradients are whole (every rank holds the model); one layer's
+    keys and values, gathered from every rank over the whole sequence, and their gradients are added
+    (``gathered_kv``).
     """
     dims = Dims.from_config(config)
     size = FLOAT_BYTES[dtype]
-    tokens = step_tokens(prompt, response, share_prompt)
+    whole = step_tokens(prompt, response, share_prompt)
+    tokens = -(-whole // context_parallel)
     trainable = dims.parameters() if trainable is None else trainable
     parts = {"gradients": trainable * size}
+    if context_parallel > 1:
+        parts["gathered_kv"] = 2 * 2 * whole * dims.kv_heads * dims.head_dim * size
     if gradient_checkpointing:
         parts["checkpoints"] = dims.layers * tokens * dims.hidden * size
         parts["layer_recompute"] = tokens * dims.saved_per_token(with_input=False) * size
@@ -168,7 +187,7 @@ def backward_in_order(dims: Dims, parts: dict, size: int, full: bool = True) -> 
     layer = ((dims.parameters() - dims.vocab * dims.hidden * (1 if dims.tied else 2) - dims.hidden) * size // n
              if full else parts["gradients"] // n)
     kept = (parts["checkpoints"] if "checkpoints" in parts else parts["activations"]) // n
-    recompute = parts.get("layer_recompute", 0)
+    recompute = parts.get("layer_recompute", 0) + parts.get("gathered_kv", 0)
     moments = [head + n * kept + parts["head_input"] + parts["loss_tile"],
                head + n * kept + recompute,
                head + (n - 1) * layer + kept + recompute,
@@ -269,7 +288,8 @@ def make_upo_train(case: Case, data: Path, workdir: Path):
     config = build_config({}, {
         "model": case.model, "dataset": str(data), "batch_size": 1, "max_length": 4 * case.length,
         "loss_type": ["sigmoid"], "gradient_checkpointing": case.gradient_checkpointing,
-        "share_prompt": case.system in SHARED, "max_steps": _total_steps(case), "lr": 1e-6,
+        "share_prompt": is_shared(case.system), "max_steps": _total_steps(case), "lr": 1e-6,
+        "cp": processes_of(case.system),
         "warmup_steps": 0, "eval_every": 10 ** 6, "save_every": 10 ** 6, "output_dir": str(workdir / "run"),
         "progress": False, "device": case.device, "logit_check": False,  # the check is start-up, not the step
         "lora": case.lora})
@@ -294,7 +314,7 @@ def make_trl_trainer(case: Case, data: Path, workdir: Path, callbacks=()):
     else:
         from upo.integrations.trl import UPOConfig, UPOTrainer
 
-        args = UPOConfig(**common, share_prompt=case.system in SHARED)
+        args = UPOConfig(**common, share_prompt=is_shared(case.system))
         trainer_class = UPOTrainer
     model, tokenizer = load_causal_lm(case.model), load_tokenizer(case.model)
     if tokenizer.pad_token is None:
@@ -382,10 +402,21 @@ def write_pairs(case: Case, path: Path) -> Path:
     return path
 
 
+def rank_result(result: Path, rank: int) -> Path:
+    """Where rank ``rank`` of a ``--cp`` case writes its record (rank 0 of one process: ``result`` itself)."""
+    return result if processes_of_world() == 1 else result.with_name(f"{result.name}.rank{rank}")
+
+
+def processes_of_world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def run_case(case: Case, result: Path) -> None:
-    """Run the case and write its record to ``result``, also after every measured step (marked ``partial``), so
-    that a case stopped by the timeout keeps the steps it measured."""
+    """Run the case and write its record to ``result`` (under torchrun: each rank to its own file), also after every
+    measured step (marked ``partial``), so that a case stopped by the timeout keeps the steps it measured."""
     import torch
+
+    result = rank_result(result, int(os.environ.get("RANK", "0")))
 
     def write(record: dict) -> None:
         result.with_suffix(".part").write_text(json.dumps(record))
@@ -431,10 +462,28 @@ def _case_env(malloc: str) -> dict:
     return env
 
 
+def worst_rank(records: list[dict]) -> dict:
+    """One record of a ``--cp`` case's ranks: the rank with the highest process peak, its extra and time the
+    highest over the ranks, and every rank's figures under ``ranks``."""
+    if len(records) == 1:
+        return records[0]
+    record = dict(max(records, key=lambda r: r.get("process_peak_bytes") or 0))
+    record["extra_bytes"] = max(r["extra_bytes"] for r in records)
+    record["step_seconds"] = max(r["step_seconds"] for r in records)
+    record["ranks"] = [{key: r.get(key) for key in ("extra_bytes", "process_peak_bytes", "live_peak_bytes",
+                                                    "step_seconds")} for r in records]
+    return record
+
+
 def run_in_process(case: Case, malloc: str, timeout: float) -> dict:
-    with tempfile.NamedTemporaryFile("r", suffix=".json") as result:
+    processes = processes_of(case.system)
+    with tempfile.TemporaryDirectory(prefix="upo-case-") as folder:
+        result = Path(folder) / "result.json"
         command = [sys.executable, "-m", "benchmarks.long_sequence", "--case", json.dumps(asdict(case)),
-                   "--result", result.name]
+                   "--result", str(result)]
+        if processes > 1:
+            command[1:3] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", "-m",
+                            "benchmarks.long_sequence"]
         root = Path(__file__).resolve().parent.parent
         try:
             done = subprocess.run(command, cwd=root, env=_case_env(malloc), capture_output=True, text=True,
@@ -443,8 +492,11 @@ def run_in_process(case: Case, malloc: str, timeout: float) -> dict:
                 ("error", " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:]))
         except subprocess.TimeoutExpired:
             failure = ("timeout", f"over {timeout:.0f} s")
-        text = Path(result.name).read_text()
-    record = json.loads(text) if text else {**asdict(case), "key": case.key}  # the steps measured, if any
+        paths = [result] if processes == 1 else [result.with_name(f"{result.name}.rank{r}") for r in range(processes)]
+        texts = [path.read_text() for path in paths if path.exists()]
+    records = [json.loads(text) for text in texts if text]
+    # the steps measured, if any (a --cp case: only once every rank wrote its own)
+    record = worst_rank(records) if len(records) == processes else {**asdict(case), "key": case.key}
     if failure is None:
         return {**record, "status": "ok"}
     return {**record, "status": failure[0], "error": failure[1]}
@@ -457,7 +509,7 @@ def grid(systems, mixes, lengths, checkpointing, model, device, warmup, steps, l
         for length in lengths:
             for mix in mixes:
                 for system in systems:
-                    if system in SHARED and MIXES[mix][0] < 0.5:
+                    if is_shared(system) and MIXES[mix][0] < 0.5:
                         continue
                     cases.append(Case(system, mix, length, gc, model, device, warmup, steps, lora))
     return cases
@@ -477,8 +529,9 @@ def add_floors(records: list[dict], config: dict) -> None:
     for r in records:
         if r.get("status") != "ok":
             continue
-        floor = memory_floor(config, r["prompt_tokens"], r["response_tokens"], share_prompt=r["system"] in SHARED,
-                             gradient_checkpointing=r["gradient_checkpointing"], trainable=r["trainable"])
+        floor = memory_floor(config, r["prompt_tokens"], r["response_tokens"], share_prompt=is_shared(r["system"]),
+                             gradient_checkpointing=r["gradient_checkpointing"], trainable=r["trainable"],
+                             context_parallel=processes_of(r["system"]))
         r["floor_bytes"], r["floor_parts"], r["floor_in_order_bytes"] = floor["total"], floor["parts"], floor["in_order"]
         r["extra_over_floor"] = r["extra_bytes"] / floor["total"]
         r["extra_over_floor_in_order"] = r["extra_bytes"] / floor["in_order"] if floor["in_order"] else None
@@ -581,7 +634,7 @@ def markdown(doc: dict) -> str:
                   "|---|---|" + "---|" * len(systems)]
         for length in sorted({r["length"] for r in rows}):
             at = {r["system"]: r for r in rows if r["length"] == length}
-            unshared = [r for r in at.values() if r["system"] not in SHARED]
+            unshared = [r for r in at.values() if not is_shared(r["system"]) and processes_of(r["system"]) == 1]
             floor = (f"{_gb(unshared[0]['floor_bytes'])} / {_gb(unshared[0]['floor_in_order_bytes'])} GB"
                      if unshared else "–")
             trl = at.get("trl")
@@ -634,8 +687,8 @@ def plot(doc: dict, path: Path) -> None:
         for system in doc["systems"]:
             pts = sorted((r["length"], r["extra_bytes"] / 1e9) for r in rows if r["system"] == system)
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=system, color=f"C{SYSTEMS.index(system)}")
-        unshared = [r for r in rows if r["system"] not in SHARED]
+                ax.plot(*zip(*pts), marker="o", label=system, color=f"C{doc['systems'].index(system)}")
+        unshared = [r for r in rows if not is_shared(r["system"]) and processes_of(r["system"]) == 1]
         for key, style, label in (("floor_bytes", "k--", "floor, sum (unshared)"),
                                   ("floor_in_order_bytes", "k:", "floor in order (unshared)")):
             floor = sorted({(r["length"], r[key] / 1e9) for r in unshared if r.get(key)})
@@ -726,6 +779,9 @@ def main(argv=None) -> int:
                    help="skip L above this without checkpointing (default: 1024)")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters (rank 8, every linear layer) instead of "
                    "every weight: the step's memory is then its activations")
+    p.add_argument("--cp", type=int, default=1, metavar="N",
+                   help="also upo-train --cp N under torchrun, N processes splitting each sequence (systems "
+                   "upo-train-cpN and upo-train-shared-cpN; a case's figures are its worst rank's); default 1: none")
     p.add_argument("--warmup", type=int, default=1, help="steps before the measured ones (default: 1)")
     p.add_argument("--steps", type=int, default=1, help="measured steps per case (default: 1)")
     p.add_argument("--cap-gb", type=float, default=DEFAULT_CAP_GB, help="memory cap of the headline (default: 8)")
@@ -745,6 +801,11 @@ def main(argv=None) -> int:
 
     if args.case:
         run_case(Case(**json.loads(args.case)), Path(args.result))
+        if processes_of_world() > 1:  # every rank done before any tears the group down
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()
         return 0
     if args.render:
         path = Path(args.render)
@@ -761,6 +822,10 @@ def main(argv=None) -> int:
                      f"{INSTALL[args.malloc][0]})")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     systems = _names(args.systems, SYSTEMS, "--systems")
+    if args.cp < 1:
+        _usage_error(f"--cp {args.cp}: an integer >= 1 expected (the processes of one sequence)")
+    if args.cp > 1:
+        systems += [name.format(args.cp) for name in CONTEXT_PARALLEL_SYSTEMS]
     mixes = _names(args.mixes, tuple(MIXES), "--mixes")
     checkpointing = [v == "on" for v in _names(args.checkpointing, ("on", "off"), "--checkpointing")]
     lengths = _lengths(args.lengths)

@@ -14,6 +14,20 @@ if "TRITON_INTERPRET" not in os.environ and os.environ.get("UPO_TEST_GPU") != "1
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+
+def _share_the_cores_between_workers() -> None:
+    """Under ``pytest -n W`` each worker takes cores // W intra-op threads (and so do the processes it starts):
+    torch's default, every core per worker, put 4 busy-waiting OpenMP threads on CI's 2 cores, where two 2-thread
+    torch processes slow each other down up to 9x."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+_share_the_cores_between_workers()
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 

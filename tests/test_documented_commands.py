@@ -167,6 +167,8 @@ RUN = {
     "python -m benchmarks.long_sequence --systems upo-train --mixes even --lengths 1024 --malloc tcmalloc "
     "--warmup 1 --steps 19": Run(LONG_SEQUENCE_SHORT, ("bench-results",), costly=True),
     "python -m benchmarks.long_sequence --dry-run": Run("--systems upo-train", ("bench-results",), costly=True),
+    "python -m benchmarks.long_sequence --cp 2 --systems upo-train --mixes prompt_heavy --lora --lengths "
+    "1024,2048,4096": Run(LONG_SEQUENCE_SHORT, ("bench-results",), costly=True),
     "pytest benchmarks/bench_cpu_small.py --benchmark-only": Run(f"-k '{BENCH_SMALL_CASE}' {ONE_ROUND}", (),
                                                                  costly=True),
     "pytest benchmarks/bench_long_sequence.py --benchmark-only --benchmark-autosave": Run(

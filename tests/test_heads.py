@@ -121,6 +121,7 @@ def test_head_adapters_no_single_weight_reproduces_are_refused(options, fragment
 def test_the_check_fires_on_a_tampered_head_and_not_on_a_plain_model():
     model = llama()
     assert check_lm_head(model, ids()) < 1e-5  # the default kind of model: no alarm
+    assert check_lm_head(model, ids(), backend="triton") < 1e-5  # the kernels (the interpreter on a CPU)
     tampered = llama()
     head = tampered.lm_head
     head.forward = types.MethodType(lambda self, x: 2 * F.linear(x, self.weight, self.bias), head)

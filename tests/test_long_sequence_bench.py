@@ -55,6 +55,23 @@ def test_floor_without_checkpointing_and_shared_prompt_by_hand():
     assert step_tokens(3000, 1000, False) == 8000
 
 
+def test_floor_of_one_rank_under_context_parallelism_by_hand():
+    # The pair of test_floor_of_smollm2_by_hand over 2 ranks: 8192 tokens, 4096 a rank. Gradients whole
+    # (538,060,032); checkpoints 30 * 4096 * 576 * 4 = 283,115,520; one layer's recompute 10,571 * 4096 * 4 =
+    # 173,195,264; final norm 3 * 4096 * 576 * 4 = 28,311,552; loss tile 3 * 2048 * 384 * 4 = 9,437,184 (a rank
+    # has over 2048 tokens); the gathered keys and values of one layer over all 8192 tokens, and their gradients:
+    # 2 * 2 * 8192 * 3 heads * 64 * 4 = 25,165,824
+    floor = memory_floor(SMOLLM2, 1024, 3072, context_parallel=2)
+    assert floor["tokens"] == 4096
+    assert floor["parts"] == {"gradients": 538_060_032, "gathered_kv": 25_165_824, "checkpoints": 283_115_520,
+                              "layer_recompute": 173_195_264, "head_input": 28_311_552, "loss_tile": 9_437_184}
+    # in order: the first layer's backward, E 113,246,208 + 29 layers' gradients 29 * 14,160,384 + its checkpoint
+    # 4096 * 576 * 4 + its recompute + the gathered K/V (the last layer's: E + 30 checkpoints + the same, less)
+    assert floor["in_order"] == 113_246_208 + 29 * 14_160_384 + 9_437_184 + 173_195_264 + 25_165_824 == 731_695_616
+    # 3 ranks: 8192 / 3 rounds up to 2731 tokens
+    assert memory_floor(SMOLLM2, 1024, 3072, context_parallel=3)["tokens"] == 2731
+
+
 def test_longest_length_within_the_cap_by_hand():
     def case(system, length, peak):
         return {"status": "ok", "system": system, "mix": "prompt_heavy", "gradient_checkpointing": True,
@@ -140,17 +157,18 @@ def test_the_process_peak_counts_what_came_before_the_measured_steps():
 
 
 def test_dry_run_writes_every_system_and_the_floor(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "benchmarks.long_sequence", "--dry-run", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.long_sequence", "--dry-run", "--cp", "2", "--out",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     path = Path(done.stdout.strip().splitlines()[-1])
     doc = json.loads(path.read_text())
     assert doc["schema"] == 1 and doc["environment"]["device"] == "cpu"
-    systems = {"upo-train", "upo-train-shared", "upotrainer", "upotrainer-shared", "trl"}
+    systems = {"upo-train", "upo-train-shared", "upotrainer", "upotrainer-shared", "trl", "upo-train-cp2",
+               "upo-train-shared-cp2"}
     try:
         import trl  # noqa: F401
     except ImportError:
-        systems = {"upo-train", "upo-train-shared"}
+        systems = {"upo-train", "upo-train-shared", "upo-train-cp2", "upo-train-shared-cp2"}
     assert {case["system"] for case in doc["cases"]} == systems
     for case in doc["cases"]:
         assert case["status"] == "ok"
@@ -161,9 +179,13 @@ def test_dry_run_writes_every_system_and_the_floor(tmp_path):
         assert case["live_peak_bytes"] == case["state_bytes"] + case["live_extra_bytes"] > case["live_extra_bytes"] > 0
         assert case["state_bytes"] >= 4 * 2 * case["trainable"]  # the policy and its reference copy at least
         assert case["process_over_live"] == case["process_peak_bytes"] / case["live_peak_bytes"]
-        shared = case["system"].endswith("-shared")
+        shared, ranks = "-shared" in case["system"], 2 if case["system"].endswith("-cp2") else 1
         assert case["floor_bytes"] == memory_floor(doc["model_config"], 18, 6, share_prompt=shared,
-                                                   trainable=case["trainable"])["total"]
+                                                   trainable=case["trainable"], context_parallel=ranks)["total"]
+        if ranks > 1:  # the worst of the two ranks, each rank's figures beside it
+            assert len(case["ranks"]) == 2
+            assert case["process_peak_bytes"] == max(r["process_peak_bytes"] for r in case["ranks"])
+            assert case["extra_bytes"] == max(r["extra_bytes"] for r in case["ranks"])
         assert case["trainable"] == Dims.from_config(doc["model_config"]).parameters()
     report = path.with_suffix(".md").read_text()
     assert report.startswith("# Long sequences")

@@ -1,4 +1,5 @@
-"""The ```python blocks of README.md run as written, on tiny tensors and a tiny model.
+"""The ```python blocks of README.md and docs/losses.md (the whole Python API) run as written, on tiny tensors
+and a tiny model.
 
 A block takes as given the names it uses but does not define (``hidden``, ``model``, ``ds``, ...): ``given()``
 supplies them, and the block's text runs unchanged. A new block of the README runs here too; one that uses a
@@ -29,8 +30,11 @@ def first_line(code: str) -> str:
     return " ".join(without_comment(code.lstrip().splitlines()[0]).split())
 
 
+PYTHON_API_PAGES = ("README.md", "docs/losses.md")
+
+
 def readme_blocks():
-    return [block for block in fenced_blocks(REPO, "python") if block.path == "README.md"]
+    return [block for block in fenced_blocks(REPO, "python") if block.path in PYTHON_API_PAGES]
 
 
 def block_params():
@@ -39,7 +43,7 @@ def block_params():
         reason = KNOWN_BROKEN.get(first_line(block.code))
         marks = [pytest.mark.xfail(not torch.cuda.is_available(), strict=True, raises=ValueError, reason=reason)
                  ] if reason else []
-        params.append(pytest.param(block, id=f"README.md:{block.line}", marks=marks))
+        params.append(pytest.param(block, id=f"{block.path}:{block.line}", marks=marks))
     return params
 
 
@@ -87,14 +91,14 @@ def given(folder: Path) -> dict:
 
 
 def test_readme_has_python_blocks():
-    assert readme_blocks()
+    assert {block.path for block in readme_blocks()} == set(PYTHON_API_PAGES)
 
 
 @pytest.mark.parametrize("block", block_params())
 def test_readme_python_block_runs(block, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # what a block writes ("out") stays here
     names = given(tmp_path)
-    code = compile(block.code, f"README.md:{block.line}", "exec")
+    code = compile(block.code, f"{block.path}:{block.line}", "exec")
     exec(code, names)  # noqa: S102 - the README's own text
     if "logp" in names:  # the Python API block: what it computed, against the model's own log_softmax
         model, input_ids = names["model"], names["input_ids"]

@@ -77,22 +77,6 @@ def test_cp_refusals_before_anything_loads(tmp_path, capsys, monkeypatch, extra,
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("rank", ["0", "1"])
-def test_cp_not_dividing_the_processes_is_one_line_from_rank_0(tmp_path, capsys, monkeypatch, rank):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", rank)
-    code, _, err = run_main(micro_args(tmp_path, "--cp", "3"), capsys)
-    if rank == "0":
-        assert_one_line_error(code, err, "--cp 3: the 2 processes are not a multiple of 3")
-    else:
-        assert code == 2 and err == ""
-
-
-def test_cp_zero_is_refused(tmp_path, capsys):
-    code, _, err = run_main(micro_args(tmp_path, "--cp", "0"), capsys)
-    assert_one_line_error(code, err, "--cp must be an integer >= 1")
-
-
 def test_cp_refuses_attention_it_cannot_split():
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -110,13 +94,3 @@ def test_cp_refuses_attention_it_cannot_split():
     config._attn_implementation = "sdpa"
     with pytest.raises(UserError, match="sliding window of 16"):
         check_context_parallel_attention(LlamaForCausalLM(config))
-
-
-def test_trl_per_device_batch_is_per_sequence_group(tmp_path, monkeypatch):
-    """A DPOConfig's per_device_train_batch_size under --cp: the processes of one sequence share it."""
-    from upo.train.cli import parse_config
-
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    path = tmp_path / "run.yaml"
-    path.write_text("per_device_train_batch_size: 3\ncp: 2\n")
-    assert parse_config(["--config", str(path)]).batch_size == 6

@@ -4,10 +4,8 @@ resumed run equals the uninterrupted one bit for bit."""
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ import torch
 
 from helpers import new_seed
 from train_helpers import (MICRO, assert_same_tensors, checkpoint, metrics_rows, run_upo_train, start_upo_train,
-                          subprocess_env, wait_for_rows, without_timing)
+                          wait_for_rows, without_timing)
 
 # The module's runs are shared by its tests: one xdist worker runs them all (pytest.ini: --dist loadgroup).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("torchrun")]
@@ -101,14 +99,3 @@ def test_sigterm_under_torchrun_then_resume_equals_the_uninterrupted_run(uninter
     assert without_timing(metrics_rows(out)) == without_timing(metrics_rows(uninterrupted["ddp"])), seed
 
 
-def test_torchrun_launches_the_console_script(tmp_path):
-    """``torchrun ... $(which upo-train)``: the installed script is a plain Python file torchrun can run."""
-    script = shutil.which("upo-train") or str(Path(sys.executable).with_name("upo-train"))
-    if not Path(script).is_file():
-        pytest.skip("upo-train is not installed in this environment")
-    args = ["--model-config", MICRO, "--output-dir", str(tmp_path / "out"), "--max-examples", "8", "--batch-size", "4",
-            "--max-steps", "1", "--eval-fraction", "0", "--backend", "torch", "--device", "cpu", "--no-progress"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", script, *args]
-    result = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((tmp_path / "out" / "summary.json").read_text())["world_size"] == 2

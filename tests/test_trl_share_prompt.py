@@ -25,8 +25,11 @@ def assert_same_runs(shared: trl_tiny.Run, plain: trl_tiny.Run, policy_is_refere
                 continue
             assert a[key] == pytest.approx(value, rel=1e-5, abs=1e-5), (step, key)
     assert shared.updates.keys() == plain.updates.keys()
+    # Per tensor, by norm: AdamW divides by sqrt(v), so an entry whose gradient is near zero turns fp32 rounding
+    # of the two summation orders into an update of up to lr (seen: 1.2e-6 on one of 2048 entries).
     for name, update in plain.updates.items():
-        torch.testing.assert_close(shared.updates[name], update, rtol=1e-5, atol=1e-6, msg=name)
+        gap = float((shared.updates[name] - update).norm())
+        assert gap <= 1e-4 * float(update.norm()) + 1e-7, (name, gap, float(update.norm()))
 
 
 @pytest.mark.parametrize("settings", [

@@ -110,15 +110,14 @@ def pair(topic: tuple, conflict: bool, rng: random.Random, count) -> tuple[str, 
     raise ValueError(f"no length-matched pair for {topic[1]!r} (conflict={conflict})")
 
 
-def build_rows(seed: int = DEFAULT_SEED, count=None) -> list[dict]:
-    """One row per topic, in TRL's conversational format; exactly ``round(CONFLICT_SHARE * len(TOPICS))``
-    conflict rows (the first ones after a seeded shuffle), then shuffled again. ``count``: the token
-    counter (default: SmolLM2's)."""
-    count = count or smollm2_token_counter()
+def conversational_rows(topics, conflict_share: float, pair, seed: int, count) -> list[dict]:
+    """One row per topic, in TRL's conversational format; exactly ``round(conflict_share * len(topics))``
+    conflict rows (the first ones after a seeded shuffle), then shuffled again. ``pair(topic, conflict, rng,
+    count)`` writes (chosen, rejected); ``count`` is the token counter. Shared with make_filler_chat.py."""
     rng = random.Random(seed)
-    topics = list(TOPICS)
+    topics = list(topics)
     rng.shuffle(topics)
-    conflicts = round(CONFLICT_SHARE * len(topics))
+    conflicts = round(conflict_share * len(topics))
     rows = []
     for number, topic in enumerate(topics):
         chosen, rejected = pair(topic, number < conflicts, rng, count)
@@ -129,6 +128,11 @@ def build_rows(seed: int = DEFAULT_SEED, count=None) -> list[dict]:
     prompts = [row["prompt"][0]["content"] for row in rows]
     assert len(set(prompts)) == len(prompts), "prompts must be unique"
     return rows
+
+
+def build_rows(seed: int = DEFAULT_SEED, count=None) -> list[dict]:
+    """The shipped file's rows (``count``: the token counter, default SmolLM2's)."""
+    return conversational_rows(TOPICS, CONFLICT_SHARE, pair, seed, count or smollm2_token_counter())
 
 
 def main(argv: list[str] | None = None) -> None:

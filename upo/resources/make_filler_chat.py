@@ -100,22 +100,9 @@ def pair(topic: tuple, conflict: bool, rng: random.Random, count) -> tuple[str, 
 
 
 def build_rows(seed: int = DEFAULT_SEED, count=None) -> list[dict]:
-    """One row per topic, in TRL's conversational format; exactly ``round(CONFLICT_SHARE * len(TOPICS))``
-    conflict rows (the first ones after a seeded shuffle), then shuffled again. ``count``: the token counter
-    (default: SmolLM2's)."""
-    count = count or CHAT.smollm2_token_counter()
-    rng = random.Random(seed)
-    topics = list(TOPICS)
-    rng.shuffle(topics)
-    conflicts = round(CONFLICT_SHARE * len(topics))
-    rows = []
-    for number, topic in enumerate(topics):
-        chosen, rejected = pair(topic, number < conflicts, rng, count)
-        rows.append({"prompt": [{"role": "user", "content": topic[1]}],
-                     "chosen": [{"role": "assistant", "content": chosen}],
-                     "rejected": [{"role": "assistant", "content": rejected}]})
-    rng.shuffle(rows)
-    return rows
+    """The shipped file's rows, as make_conflict_chat.py lays them out (``count``: the token counter, default
+    SmolLM2's)."""
+    return CHAT.conversational_rows(TOPICS, CONFLICT_SHARE, pair, seed, count or CHAT.smollm2_token_counter())
 
 
 def main(argv: list[str] | None = None) -> None:
