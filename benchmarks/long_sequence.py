@@ -720,11 +720,11 @@ class _Parser(argparse.ArgumentParser):
         _usage_error(message)
 
 
-def _names(text: str, allowed, flag: str) -> list[str]:
+def _names(text: str, allowed, flag: str, shown=None) -> list[str]:
     names = [n for n in text.split(",") if n]
     bad = [n for n in names if n not in allowed]
     if bad or not names:
-        _usage_error(f"{flag}: unknown {', '.join(bad) or repr(text)}; choose from {', '.join(allowed)}")
+        _usage_error(f"{flag}: unknown {', '.join(bad) or repr(text)}; choose from {', '.join(shown or allowed)}")
     return names
 
 
@@ -770,7 +770,8 @@ def tiny_model(folder: Path) -> str:
 def main(argv=None) -> int:
     p = _Parser(prog="python -m benchmarks.long_sequence", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2", help="any model upo-train takes (default: smollm2)")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"of {', '.join(SYSTEMS)}")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"of {', '.join(SYSTEMS)} (and upo-train-cpN, "
+                   "upo-train-shared-cpN: see --cp)")
     p.add_argument("--mixes", default=",".join(DEFAULT_MIXES),
                    help=f"of {', '.join(MIXES)} (prompt, response shares; default: {','.join(DEFAULT_MIXES)})")
     p.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)), help="L, tokens per sequence")
@@ -821,11 +822,12 @@ def main(argv=None) -> int:
         _usage_error(f"--malloc {args.malloc}: no lib{args.malloc} on this system (apt-get install "
                      f"{INSTALL[args.malloc][0]})")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    systems = _names(args.systems, SYSTEMS, "--systems")
+    named_cp = [name.format(n) for n in range(2, 65) for name in CONTEXT_PARALLEL_SYSTEMS]  # upo-train-cp2, ...
+    systems = _names(args.systems, SYSTEMS + tuple(named_cp), "--systems", shown=SYSTEMS)
     if args.cp < 1:
         _usage_error(f"--cp {args.cp}: an integer >= 1 expected (the processes of one sequence)")
     if args.cp > 1:
-        systems += [name.format(args.cp) for name in CONTEXT_PARALLEL_SYSTEMS]
+        systems += [name.format(args.cp) for name in CONTEXT_PARALLEL_SYSTEMS if name.format(args.cp) not in systems]
     mixes = _names(args.mixes, tuple(MIXES), "--mixes")
     checkpointing = [v == "on" for v in _names(args.checkpointing, ("on", "off"), "--checkpointing")]
     lengths = _lengths(args.lengths)

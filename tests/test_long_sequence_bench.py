@@ -55,6 +55,14 @@ def test_floor_without_checkpointing_and_shared_prompt_by_hand():
     assert step_tokens(3000, 1000, False) == 8000
 
 
+def test_context_parallel_systems_are_named_by_their_processes():
+    from benchmarks.long_sequence import is_shared, processes_of
+
+    assert [processes_of(s) for s in ("upo-train", "upo-train-shared", "upo-train-cp2", "upo-train-shared-cp3")] == [
+        1, 1, 2, 3]
+    assert is_shared("upo-train-shared-cp2") and not is_shared("upo-train-cp2")
+
+
 def test_floor_of_one_rank_under_context_parallelism_by_hand():
     # The pair of test_floor_of_smollm2_by_hand over 2 ranks: 8192 tokens, 4096 a rank. Gradients whole
     # (538,060,032); checkpoints 30 * 4096 * 576 * 4 = 283,115,520; one layer's recompute 10,571 * 4096 * 4 =
@@ -200,6 +208,8 @@ def test_dry_run_writes_every_system_and_the_floor(tmp_path):
     (["--lengths", "1k"], "--lengths: comma-separated integers expected"),
     (["--mixes", "balanced"], "--mixes: unknown balanced"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--cp", "0"], "--cp 0: an integer >= 1 expected"),
+    (["--systems", "upo-train-cp1"], "--systems: unknown upo-train-cp1"),
 ])
 def test_bad_flags_are_one_line(flags, message):
     done = subprocess.run([sys.executable, "-m", "benchmarks.long_sequence", *flags], cwd=ROOT,
