@@ -123,6 +123,11 @@ def is_shared(system: str) -> bool:
     return "-shared" in system
 
 
+def one_process_unshared(system: str) -> bool:
+    """A system whose floor is the table's and plot's reference line: whole unshared rows on one process."""
+    return not is_shared(system) and processes_of(system) == 1
+
+
 def step_tokens(prompt: int, response: int, share_prompt: bool) -> int:
     """Tokens one pair puts through the model: [prompt, chosen] and [prompt, rejected], or shared [p, c, r]."""
     return prompt + 2 * response if share_prompt else 2 * (prompt + response)
@@ -403,8 +408,8 @@ def write_pairs(case: Case, path: Path) -> Path:
 
 
 def rank_result(result: Path, rank: int) -> Path:
-    """Where rank ``rank`` of a ``--cp`` case writes its record (rank 0 of one process: ``result`` itself)."""
-    return result if processes_of_world() == 1 else result.with_name(f"{result.name}.rank{rank}")
+    """Where rank ``rank`` of a case run under torchrun (``--cp``) writes its record."""
+    return result.with_name(f"{result.name}.rank{rank}")
 
 
 def processes_of_world() -> int:
@@ -416,7 +421,8 @@ def run_case(case: Case, result: Path) -> None:
     measured step (marked ``partial``), so that a case stopped by the timeout keeps the steps it measured."""
     import torch
 
-    result = rank_result(result, int(os.environ.get("RANK", "0")))
+    if processes_of_world() > 1:
+        result = rank_result(result, int(os.environ["RANK"]))
 
     def write(record: dict) -> None:
         result.with_suffix(".part").write_text(json.dumps(record))
@@ -492,7 +498,7 @@ def run_in_process(case: Case, malloc: str, timeout: float) -> dict:
                 ("error", " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:]))
         except subprocess.TimeoutExpired:
             failure = ("timeout", f"over {timeout:.0f} s")
-        paths = [result] if processes == 1 else [result.with_name(f"{result.name}.rank{r}") for r in range(processes)]
+        paths = [result] if processes == 1 else [rank_result(result, r) for r in range(processes)]
         texts = [path.read_text() for path in paths if path.exists()]
     records = [json.loads(text) for text in texts if text]
     # the steps measured, if any (a --cp case: only once every rank wrote its own)
@@ -634,7 +640,7 @@ def markdown(doc: dict) -> str:
                   "|---|---|" + "---|" * len(systems)]
         for length in sorted({r["length"] for r in rows}):
             at = {r["system"]: r for r in rows if r["length"] == length}
-            unshared = [r for r in at.values() if not is_shared(r["system"]) and processes_of(r["system"]) == 1]
+            unshared = [r for r in at.values() if one_process_unshared(r["system"])]
             floor = (f"{_gb(unshared[0]['floor_bytes'])} / {_gb(unshared[0]['floor_in_order_bytes'])} GB"
                      if unshared else "–")
             trl = at.get("trl")
@@ -688,7 +694,7 @@ def plot(doc: dict, path: Path) -> None:
             pts = sorted((r["length"], r["extra_bytes"] / 1e9) for r in rows if r["system"] == system)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=system, color=f"C{doc['systems'].index(system)}")
-        unshared = [r for r in rows if not is_shared(r["system"]) and processes_of(r["system"]) == 1]
+        unshared = [r for r in rows if one_process_unshared(r["system"])]
         for key, style, label in (("floor_bytes", "k--", "floor, sum (unshared)"),
                                   ("floor_in_order_bytes", "k:", "floor in order (unshared)")):
             floor = sorted({(r["length"], r[key] / 1e9) for r in unshared if r.get(key)})
