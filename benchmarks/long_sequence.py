@@ -37,6 +37,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -285,8 +286,9 @@ def _step_recorder(device: str, on_step=lambda records: None):
     return Recorder, records
 
 
-def make_upo_train(case: Case, data: Path, workdir: Path):
-    """``upo-train``'s :class:`Trainer` for this case (sigmoid loss, one pair per step, lr 1e-6)."""
+def make_upo_train(case: Case, data: Path, workdir: Path, runtime=None):
+    """``upo-train``'s :class:`Trainer` for this case (sigmoid loss, one pair per step, lr 1e-6), on ``runtime``
+    (made here when None)."""
     from upo.train.config import build_config
     from upo.train.trainer import Trainer
 
@@ -298,7 +300,7 @@ def make_upo_train(case: Case, data: Path, workdir: Path):
         "warmup_steps": 0, "eval_every": 10 ** 6, "save_every": 10 ** 6, "output_dir": str(workdir / "run"),
         "progress": False, "device": case.device, "logit_check": False,  # the check is start-up, not the step
         "lora": case.lora})
-    return Trainer(config, log=lambda message: None)
+    return Trainer(config, runtime, log=lambda message: None)
 
 
 def make_trl_trainer(case: Case, data: Path, workdir: Path, callbacks=()):
@@ -357,7 +359,19 @@ class _LiveStep:
 
 
 def _run_upo_train(case: Case, data: Path, workdir: Path, recorder) -> dict:
-    with make_upo_train(case, data, workdir) as trainer:
+    from upo.train.runtime import barrier, setup_runtime, teardown_runtime
+
+    runtime = setup_runtime(case.device)
+    try:  # the trainer, which holds --cp's process groups, is gone before teardown joins their threads (as upo-train)
+        info = _measure_upo_train(case, data, workdir, recorder, runtime)
+        barrier(runtime)  # every rank done before any tears the groups down
+        return info
+    finally:
+        teardown_runtime(runtime)
+
+
+def _measure_upo_train(case: Case, data: Path, workdir: Path, recorder, runtime) -> dict:
+    with make_upo_train(case, data, workdir, runtime) as trainer:
         for step in range(case.warmup + case.steps):
             if step < case.warmup:
                 trainer.train_step()
@@ -412,6 +426,12 @@ def rank_result(result: Path, rank: int) -> Path:
     return result.with_name(f"{result.name}.rank{rank}")
 
 
+def partial_file(result: Path) -> Path:
+    """Where a record is written before it replaces ``result``: each rank's its own (``result.json.rank0.part``),
+    since two ranks that shared one renamed each other's record, or crashed on a file the other had moved."""
+    return result.with_name(result.name + ".part")
+
+
 def processes_of_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -425,8 +445,9 @@ def run_case(case: Case, result: Path) -> None:
         result = rank_result(result, int(os.environ["RANK"]))
 
     def write(record: dict) -> None:
-        result.with_suffix(".part").write_text(json.dumps(record))
-        os.replace(result.with_suffix(".part"), result)
+        part = partial_file(result)
+        part.write_text(json.dumps(record))
+        os.replace(part, result)
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="upo-long-") as tmp:
@@ -481,6 +502,15 @@ def worst_rank(records: list[dict]) -> dict:
     return record
 
 
+def _cause(output: str) -> str:
+    """The lines of a failed case's output that say why (torchrun's own report around them says only that a rank
+    failed): the last three that name an error or an abort, else the last three."""
+    lines = output.strip().splitlines()
+    causes = [line for line in lines if re.search(r"Error|error:|terminate called|Signal|signal", line)
+              and "elastic/errors.html" not in line]
+    return " | ".join((causes or lines)[-3:])
+
+
 def run_in_process(case: Case, malloc: str, timeout: float) -> dict:
     processes = processes_of(case.system)
     with tempfile.TemporaryDirectory(prefix="upo-case-") as folder:
@@ -494,8 +524,7 @@ def run_in_process(case: Case, malloc: str, timeout: float) -> dict:
         try:
             done = subprocess.run(command, cwd=root, env=_case_env(malloc), capture_output=True, text=True,
                                   timeout=timeout)
-            failure = None if done.returncode == 0 else \
-                ("error", " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:]))
+            failure = None if done.returncode == 0 else ("error", _cause(done.stderr or done.stdout))
         except subprocess.TimeoutExpired:
             failure = ("timeout", f"over {timeout:.0f} s")
         paths = [result] if processes == 1 else [rank_result(result, r) for r in range(processes)]
@@ -808,11 +837,6 @@ def main(argv=None) -> int:
 
     if args.case:
         run_case(Case(**json.loads(args.case)), Path(args.result))
-        if processes_of_world() > 1:  # every rank done before any tears the group down
-            import torch.distributed as dist
-
-            dist.barrier()
-            dist.destroy_process_group()
         return 0
     if args.render:
         path = Path(args.render)

@@ -33,18 +33,15 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import shutil
 import subprocess
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from documented_commands import (ROOT_ENTRIES, MalformedFence, documented_commands, fenced_blocks, run_in,
+from documented_commands import (MalformedFence, documented_commands, fenced_blocks, run_in,
                                  scratch_folder, shortened)
 from real_model import require_real_model
-from train_helpers import CPP_ABORT
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 900
@@ -243,13 +240,6 @@ def run_documented(folder: Path, key: str, run: Run, where: str) -> None:
     says what failed."""
     text = shortened(key, run.shorten) if run.shorten else key
     result = run_in(folder, text, TIMEOUT_S)
-    if key.startswith("torchrun") and result.returncode != 0 and CPP_ABORT in result.stderr:
-        # as tests/train_helpers.run_upo_train: one rank's rare C++ abort under load; the rerun must pass alone
-        warnings.warn(f"{where}: one rank aborted in C++, run again: {result.stderr[-2000:]}")
-        for entry in folder.iterdir():  # what the run wrote (a torchrun command is never run after another)
-            if entry.name not in ROOT_ENTRIES:
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-        result = run_in(folder, text, TIMEOUT_S)
     assert result.returncode == 0, (f"{where}: `{text}` exited {result.returncode}\n"
                                     f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
     missing = [name for name in run.outputs if not (folder / name).exists()]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks.live_tensors import LiveTensorPeak, tensor_bytes_alive
-from benchmarks.long_sequence import Dims, longest_within, memory_floor, step_tokens
+from benchmarks.long_sequence import Dims, longest_within, memory_floor, partial_file, rank_result, step_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -217,3 +217,11 @@ def test_bad_flags_are_one_line(flags, message):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"long_sequence: error: {done.stderr.split('error: ', 1)[1].strip()}"]
     assert message in done.stderr
+
+
+def test_each_rank_writes_its_record_through_a_file_of_its_own(tmp_path):
+    """A --cp case's ranks write their records at the same time: one shared partial file made one rank rename
+    the other's record as its own, and the other crash (CI, 2026-12-08)."""
+    result = tmp_path / "result.json"
+    parts = {partial_file(rank_result(result, rank)) for rank in range(3)}
+    assert len(parts) == 3 and all(part.parent == tmp_path for part in parts)

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -89,28 +87,9 @@ def upo_train_command(args, processes: int = 1) -> list[str]:
             "-m", "upo.train", *args]
 
 
-# What libstdc++ prints when std::terminate is called with no exception in flight (a running std::thread object
-# destroyed, for one). Seen twice in loaded 2-core CI runs, each time in one of 3 gloo processes; never reproduced
-# here (about 120 such runs, most under load, 2026-12-06).
-CPP_ABORT = "terminate called without an active exception"
-
-
 def run_upo_train(args, processes: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
-    """A run to its end. Under torchrun, a fresh run (not ``--resume``) that one rank's C++ abort ended is
-    run once more from an empty output folder, with a warning that carries where that rank was: the rerun
-    must pass on its own, so a fault of ours that aborts every time still fails the test."""
-    def run():
-        return subprocess.run(upo_train_command(args, processes), capture_output=True, text=True,
-                              env=subprocess_env(), timeout=timeout)
-
-    result = run()
-    if (processes > 1 and result.returncode != 0 and CPP_ABORT in result.stderr
-            and "--resume" not in args and "--output-dir" in args):
-        where = result.stderr[result.stderr.find(CPP_ABORT):][:3000]
-        warnings.warn(f"upo-train on {processes} processes: one rank aborted in C++, run again; it said: {where}")
-        shutil.rmtree(args[args.index("--output-dir") + 1], ignore_errors=True)
-        result = run()
-    return result
+    return subprocess.run(upo_train_command(args, processes), capture_output=True, text=True, env=subprocess_env(),
+                          timeout=timeout)
 
 
 def start_upo_train(args, processes: int = 1) -> subprocess.Popen:

@@ -347,7 +347,7 @@ def _report(message: str, error: bool = True) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``upo-train`` and ``python -m upo.train``; returns the exit status."""
     started = time.perf_counter()
-    runtime = None
+    runtime = trainer = None
     try:
         with StopRequests(defer=False):  # outside the loop a stop signal ends the run at once, with a line
             config, allocator = _parse_once_per_launch(sys.argv[1:] if argv is None else list(argv))
@@ -389,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         if runtime is not None:
             from upo.train.runtime import teardown_runtime
 
+            trainer = None  # it holds the process groups (DDP, the --cp split): teardown joins their threads
             teardown_runtime(runtime)
 
 

@@ -113,11 +113,20 @@ def check_backend(backend: str, device: torch.device) -> None:
 
 
 def teardown_runtime(runtime: Runtime) -> None:
+    """Leave the process groups and join gloo's threads while the interpreter is whole. ``destroy_process_group``
+    leaves a group's worker threads running for as long as an object holds the group (the mesh, DDP's reducer);
+    they then end during interpreter shutdown, where a worker that still drops a finished collective's tensors
+    takes the GIL and is killed: "terminate called without an active exception", one rank's abort, seen under
+    load. The caller drops its own holders (the trainer) first."""
     if runtime.distributed:
+        import gc
+
         import torch.distributed as dist
 
+        runtime.mesh = None
         if dist.is_initialized():
             dist.destroy_process_group()
+        gc.collect()  # the groups' last holders sit in reference cycles (modules, hooks)
 
 
 def barrier(runtime: Runtime) -> None:
