@@ -228,6 +228,17 @@ def test_unknown_loss_name_is_refused():
         _trainer(loss_type=["sigmoid", "nope"])
 
 
+@pytest.mark.parametrize("size", [{"cp_size": 2}, {"sp_size": 2, "sp_backend": "deepspeed"}, {"tp_size": 2}])
+def test_parallelism_that_splits_sequences_or_the_model_is_refused(size):
+    """accelerate's context / sequence / tensor parallelism would hand upo's loss parts of what it reads whole;
+    refused by name before anything is prepared (FSDP's dp_shard_size is not)."""
+    from accelerate.parallelism_config import ParallelismConfig
+
+    name = next(iter(size))
+    with pytest.raises(ValueError, match=f"parallelism_config {name}=2: not supported by UPOTrainer yet"):
+        _trainer(parallelism_config=ParallelismConfig(**size))
+
+
 def test_unknown_reward_name_is_refused():
     with pytest.raises(ValueError, match="unknown reward 'nope'"):
         _trainer(loss_type=["sigmoid", "upo"], trainer_kwargs=dict(aux_reward_funcs=["readability", "nope"]))

@@ -103,11 +103,34 @@ class LossPlan:
     backend: str
 
 
+# accelerate's ParallelismConfig sizes that UPOTrainer cannot train under, and what does it instead
+UNSUPPORTED_PARALLELISM = {
+    "cp_size": ("accelerate's context parallelism shards each batch's sequences under upo's loss, which reads "
+                "whole sequences", "upo-train --cp N (docs/context_parallel.md)"),
+    "sp_size": ("DeepSpeed's sequence parallelism shards each batch's sequences under upo's loss, which reads "
+                "whole sequences", "upo-train --cp N (docs/context_parallel.md)"),
+    "tp_size": ("tensor parallelism hands upo's kernels a sharded LM head", "upo-train --tp N "
+                "(docs/tensor_parallel.md)"),
+}
+
+
+def refuse_sequence_and_tensor_parallelism(parallelism_config: Any) -> None:
+    """A ``parallelism_config`` that splits sequences or the model over processes: refused (``ValueError`` naming
+    the field) rather than trained with a loss computed on parts it was not written for. Data parallelism and
+    FSDP (``dp_replicate_size``, ``dp_shard_size``) are UPOTrainer's own."""
+    for name, (why, instead) in UNSUPPORTED_PARALLELISM.items():
+        size = getattr(parallelism_config, name, None) or 1
+        if size > 1:
+            raise ValueError(f"parallelism_config {name}={size}: not supported by UPOTrainer yet ({why}); use "
+                             f"{instead}, or {name}=1")
+
+
 def plan_loss(args: Any, n_rewards: int, reward_weights: list[float] | None = None) -> LossPlan:
     """The checked plan for ``args`` with ``n_rewards`` auxiliary rewards (``ValueError`` otherwise).
 
     ``reward_weights``: the weights given in the reward specs (``None`` when none was given).
     """
+    refuse_sequence_and_tensor_parallelism(getattr(args, "parallelism_config", None))
     names = tuple(args.loss_type)
     specs = [_spec(name) for name in names]
     options = _options(args, names, reward_weights)
