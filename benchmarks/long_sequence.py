@@ -506,7 +506,7 @@ def _cause(output: str) -> str:
     """The lines of a failed case's output that say why (torchrun's own report around them says only that a rank
     failed): the last three that name an error or an abort, else the last three."""
     lines = output.strip().splitlines()
-    causes = [line for line in lines if re.search(r"Error|error:|terminate called|Signal|signal", line)
+    causes = [line for line in lines if re.search(r"Error|error:|terminate called|[Ss]ignal", line)
               and "elastic/errors.html" not in line]
     return " | ".join((causes or lines)[-3:])
 

@@ -1,6 +1,6 @@
 """``--tp N`` and ``--cp N`` both form groups of N processes: what they refuse alike (a group size of 0, a process
-count the size does not divide, said once by rank 0) and how a DPOConfig's per-device batch counts under them; and that a run under torchrun ends its groups' threads
-before the interpreter does."""
+count the size does not divide, said once by rank 0), how a DPOConfig's per-device batch counts under them, and
+that a run under torchrun ends its groups' threads before the interpreter does."""
 import os
 import subprocess
 import sys
